@@ -1,0 +1,28 @@
+# Everything a new machine needs goes through these targets: each one creates
+# the virtual environment (.venv) on first use and reuses it after.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+# The main job: train (or reuse) the digits teacher, sample, print FD / time tables.
+demo: $(STAMP)
+	$(PY) -m jdistill demo
+
+# The default test suite (slow tests are excluded by the pytest config).
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,215 @@
+"""Noise schedules: where a time value sits on the forward process.
+
+Every schedule answers ``alpha_sigma(t) -> (a_t, s_t)`` with
+``z_t = a_t * x + s_t * eps`` in its own *native* time units, and
+``model_time(t)``, the number the network was trained to see:
+
+* ``DiscreteVP``: integer timesteps 0..T-1 as diffusers / DiT count them
+  (t = -1 stands for the clean sample, alpha_bar = 1). Non-integer t
+  interpolates log alpha_bar, exact at the integers.
+* ``CosineVP``: continuous t in [0, 1] with a clipped cosine logSNR
+  (Salimans & Ho, Meng et al.). The network sees 1000 t.
+* ``RectifiedFlow``: t = sigma in [0, 1], z_t = (1 - t) x + t eps
+  (SD3). The network sees 1000 t. ``shift`` warps sampling and training
+  times as SD3 does: t' = S t / (1 + (S - 1) t).
+
+Schedules are pytrees (their tables are leaves), so a Denoiser holding one
+can be passed through ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+Array = jax.Array
+
+
+class Schedule(Protocol):
+    def alpha_sigma(self, t) -> tuple[Array, Array]: ...
+
+    def variances(self, t) -> tuple[Array, Array]: ...
+
+    def logsnr(self, t) -> Array: ...
+
+    def model_time(self, t) -> Array: ...
+
+
+def _betas_for_alpha_bar(T: int, max_beta: float = 0.999) -> np.ndarray:
+    """Squared-cosine betas (Nichol & Dhariwal), as diffusers' `squaredcos_cap_v2`."""
+
+    def alpha_bar(u):
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array(
+        [min(1 - alpha_bar((i + 1) / T) / alpha_bar(i / T), max_beta) for i in range(T)],
+        dtype=np.float32,
+    )
+
+
+def make_betas(kind: str, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """Betas exactly as diffusers' schedulers (and DiT's ``get_named_beta_schedule``) build them."""
+    if kind == "linear":
+        return np.linspace(beta_start, beta_end, T, dtype=np.float64).astype(np.float32)
+    if kind == "scaled_linear":
+        return (np.linspace(beta_start**0.5, beta_end**0.5, T, dtype=np.float64) ** 2).astype(np.float32)
+    if kind == "squaredcos_cap_v2":
+        return _betas_for_alpha_bar(T)
+    raise ValueError(f"unknown beta schedule {kind!r}; expected linear, scaled_linear or squaredcos_cap_v2")
+
+
+@struct.dataclass
+class DiscreteVP:
+    """alpha_bar table of a discrete-time variance-preserving process."""
+
+    alphas_cumprod: Array  # (T,) float32
+
+    @classmethod
+    def from_betas(cls, kind: str = "linear", T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
+        betas = make_betas(kind, T, beta_start, beta_end)
+        return cls(alphas_cumprod=jnp.asarray(np.cumprod(1.0 - betas, dtype=np.float32)))
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.shape[0]
+
+    @property
+    def betas(self) -> Array:
+        prev = jnp.concatenate([jnp.ones((1,), self.alphas_cumprod.dtype), self.alphas_cumprod[:-1]])
+        return 1.0 - self.alphas_cumprod / prev
+
+    def alpha_bar(self, t) -> Array:
+        """alpha_bar at timestep t; t = -1 is the clean end (alpha_bar = 1)."""
+        table = jnp.concatenate([jnp.ones((1,), self.alphas_cumprod.dtype), self.alphas_cumprod])
+        t = jnp.asarray(t)
+        if jnp.issubdtype(t.dtype, jnp.integer):
+            return table[jnp.clip(t + 1, 0, table.shape[0] - 1)]
+        pos = jnp.clip(t + 1.0, 0.0, table.shape[0] - 1.0)
+        lo = jnp.floor(pos).astype(jnp.int32)
+        hi = jnp.minimum(lo + 1, table.shape[0] - 1)
+        frac = pos - lo
+        log_lo, log_hi = jnp.log(table[lo]), jnp.log(table[hi])
+        # exact at integers: frac == 0 selects table[lo] untouched
+        return jnp.where(frac == 0, table[lo], jnp.exp(log_lo + frac * (log_hi - log_lo)))
+
+    def alpha_sigma(self, t):
+        ab = self.alpha_bar(t)
+        return jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+
+    def variances(self, t):
+        """(a_t^2, s_t^2) = (alpha_bar, 1 - alpha_bar), straight from the table: ancestral
+        steps need 1 - ab_t / ab_s, which squaring a rounded sqrt would spoil."""
+        ab = self.alpha_bar(t)
+        return ab, 1.0 - ab
+
+    def logsnr(self, t):
+        ab = self.alpha_bar(t)
+        return jnp.log(ab) - jnp.log1p(-ab)
+
+    def t_from_logsnr(self, logsnr):
+        """Inverse of ``logsnr`` (float timestep), by interpolation in the monotone table."""
+        ls = jnp.log(self.alphas_cumprod) - jnp.log1p(-self.alphas_cumprod)  # decreasing in t
+        ts = jnp.arange(self.num_train_timesteps, dtype=jnp.float32)
+        return jnp.interp(-logsnr, -ls, ts)
+
+    def model_time(self, t):
+        return t
+
+    @property
+    def t_max(self):
+        return self.num_train_timesteps - 1
+
+
+@struct.dataclass
+class CosineVP:
+    """Continuous-time cosine schedule with logSNR clipped to [logsnr_min, logsnr_max].
+
+    logSNR(t) = -2 log tan(a t + b), so logSNR(0) = logsnr_max and logSNR(1) = logsnr_min.
+    """
+
+    logsnr_min: float = struct.field(pytree_node=False, default=-20.0)
+    logsnr_max: float = struct.field(pytree_node=False, default=20.0)
+
+    def _ab(self):
+        b = math.atan(math.exp(-0.5 * self.logsnr_max))
+        a = math.atan(math.exp(-0.5 * self.logsnr_min)) - b
+        return a, b
+
+    def logsnr(self, t):
+        a, b = self._ab()
+        return -2.0 * jnp.log(jnp.tan(a * jnp.asarray(t, jnp.float32) + b))
+
+    def t_from_logsnr(self, logsnr):
+        a, b = self._ab()
+        return (jnp.arctan(jnp.exp(-0.5 * logsnr)) - b) / a
+
+    def alpha_sigma(self, t):
+        a2, s2 = self.variances(t)
+        return jnp.sqrt(a2), jnp.sqrt(s2)
+
+    def variances(self, t):
+        l = self.logsnr(t)
+        return jax.nn.sigmoid(l), jax.nn.sigmoid(-l)
+
+    def model_time(self, t):
+        return 1000.0 * jnp.asarray(t, jnp.float32)
+
+    @property
+    def t_max(self):
+        return 1.0
+
+
+def shift_time(t, shift: float):
+    """SD3's resolution shift of flow times: t' = S t / (1 + (S - 1) t)."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+@struct.dataclass
+class RectifiedFlow:
+    """z_t = (1 - t) x + t eps with t = sigma in [0, 1]; the network sees 1000 t."""
+
+    shift: float = struct.field(pytree_node=False, default=1.0)
+    num_train_timesteps: int = struct.field(pytree_node=False, default=1000)
+
+    def alpha_sigma(self, t):
+        t = jnp.asarray(t, jnp.float32)
+        return 1.0 - t, t
+
+    def variances(self, t):
+        a, s = self.alpha_sigma(t)
+        return a * a, s * s
+
+    def logsnr(self, t):
+        t = jnp.asarray(t, jnp.float32)
+        return 2.0 * (jnp.log1p(-t) - jnp.log(t))
+
+    def t_from_logsnr(self, logsnr):
+        return jax.nn.sigmoid(-0.5 * logsnr)
+
+    def model_time(self, t):
+        return self.num_train_timesteps * jnp.asarray(t, jnp.float32)
+
+    @property
+    def t_max(self):
+        return 1.0
+
+
+def from_diffusers_config(cfg: dict):
+    """Build the schedule a diffusers scheduler config describes."""
+    cls = cfg.get("_class_name", "")
+    if "FlowMatch" in cls:
+        return RectifiedFlow(shift=float(cfg.get("shift", 1.0)), num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
+    if cfg.get("trained_betas") is not None:
+        betas = np.asarray(cfg["trained_betas"], np.float32)
+        return DiscreteVP(alphas_cumprod=jnp.asarray(np.cumprod(1.0 - betas, dtype=np.float32)))
+    return DiscreteVP.from_betas(
+        cfg.get("beta_schedule", "linear"),
+        int(cfg.get("num_train_timesteps", 1000)),
+        float(cfg.get("beta_start", 1e-4)),
+        float(cfg.get("beta_end", 0.02)),
+    )
