@@ -1,0 +1,228 @@
+"""The PyTorch state dict -> Flax param tree engine.
+
+One generic rule covers most keys, because jdistill's modules are named
+after diffusers' / transformers' attributes:
+
+* a key is split on "."; an all-digit segment joins the one before it
+  (``down_blocks.0.resnets.1.conv1.weight`` ->
+  ``down_blocks_0/resnets_1/conv1/weight``);
+* the leaf is translated by what the *target* tree holds at that place:
+  ``weight`` -> ``kernel`` (Linear: transposed; Conv2d: OIHW -> HWIO),
+  ``scale`` (norms) or ``embedding`` (tables); anything else keeps its name.
+
+A model family adds only what the generic rule cannot know: ``rules``, each
+a function ``(key, tensor) -> [(key, tensor), ...] | None`` that renames a
+key, splits a fused tensor, or drops a buffer (return ``[]``). The first
+rule that answers wins.
+
+The target is an abstract tree (``jax.eval_shape`` of ``module.init``): no
+random initialisation happens, and every target leaf must be filled. Any
+missing, unexpected or mis-shaped key raises :class:`ConversionError` with
+all of them named. Tensors are read one at a time from a lazy mapping, so
+peak memory is the output tree plus one tensor.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+Rule = Callable[[str, np.ndarray], "list[tuple[str, np.ndarray]] | None"]
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model: names every missing, unexpected and mis-shaped key."""
+
+
+@dataclass
+class Report:
+    missing: list[str] = field(default_factory=list)  # target leaves nothing filled
+    unexpected: list[str] = field(default_factory=list)  # source keys that fit no target leaf
+    mismatched: list[str] = field(default_factory=list)  # "key: source shape -> expected shape"
+    converted: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, what: str = "checkpoint", limit: int = 20) -> str:
+        lines = [f"{what} does not match the model ({self.converted} tensors converted):"]
+        for title, items in (("missing from the checkpoint", self.missing),
+                             ("unexpected in the checkpoint", self.unexpected),
+                             ("shape mismatch", self.mismatched)):
+            if items:
+                lines.append(f"  {len(items)} {title}:")
+                lines += [f"    {k}" for k in items[:limit]]
+                if len(items) > limit:
+                    lines.append(f"    ... and {len(items) - limit} more")
+        return "\n".join(lines)
+
+
+def torch_key_to_path(key: str) -> tuple[str, ...]:
+    """``a.b.0.c`` -> ``("a", "b_0", "c")``."""
+    out: list[str] = []
+    for seg in key.split("."):
+        if seg.isdigit() and out:
+            out[-1] = f"{out[-1]}_{seg}"
+        else:
+            out.append(seg)
+    return tuple(out)
+
+
+def rename(pattern: str, repl: str) -> Rule:
+    """A rule that rewrites keys matching the regex ``pattern`` (``re.sub`` semantics)."""
+    rx = re.compile(pattern)
+
+    def rule(key, tensor):
+        new = rx.sub(repl, key)
+        return None if new == key else [(new, tensor)]
+
+    rule.__name__ = f"rename({pattern!r} -> {repl!r})"
+    return rule
+
+
+def drop(pattern: str) -> Rule:
+    """A rule that discards keys matching ``pattern`` (non-persistent buffers, unused heads)."""
+    rx = re.compile(pattern)
+
+    def rule(key, tensor):
+        return [] if rx.search(key) else None
+
+    return rule
+
+
+def split(pattern: str, names: Iterable[str], axis: int = 0) -> Rule:
+    """A rule that splits a fused tensor (``qkv``) into equal parts: the last path
+    segment before the leaf is replaced by each of ``names`` in turn."""
+    rx, names = re.compile(pattern), list(names)
+
+    def rule(key, tensor):
+        m = rx.search(key)
+        if not m:
+            return None
+        parts = np.split(np.asarray(tensor), len(names), axis=axis)
+        head, _, leaf = key.rpartition(".")
+        stem = head.rpartition(".")[0]
+        return [(f"{stem + '.' if stem else ''}{n}.{leaf}", p) for n, p in zip(names, parts)]
+
+    return rule
+
+
+def _apply_rules(key, tensor, rules) -> list[tuple[str, object]]:
+    for rule in rules:
+        out = rule(key, tensor)
+        if out is not None:
+            # a renamed key may need further rules (e.g. rename, then split)
+            return [kv for k, t in out for kv in _apply_rules(k, t, rules[rules.index(rule) + 1:])]
+    return [(key, tensor)]
+
+
+def _to_numpy(tensor) -> np.ndarray:
+    if hasattr(tensor, "detach"):  # torch.Tensor (bf16 has no numpy dtype: go through fp32)
+        import torch
+
+        t = tensor.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.numpy()
+    return np.asarray(tensor)
+
+
+def _leaf_transform(path: tuple[str, ...], flat_target: Mapping):
+    """Where the tensor goes and how it is laid out, decided by the target tree."""
+    *mod, leaf = path
+    mod = tuple(mod)
+    if leaf == "weight":
+        for name in ("kernel", "scale", "embedding", "weight"):
+            if mod + (name,) in flat_target:
+                return mod + (name,), name
+    return path, leaf
+
+
+def _layout(x: np.ndarray, kind: str, target_ndim: int) -> np.ndarray:
+    if kind == "kernel":
+        if x.ndim == 2:  # Linear (out, in) -> (in, out)
+            return x.T
+        if x.ndim == 4:  # Conv2d (O, I, kh, kw) -> (kh, kw, I, O)
+            return x.transpose(2, 3, 1, 0)
+        if x.ndim == 3:  # Conv1d (O, I, k) -> (k, I, O)
+            return x.transpose(2, 1, 0)
+    return x
+
+
+def convert_state_dict(state_dict: Mapping, target, rules: Iterable[Rule] = (), *, what: str = "checkpoint",
+                       dtype=None, strict: bool = True):
+    """Fill ``target`` (an abstract param tree) from a PyTorch-style state dict.
+
+    ``state_dict`` may be any mapping whose values are read lazily (a safetensors
+    handle, a dict of torch tensors or numpy arrays). Returns ``(params, report)``
+    with numpy leaves in the target's dtype (or ``dtype``). Raises
+    :class:`ConversionError` unless every key fits, when ``strict``.
+    """
+    rules = list(rules)
+    flat_target = traverse_util.flatten_dict(target)
+    out: dict = {}
+    report = Report()
+    for key in state_dict.keys():
+        for new_key, tensor in _apply_rules(key, state_dict[key], rules):
+            path, kind = _leaf_transform(torch_key_to_path(new_key), flat_target)
+            if path not in flat_target:
+                report.unexpected.append(key if new_key == key else f"{key} (as {new_key})")
+                continue
+            spec = flat_target[path]
+            x = _layout(_to_numpy(tensor), kind, len(spec.shape))
+            if tuple(x.shape) != tuple(spec.shape):
+                report.mismatched.append(f"{key}: {tuple(x.shape)} -> expected {tuple(spec.shape)} at {'/'.join(path)}")
+                continue
+            if path in out:
+                report.unexpected.append(f"{key} (duplicate for {'/'.join(path)})")
+                continue
+            out[path] = np.ascontiguousarray(x, dtype=dtype or spec.dtype)
+            report.converted += 1
+    report.missing = ["/".join(p) for p in flat_target if p not in out]
+    if strict and not report.ok:
+        raise ConversionError(report.describe(what))
+    return traverse_util.unflatten_dict(out), report
+
+
+def abstract_params(module, *args, **kwargs):
+    """The param tree ``module.init`` would make, as ShapeDtypeStructs: no random numbers drawn."""
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
+    return shapes["params"]
+
+
+def flax_to_torch_state_dict(params, torch_keys_shapes: Mapping[str, tuple], rules: Iterable[Rule] = ()):
+    """The inverse map for export: for each key a PyTorch model expects, the Flax leaf it reads.
+
+    ``torch_keys_shapes`` comes from the PyTorch model's own state dict (e.g. a
+    diffusers model built on the meta device), so no key name is guessed; keys
+    are pushed through the same forward rules and the same leaf rule as loading.
+    Rules that split tensors cannot be inverted and are refused.
+    """
+    flat = traverse_util.flatten_dict(params)
+    out, missing = {}, []
+    for key, shape in torch_keys_shapes.items():
+        mapped = _apply_rules(key, np.zeros(0), list(rules))
+        if len(mapped) != 1:
+            if not mapped:
+                continue
+            raise ConversionError(f"cannot export {key}: its loading rule splits or drops it")
+        new_key = mapped[0][0]
+        path, kind = _leaf_transform(torch_key_to_path(new_key), flat)
+        if path not in flat:
+            missing.append(key)
+            continue
+        x = np.asarray(jax.device_get(flat[path]))
+        if kind == "kernel":
+            x = x.T if x.ndim == 2 else x.transpose(3, 2, 0, 1) if x.ndim == 4 else x.transpose(2, 1, 0)
+        if tuple(x.shape) != tuple(shape):
+            raise ConversionError(f"export of {key}: {x.shape} does not fit {tuple(shape)}")
+        out[key] = np.ascontiguousarray(x)
+    if missing:
+        raise ConversionError(f"export: the params hold nothing for {len(missing)} keys: {missing[:20]}")
+    return out
