@@ -167,6 +167,7 @@ def convert_state_dict(state_dict: Mapping, target, rules: Iterable[Rule] = (), 
     rules = list(rules)
     flat_target = traverse_util.flatten_dict(target)
     out: dict = {}
+    seen: set = set()  # leaves a mis-shaped tensor was meant for: reported once, as mismatched
     report = Report()
     for key in state_dict.keys():
         for new_key, tensor in _apply_rules(key, state_dict[key], rules):
@@ -175,16 +176,19 @@ def convert_state_dict(state_dict: Mapping, target, rules: Iterable[Rule] = (), 
                 report.unexpected.append(key if new_key == key else f"{key} (as {new_key})")
                 continue
             spec = flat_target[path]
-            x = _layout(_to_numpy(tensor), kind, len(spec.shape))
+            src = _to_numpy(tensor)
+            x = _layout(src, kind, len(spec.shape))
             if tuple(x.shape) != tuple(spec.shape):
-                report.mismatched.append(f"{key}: {tuple(x.shape)} -> expected {tuple(spec.shape)} at {'/'.join(path)}")
+                report.mismatched.append(f"{key}: checkpoint {tuple(src.shape)}, model {'/'.join(path)} "
+                                         f"{tuple(spec.shape)}" + (" (Flax layout)" if kind == "kernel" else ""))
+                seen.add(path)
                 continue
             if path in out:
                 report.unexpected.append(f"{key} (duplicate for {'/'.join(path)})")
                 continue
             out[path] = np.ascontiguousarray(x, dtype=dtype or spec.dtype)
             report.converted += 1
-    report.missing = ["/".join(p) for p in flat_target if p not in out]
+    report.missing = ["/".join(p) for p in flat_target if p not in out and p not in seen]
     if strict and not report.ok:
         raise ConversionError(report.describe(what))
     return traverse_util.unflatten_dict(out), report
