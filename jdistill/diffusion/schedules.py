@@ -213,3 +213,17 @@ def from_diffusers_config(cfg: dict):
         float(cfg.get("beta_start", 1e-4)),
         float(cfg.get("beta_end", 0.02)),
     )
+
+
+def from_config(cfg) -> "Schedule":
+    """A schedule from a jdistill config section: ``kind`` = "cosine" (logsnr_min / logsnr_max),
+    "discrete" (beta_schedule, num_train_timesteps, beta_start, beta_end) or "flow" (shift)."""
+    kind = cfg["kind"]
+    if kind == "cosine":
+        return CosineVP(float(cfg.get("logsnr_min", -20.0)), float(cfg.get("logsnr_max", 20.0)))
+    if kind == "discrete":
+        return DiscreteVP.from_betas(cfg.get("beta_schedule", "linear"), int(cfg.get("num_train_timesteps", 1000)),
+                                     float(cfg.get("beta_start", 1e-4)), float(cfg.get("beta_end", 0.02)))
+    if kind == "flow":
+        return RectifiedFlow(float(cfg.get("shift", 1.0)), int(cfg.get("num_train_timesteps", 1000)))
+    raise ValueError(f"unknown schedule kind {kind!r}; expected cosine, discrete or flow")

@@ -1,0 +1,133 @@
+"""The training loop every recipe runs: progress bar, metrics, sample grids, checkpoints, resume.
+
+The loop owns no model knowledge. It is given a compiled step, the state
+(fresh or restored), a batch source that can start at any step (so the
+data position resumes exactly), and optional hooks for samples. Metrics go
+to ``metrics.jsonl`` (and TensorBoard when tensorboardX is installed);
+sample grids to ``samples/step_XXXXXXX.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jdistill import images as images_lib
+from jdistill.train import mesh as mesh_lib
+
+
+class MetricWriter:
+    """JSONL always; TensorBoard as well when tensorboardX is importable. Only process 0 writes."""
+
+    def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
+        self.active = jax.process_index() == 0
+        self.path = os.path.join(workdir, filename)
+        self._tb = None
+        if self.active:
+            os.makedirs(workdir, exist_ok=True)
+            try:
+                from tensorboardX import SummaryWriter  # optional
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, metrics: dict, **extra):
+        if not self.active:
+            return
+        row = {"step": int(step), **{k: float(v) for k, v in metrics.items()}, **extra}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                self._tb.add_scalar(k, float(v), int(step))
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class _Preemption:
+    """SIGTERM (how TPU VMs and schedulers announce preemption) -> save and stop at the next step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, *_):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def run(*, step_fn: Callable, state, frozen, batches: Callable[[int], Iterator[dict]], mesh, num_steps: int,
+        workdir: str, checkpointer=None, config: dict | None = None, meta_fn: Callable[[int], dict] | None = None,
+        log_every: int = 50, sample_every: int = 0, sample_fn: Callable | None = None, desc: str = "train",
+        progress: bool = True):
+    """Train from ``state.step`` to ``num_steps``; returns the final state.
+
+    ``batches(start_step)`` yields process-local numpy batches for steps
+    start_step, start_step + 1, ...; ``sample_fn(state)`` returns images (N,H,W,C)
+    in [-1, 1] or uint8 for a grid.
+    """
+    start = int(jax.device_get(state.step))
+    writer = MetricWriter(workdir)
+    it = batches(start)
+    bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress or jax.process_index() != 0,
+               dynamic_ncols=True)
+    t0, last = time.perf_counter(), start
+    step = start
+    with _Preemption() as preempt:
+        for step in range(start, num_steps):
+            batch = mesh_lib.global_batch(next(it), mesh)
+            state, metrics = step_fn(state, frozen, batch)
+            done = step + 1
+            if done % log_every == 0 or done == num_steps:
+                m = jax.device_get(metrics)
+                dt = time.perf_counter() - t0
+                writer.write(done, m, steps_per_s=(done - last) / max(dt, 1e-9))
+                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
+                t0, last = time.perf_counter(), done
+                if not np.isfinite(float(m["loss"])):
+                    raise FloatingPointError(f"loss is {float(m['loss'])} at step {done}; stopping "
+                                             f"(last good checkpoint: {checkpointer.latest_step() if checkpointer else None})")
+            bar.update(1)
+            if sample_fn is not None and sample_every and done % sample_every == 0:
+                save_samples(workdir, done, sample_fn(state))
+            if checkpointer is not None:
+                checkpointer.save(done, state, config, meta_fn(done) if meta_fn else {"step": done},
+                                  force=preempt.requested or done == num_steps)
+            if preempt.requested:
+                break
+    bar.close()
+    writer.close()
+    if checkpointer is not None:
+        checkpointer.wait()
+    return state
+
+
+def save_samples(workdir: str, step: int, images) -> str | None:
+    if jax.process_index() != 0:
+        return None
+    return images_lib.save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), np.asarray(images))
