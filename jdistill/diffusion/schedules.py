@@ -39,6 +39,8 @@ class Schedule(Protocol):
 
     def model_time(self, t) -> Array: ...
 
+    def from_unit(self, u) -> Array: ...
+
 
 def _betas_for_alpha_bar(T: int, max_beta: float = 0.999) -> np.ndarray:
     """Squared-cosine betas (Nichol & Dhariwal), as diffusers' `squaredcos_cap_v2`."""
@@ -120,6 +122,10 @@ class DiscreteVP:
     def model_time(self, t):
         return t
 
+    def from_unit(self, u):
+        """Unit time u in [0, 1] (0 = clean end, 1 = noisiest) -> timestep u T - 1 (float)."""
+        return jnp.asarray(u, jnp.float32) * self.num_train_timesteps - 1.0
+
     @property
     def t_max(self):
         return self.num_train_timesteps - 1
@@ -159,6 +165,9 @@ class CosineVP:
     def model_time(self, t):
         return 1000.0 * jnp.asarray(t, jnp.float32)
 
+    def from_unit(self, u):
+        return jnp.asarray(u, jnp.float32)
+
     @property
     def t_max(self):
         return 1.0
@@ -193,6 +202,9 @@ class RectifiedFlow:
 
     def model_time(self, t):
         return self.num_train_timesteps * jnp.asarray(t, jnp.float32)
+
+    def from_unit(self, u):
+        return jnp.asarray(u, jnp.float32)
 
     @property
     def t_max(self):

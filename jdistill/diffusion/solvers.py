@@ -18,7 +18,8 @@ def forward(x0, eps, a, s):
 
 def ddim_step(x0, eps, a_t, s_t, a_s, s_s, eta=0.0, noise=None):
     """DDIM (Song et al.) with diffusers' eta: eta=0 deterministic, eta=1 DDPM-like."""
-    var = (s_s**2 / s_t**2) * (1.0 - a_t**2 / a_s**2)
+    # clamp: a step *up* in noise (used by re-noising samplers) has no posterior variance
+    var = jnp.maximum((s_s**2 / s_t**2) * (1.0 - a_t**2 / a_s**2), 0.0)
     std = eta * jnp.sqrt(var)
     out = a_s * x0 + jnp.sqrt(s_s**2 - std**2) * eps
     if noise is not None:

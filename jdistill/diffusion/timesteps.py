@@ -80,10 +80,12 @@ def chain_grid(ts) -> TimeGrid:
     return _grid(ts, np.concatenate([ts[1:], [-1]]), jnp.int32)
 
 
-def uniform_grid(n: int, t_max: float = 1.0, t_min: float = 0.0) -> TimeGrid:
-    """Continuous time: t_i = t_max - i (t_max - t_min) / n, landing on t_min at the end."""
-    ts = np.linspace(t_max, t_min, n + 1, dtype=np.float64)
-    return _grid(ts[:-1], ts[1:], jnp.float32)
+def unit_grid(schedule, n: int) -> TimeGrid:
+    """n equal steps in unit time (1 -> 0) mapped to the schedule's units: the grid a
+    progressively distilled N-step student was trained on, for any schedule."""
+    u = np.linspace(1.0, 0.0, n + 1, dtype=np.float64)
+    return TimeGrid(t=schedule.from_unit(jnp.asarray(u[:-1], jnp.float32)),
+                    t_next=schedule.from_unit(jnp.asarray(u[1:], jnp.float32)))
 
 
 def flow_grid(n: int, shift: float = 1.0, T: int = 1000) -> TimeGrid:
@@ -105,7 +107,7 @@ def make_grid(schedule, num_steps: int, solver: str = "ddim", spacing: str | Non
 
     Discrete schedules follow each diffusers scheduler's own rule (DDIM steps by
     T // n; DDPM and DPM-Solver chain their listed timesteps). Continuous
-    schedules use a uniform grid in t, flow schedules diffusers' sigma list.
+    schedules use equal steps in t (``unit_grid``), flow schedules diffusers' sigma list.
     """
     if isinstance(schedule, DiscreteVP):
         T = schedule.num_train_timesteps
@@ -120,5 +122,5 @@ def make_grid(schedule, num_steps: int, solver: str = "ddim", spacing: str | Non
     if isinstance(schedule, RectifiedFlow):
         return flow_grid(num_steps, schedule.shift, schedule.num_train_timesteps)
     if isinstance(schedule, CosineVP):
-        return uniform_grid(num_steps)
+        return unit_grid(schedule, num_steps)
     raise TypeError(f"no time grid for schedule {type(schedule).__name__}")

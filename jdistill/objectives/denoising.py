@@ -88,6 +88,11 @@ def drop_condition(key, cond: dict, null_cond: Callable, prob: float) -> dict:
     return jax.tree.map(pick, cond, null)
 
 
+def per_example_mse(a, b):
+    """Mean squared error over all but the batch axis, in fp32."""
+    return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)), axis=tuple(range(1, a.ndim)))
+
+
 def labels_cond(batch) -> dict:
     """Class-conditional models: the batch's labels as the module's ``class_labels``."""
     return {"class_labels": batch["label"]}
@@ -118,7 +123,7 @@ def denoising_loss(template: Denoiser, *, weighting: str = "constant", min_snr_g
         if template.learned_variance:
             out = out[..., : x.shape[-1]]
         target = param_lib.from_x0_eps(x, eps, a, s, kind)
-        mse = jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=tuple(range(1, x.ndim)))
+        mse = per_example_mse(out, target)
         snr = (a / s).reshape(-1) ** 2
         s_flat = s.reshape(-1)
         weight = x_space_weight(weighting, kind, snr, s_flat, min_snr_gamma) / target_scale(kind, snr, s_flat)
@@ -128,5 +133,5 @@ def denoising_loss(template: Denoiser, *, weighting: str = "constant", min_snr_g
     return loss_fn
 
 
-__all__ = ["denoising_loss", "drop_condition", "labels_cond", "sample_times", "target_scale", "x_space_weight",
-           "WEIGHTINGS"]
+__all__ = ["denoising_loss", "drop_condition", "labels_cond", "per_example_mse", "sample_times", "target_scale",
+           "x_space_weight", "WEIGHTINGS"]
