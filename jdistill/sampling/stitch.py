@@ -1,0 +1,148 @@
+"""T-Stitch (Pan et al., 2024): small denoisers for the early, noisy steps, large ones for the rest.
+
+Training-free. K denoisers ordered small to large share a noise process
+and a sample space; fractions r_1..r_K (summing to 1) say how much of the
+trajectory each one serves. Only z_t (and the solver's own state, e.g.
+DPM-Solver's previous x0) passes from one to the next; each model keeps its
+own parameterisation, time units and guidance scale.
+
+Switching rules:
+* "timestep" (the paper's): model k serves the steps whose *original* time,
+  as a fraction of the schedule's span, lies in its band. With two models and
+  fraction r, the small one serves t / T >= 1 - r. The rule reads the time,
+  not the step counter, so it means the same thing for any sampler and any
+  respacing.
+* "step": model k serves a share of the step counter (the SD pipelines of
+  the reference implementation switch this way).
+
+The loop is split at the switch points: every segment is its own
+``lax.scan`` with one model, so a step costs exactly one call of the model
+that owns it (no running every model and selecting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import numpy as np
+from flax import struct
+
+from jdistill.denoiser import Denoiser
+from jdistill.diffusion.schedules import DiscreteVP, RectifiedFlow
+from jdistill.diffusion.timesteps import TimeGrid
+from jdistill.sampling import samplers
+
+MODES = ("timestep", "step")
+
+
+def check_fractions(fractions) -> np.ndarray:
+    r = np.asarray(fractions, np.float64)
+    if r.ndim != 1 or len(r) < 1 or np.any(r < 0) or abs(r.sum() - 1.0) > 1e-6:
+        raise ValueError(f"stitch fractions must be >= 0 and sum to 1, got {list(fractions)}")
+    return r
+
+
+def normalized_time(schedule, t) -> np.ndarray:
+    """t / T in [0, 1): integer timesteps over the training count, continuous times as they are."""
+    t = np.asarray(t, np.float64)
+    if isinstance(schedule, DiscreteVP):
+        return t / schedule.num_train_timesteps
+    return t / float(schedule.t_max)
+
+
+def segments(grid: TimeGrid, schedule, fractions, mode: str = "timestep") -> list[tuple[int, int]]:
+    """[start, stop) grid-step ranges, one per model (small to large), contiguous and covering the grid."""
+    r = check_fractions(fractions)
+    n = grid.num_steps
+    if mode == "timestep":
+        u = normalized_time(schedule, jax.device_get(grid.t))
+        # model k serves 1 - (r_1 + ... + r_k) <= u < 1 - (r_1 + ... + r_{k-1}); the largest model
+        # also takes everything below, the smallest everything above
+        lower = 1.0 - np.cumsum(r)
+        counts = [int(np.sum(u >= lo - 1e-9)) for lo in lower[:-1]]
+        bounds = [0] + counts + [n]
+    elif mode == "step":
+        bounds = [0] + [int(round(c * n)) for c in np.cumsum(r)[:-1]] + [n]
+    else:
+        raise ValueError(f"unknown stitch mode {mode!r}; expected one of {MODES}")
+    bounds = np.maximum.accumulate(bounds)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@struct.dataclass
+class RetimedSchedule:
+    """A model trained with schedule ``own`` seen on the grid of ``ref``: the solver reads the
+    reference process's (a, s); the network receives its own time for the same logSNR."""
+
+    ref: object
+    own: object
+
+    def alpha_sigma(self, t):
+        return self.ref.alpha_sigma(t)
+
+    def variances(self, t):
+        return self.ref.variances(t)
+
+    def logsnr(self, t):
+        return self.ref.logsnr(t)
+
+    def model_time(self, t):
+        return self.own.model_time(self.own.t_from_logsnr(self.ref.logsnr(t)))
+
+
+def _same_schedule(a, b) -> bool:
+    if type(a) is not type(b):
+        return False
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def on_grid_of(denoiser: Denoiser, ref_schedule) -> Denoiser:
+    """``denoiser`` re-expressed on ``ref_schedule``'s time axis (matched by logSNR)."""
+    if _same_schedule(denoiser.schedule, ref_schedule):
+        return denoiser
+    if isinstance(ref_schedule, RectifiedFlow) != isinstance(denoiser.schedule, RectifiedFlow):
+        raise ValueError("cannot stitch a rectified-flow model with a variance-preserving one: "
+                         "their z_t differ in scale, not just in time units")
+    return denoiser.replace(schedule=RetimedSchedule(ref_schedule, denoiser.schedule))
+
+
+@dataclass(frozen=True)
+class StitchPlan:
+    segments: tuple[tuple[int, int], ...]
+
+    def calls(self) -> list[int]:
+        """Model calls per denoiser (each step is one call; CFG batches cond and uncond in it)."""
+        return [b - a for a, b in self.segments]
+
+
+def plan(grid: TimeGrid, schedule, fractions, mode: str = "timestep") -> StitchPlan:
+    return StitchPlan(tuple(segments(grid, schedule, fractions, mode)))
+
+
+def sample(denoisers, fractions, noise, cond=None, *, grid: TimeGrid, solver: str = "ddim", rng=None,
+           mode: str = "timestep", guidance_scales=None, uncond=None, **options):
+    """Stitched sampling from ``noise``; ``denoisers`` small to large, grid in the units of the
+    last (largest) one's schedule. ``guidance_scales``: one per model (None: no CFG)."""
+    if len(denoisers) != len(fractions):
+        raise ValueError(f"{len(denoisers)} denoisers but {len(fractions)} fractions")
+    ref = denoisers[-1].schedule
+    segs = tuple(segments(grid, ref, fractions, mode))
+    scales = list(guidance_scales) if guidance_scales is not None else [None] * len(denoisers)
+    dens = tuple(on_grid_of(d, ref) for d in denoisers)
+    return _sample_segments(dens, noise, cond, grid, rng, tuple(scales), uncond, segs=segs, solver=solver,
+                            **options)
+
+
+def _run_segments(denoisers, noise, cond, grid, rng, scales, uncond, *, segs, solver, eta=0.0, clip_x0=None,
+                  ddpm_variance="fixed_small"):
+    state = samplers.init_state(noise)
+    for den, g, (a, b) in zip(denoisers, scales, segs):
+        state = samplers.run_steps(den, state, grid, a, b, rng=rng, solver=solver, cond=cond, guidance_scale=g,
+                                   uncond=uncond, eta=eta, clip_x0=clip_x0, ddpm_variance=ddpm_variance)
+    return state.z
+
+
+_sample_segments = jax.jit(_run_segments, static_argnames=("segs", "solver", "clip_x0", "ddpm_variance"))

@@ -1,0 +1,107 @@
+"""T-Stitch routing: which model serves which step, how often each is called, and the
+degenerate fractions reproducing the single models bit for bit."""
+
+import collections
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdistill.denoiser import Denoiser
+from jdistill.diffusion import schedules, timesteps
+from jdistill.sampling import samplers, stitch
+
+CALLS = collections.defaultdict(list)
+
+
+class Recorded(nn.Module):
+    """An analytic eps-predictor that records (on the host) every time it is called."""
+
+    tag: str
+    gain: float
+
+    def __call__(self, z, t):
+        jax.debug.callback(lambda tt: CALLS[self.tag].append(float(np.asarray(tt)[0])), t)
+        return self.gain * jnp.sin(z + t[:, None, None, None] / 1000.0)
+
+
+def den(tag, gain, schedule, prediction="eps"):
+    return Denoiser(params={}, schedule=schedule, module=Recorded(tag, gain), prediction=prediction)
+
+
+DISCRETE = schedules.DiscreteVP.from_betas("linear")
+NOISE = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+
+
+@pytest.fixture(autouse=True)
+def clear_calls():
+    CALLS.clear()
+
+
+@pytest.mark.parametrize("solver,spacing,n", [("ddim", "trailing", 16), ("ddpm", "leading", 20),
+                                              ("dpmpp_2m", "linspace", 12)])
+def test_endpoints_equal_single_models_bit_for_bit(solver, spacing, n):
+    small, large = den("small", 0.5, DISCRETE), den("large", 0.9, DISCRETE)
+    grid = timesteps.make_grid(DISCRETE, n, solver, spacing=spacing)
+    key = jax.random.key(1)
+    for r, alone in ((0.0, large), (1.0, small)):
+        got = stitch.sample([small, large], [r, 1 - r], NOISE, grid=grid, solver=solver, rng=key)
+        ref = samplers.sample_jit(alone, NOISE, grid=grid, solver=solver, rng=key)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+@pytest.mark.parametrize("solver,spacing,n,r", [("ddim", "leading", 50, 0.4), ("ddim", "trailing", 16, 0.75),
+                                                ("ddpm", "linspace", 25, 0.4), ("ddpm", "trailing", 10, 0.3),
+                                                ("dpmpp_2m", "linspace", 20, 0.4), ("dpmpp_2m", "trailing", 7, 0.75)])
+def test_switch_happens_at_the_timestep_fraction(solver, spacing, n, r):
+    small, large = den("small", 0.5, DISCRETE), den("large", 0.9, DISCRETE)
+    grid = timesteps.make_grid(DISCRETE, n, solver, spacing=spacing)
+    stitch.sample([small, large], [r, 1 - r], NOISE, grid=grid, solver=solver, rng=jax.random.key(2))
+    boundary = (1 - r) * 1000
+    assert CALLS["small"] and all(t >= boundary for t in CALLS["small"]), (CALLS["small"], boundary)
+    assert CALLS["large"] and all(t < boundary for t in CALLS["large"]), (CALLS["large"], boundary)
+    # every grid step was served exactly once, in order
+    np.testing.assert_array_equal(CALLS["small"] + CALLS["large"], np.asarray(grid.t, np.float64))
+
+
+def test_three_models_route_by_bands_and_call_counts_match_fractions():
+    models = [den("s", 0.3, DISCRETE), den("m", 0.6, DISCRETE), den("l", 0.9, DISCRETE)]
+    grid = timesteps.make_grid(DISCRETE, 100, "ddim", spacing="trailing")  # t = 999, 989, ..., 9
+    fractions = [0.2, 0.3, 0.5]
+    p = stitch.plan(grid, DISCRETE, fractions)
+    assert p.calls() == [20, 30, 50]
+    stitch.sample(models, fractions, NOISE, grid=grid, solver="ddim")
+    assert [len(CALLS[k]) for k in "sml"] == [20, 30, 50]
+    assert min(CALLS["s"]) >= 800 and max(CALLS["m"]) < 800 and min(CALLS["m"]) >= 500 and max(CALLS["l"]) < 500
+
+
+def test_step_mode_splits_the_counter():
+    models = [den("s", 0.3, DISCRETE), den("l", 0.9, DISCRETE)]
+    grid = timesteps.make_grid(DISCRETE, 10, "dpmpp_2m")  # linspace: unequal timestep gaps
+    stitch.sample(models, [0.4, 0.6], NOISE, grid=grid, solver="dpmpp_2m", mode="step")
+    assert [len(CALLS[k]) for k in "sl"] == [4, 6]
+
+
+def test_models_on_different_time_units_are_retimed_by_logsnr():
+    """A continuous-time cosine model stitched onto a discrete grid sees its own time for the same noise level."""
+    cosine = schedules.CosineVP()
+    small = den("cos", 0.5, cosine)
+    large = den("disc", 0.9, DISCRETE)
+    grid = timesteps.make_grid(DISCRETE, 10, "ddim", spacing="trailing")
+    stitch.sample([small, large], [0.5, 0.5], NOISE, grid=grid, solver="ddim")
+    seen = np.array(CALLS["cos"]) / 1000.0  # the cosine model's time input is 1000 t
+    expected = cosine.t_from_logsnr(DISCRETE.logsnr(grid.t[:5]))
+    np.testing.assert_allclose(seen, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_fractions_are_refused():
+    models = [den("s", 0.3, DISCRETE), den("l", 0.9, DISCRETE)]
+    grid = timesteps.make_grid(DISCRETE, 10, "ddim")
+    with pytest.raises(ValueError, match="sum to 1"):
+        stitch.sample(models, [0.5, 0.6], NOISE, grid=grid)
+    with pytest.raises(ValueError, match="2 denoisers but 3 fractions"):
+        stitch.sample(models, [0.2, 0.3, 0.5], NOISE, grid=grid)
+    with pytest.raises(ValueError, match="rectified-flow"):
+        stitch.sample([den("f", 0.3, schedules.RectifiedFlow(), "flow"), models[1]], [0.5, 0.5], NOISE, grid=grid)
