@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 
@@ -186,3 +187,33 @@ class GuidanceEmbedding(nn.Module):
         h = nn.silu(dense(self.dim, "linear_1", **kw)(h.astype(self.dtype)))
         return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.zeros,
                         name="linear_2")(h)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, base_size: int | None = None,
+                        interpolation_scale: float = 1.0):
+    """The fixed 2D sin-cos position table of ViT-style patch embedders (DiT, PixArt, SD3), as a
+    float32 numpy array (grid_h * grid_w, dim), tokens in row-major (h, w) order.
+
+    The first half of the channels encodes the column (w) coordinate, the second half the
+    row (h) coordinate, each as [sin, cos] over frequencies 10000^(-i / (dim / 4)); this is
+    the order of the original DiT / MAE code and of diffusers' ``get_2d_sincos_pos_embed``.
+    Positions are ``arange(n) / (n / base_size) / interpolation_scale`` (diffusers' rule for
+    sizes other than the training size; the identity at ``n == base_size``, the default).
+    The table is built in float64 and rounded once, as both references do, so a table stored
+    in a checkpoint can be compared with it to the last bit.
+    """
+    if dim % 4:
+        raise ValueError(f"2D sin-cos position table needs dim divisible by 4, got {dim}")
+
+    def positions(n):
+        base = n if base_size is None else base_size
+        return np.arange(n, dtype=np.float32) / np.float32(n / base) / np.float32(interpolation_scale)
+
+    def axis_table(pos):  # (M,) -> (M, dim // 2)
+        omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+        out = np.outer(pos.astype(np.float64), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    w_coord, h_coord = np.meshgrid(positions(grid_w), positions(grid_h), indexing="xy")  # each (grid_h, grid_w)
+    table = np.concatenate([axis_table(w_coord.reshape(-1)), axis_table(h_coord.reshape(-1))], axis=1)
+    return table.astype(np.float32)
