@@ -230,3 +230,34 @@ def flax_to_torch_state_dict(params, torch_keys_shapes: Mapping[str, tuple], rul
     if missing:
         raise ConversionError(f"export: the params hold nothing for {len(missing)} keys: {missing[:20]}")
     return out
+
+
+def graft(pretrained, fresh, new: Iterable[str] = ()):
+    """Start a model from ``pretrained`` params where it has extra parts (a student's guidance
+    embedding, an adapter): every leaf of ``fresh`` (a newly initialised tree of the bigger model)
+    is taken from ``pretrained`` at the same path, except leaves under a path containing one of
+    ``new`` (e.g. ``"guidance_embedder"``), which keep their fresh initialisation.
+
+    Anything else that does not line up (a leaf missing from ``pretrained``, one it has that the
+    model has not, a shape mismatch) raises :class:`ConversionError`: nothing is initialised
+    randomly by accident.
+    """
+    new = tuple(new)
+    flat_p = traverse_util.flatten_dict(pretrained)
+    flat_f = traverse_util.flatten_dict(fresh)
+    report, out = Report(), {}
+    for path, leaf in flat_f.items():
+        if any(n in path for n in new):
+            out[path] = leaf
+        elif path not in flat_p:
+            report.missing.append("/".join(path))
+        elif tuple(flat_p[path].shape) != tuple(leaf.shape):
+            report.mismatched.append(f"{'/'.join(path)}: pretrained {tuple(flat_p[path].shape)}, "
+                                     f"model {tuple(leaf.shape)}")
+        else:
+            out[path] = flat_p[path]
+            report.converted += 1
+    report.unexpected = ["/".join(p) for p in flat_p if p not in flat_f]
+    if not report.ok:
+        raise ConversionError(report.describe("pretrained params"))
+    return traverse_util.unflatten_dict(out)
