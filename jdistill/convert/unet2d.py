@@ -1,0 +1,59 @@
+"""diffusers ``UNet2DModel`` checkpoints -> :class:`jdistill.models.unet2d.UNet2DModel` params.
+
+The Flax modules carry diffusers' attribute names, so the engine's generic rule
+maps every key of a checkpoint written by ``save_pretrained``. The only rules
+are for the attention keys of checkpoints written before diffusers renamed
+them (``query`` / ``key`` / ``value`` / ``proj_attn``, as in the original DDPM
+and SD-VAE uploads), which diffusers itself renames on load
+(``ModelMixin._fix_state_dict_keys_on_load``). The VAE and the conditional
+UNet reuse :data:`DEPRECATED_ATTENTION_RULES`.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jdistill.convert import engine
+from jdistill.models import layers
+
+# "<...>.attentions.N.query.weight" -> "<...>.attentions.N.to_q.weight"; a key that already
+# holds the new names passes through untouched.
+DEPRECATED_ATTENTION_RULES = [
+    engine.rename(rf"(^|\.)(attentions\.\d+)\.{old}\.", rf"\1\2.{new}.")
+    for old, new in (("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_attn", "to_out.0"))
+]
+
+UNET2D_RULES = list(DEPRECATED_ATTENTION_RULES)
+
+
+def load_unet2d_params(state_dict: Mapping, module, *, rng: jax.Array | None = None, dtype=None):
+    """Flax params for ``module`` (a ``UNet2DModel``) from a diffusers state dict (a dict of
+    tensors / arrays, or any lazy mapping of them).
+
+    The target tree is ``jax.eval_shape`` of ``module.init``: nothing is randomly
+    initialised, and every missing, unexpected or mis-shaped key is named in a
+    :class:`engine.ConversionError`.
+
+    A ``guidance_embed=True`` module is a student made from a teacher checkpoint, which has
+    no guidance embedding: that one module is initialised from ``rng`` (its zero-initialised
+    last layer keeps the student equal to the teacher until it trains).
+    """
+    target = dict(engine.abstract_params(module, **module.dummy_inputs()))
+    guidance_target = target.pop("guidance_embedder", None)
+    params, _ = engine.convert_state_dict(state_dict, target, UNET2D_RULES, what="UNet2DModel checkpoint",
+                                          dtype=dtype)
+    if guidance_target is not None:
+        if rng is None:
+            raise ValueError("a guidance_embed=True UNet2DModel needs `rng` to initialise its guidance embedding "
+                             "(a diffusers checkpoint has none)")
+        embed = layers.GuidanceEmbedding(module.time_embed_dim, dtype=module.dtype, param_dtype=module.param_dtype)
+        fresh = embed.init(rng, jnp.zeros((1,), jnp.float32))["params"]
+        shapes = jax.tree.map(lambda x: (x.shape, x.dtype), fresh)
+        expected = jax.tree.map(lambda x: (x.shape, x.dtype), guidance_target)
+        if shapes != expected:  # the standalone module must be the one the UNet builds
+            raise engine.ConversionError(f"guidance embedding {shapes} does not match the model's {expected}")
+        params["guidance_embedder"] = jax.tree.map(lambda x: jax.device_get(x).astype(dtype or x.dtype), fresh)
+    return params
