@@ -1,0 +1,5 @@
+import sys
+
+from jdistill.cli import main
+
+sys.exit(main())

@@ -1,0 +1,144 @@
+"""jdistill's command line.
+
+    jdistill train  --config configs/digits_teacher.py [--workdir DIR] [--config.train.steps=500 ...]
+    jdistill sample --workdir DIR [--num 1000] [--steps 64] [--solver ddim] [--guidance 2.0] [--out FILE.npz]
+    jdistill eval   FILE.npz [--reference test]          (FD + class accuracy on digits)
+    jdistill eval   PRED.npz --target TARGET.npz         (PSNR / SSIM for paired tasks)
+    jdistill demo                                        (the README's main job)
+
+Multi-process runs (GPU clusters, TPU pods, or processes over loopback) add
+``--coordinator HOST:PORT --num-processes N --process-id I`` (or
+``--distributed`` to let JAX detect the cluster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_distributed(p):
+    g = p.add_argument_group("multi-process")
+    g.add_argument("--coordinator", help="host:port of process 0")
+    g.add_argument("--num-processes", type=int)
+    g.add_argument("--process-id", type=int)
+    g.add_argument("--distributed", action="store_true", help="auto-detect the cluster (TPU pods, SLURM)")
+
+
+def _init_distributed(args):
+    from jdistill.train import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+
+
+def _split_overrides(argv):
+    """--config.x=y items are config overrides; the rest goes to argparse."""
+    overrides = [a for a in argv if a.startswith("--config.")]
+    rest = [a for a in argv if not a.startswith("--config.")]
+    return rest, overrides
+
+
+def cmd_train(args, overrides):
+    from jdistill import config as config_lib
+    from jdistill.recipes import get_recipe
+
+    _init_distributed(args)
+    cfg = config_lib.load_config(args.config, overrides)
+    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    get_recipe(cfg).train(cfg, workdir, progress=not args.quiet)
+    print(f"trained: {workdir}")
+
+
+def cmd_sample(args, overrides):
+    from jdistill.recipes import sample as sample_lib
+
+    out = sample_lib.sample_to_file(args.workdir, args.out, num=args.num, steps=args.steps, solver=args.solver,
+                                    guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                                    stochastic=args.stochastic)
+    print(f"wrote {out['npz']} ({out['num']} samples, {out['seconds']:.2f} s) and {out['png']}")
+
+
+def cmd_eval(args, overrides):
+    from jdistill.recipes import sample as sample_lib
+
+    for key, value in sample_lib.evaluate_file(args.samples, reference=args.reference, target=args.target).items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+
+def cmd_demo(args, overrides):
+    from jdistill.recipes import demo
+
+    demo.main(workdir=args.workdir, num=args.num, quick=args.quick)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="jdistill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a config file")
+    t.add_argument("--config", required=True)
+    t.add_argument("--workdir")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_distributed(t)
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("sample", help="sample from a trained model into .npz (+ a PNG grid)")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--out")
+    s.add_argument("--num", type=int, default=1000)
+    s.add_argument("--steps", type=int)
+    s.add_argument("--solver")
+    s.add_argument("--guidance", type=float, help="guidance scale g (diffusers' convention; Meng's w = g - 1)")
+    s.add_argument("--stochastic", action="store_true", help="distilled students: the N-step stochastic sampler")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--batch-size", type=int, default=500)
+    s.set_defaults(fn=cmd_sample)
+
+    e = sub.add_parser("eval", help="score samples: FD + class accuracy (digits) or PSNR / SSIM (paired)")
+    e.add_argument("samples")
+    e.add_argument("--reference", default="test", choices=["test", "train"])
+    e.add_argument("--target", help="paired ground truth .npz (images uint8) for PSNR / SSIM")
+    e.set_defaults(fn=cmd_eval)
+
+    d = sub.add_parser("demo", help="the main job: digits teacher (trained or reused), samples, FD / time table")
+    d.add_argument("--workdir", default="runs")
+    d.add_argument("--num", type=int, default=1000)
+    d.add_argument("--quick", action="store_true", help="a short run to check the pipeline, not the numbers")
+    d.set_defaults(fn=cmd_demo)
+
+    c = sub.add_parser("convert", help="PyTorch checkpoint (file, diffusers folder, pipeline) -> Orbax", add_help=False)
+    c.set_defaults(fn=None)
+    return p
+
+
+def _known_errors():
+    from jdistill.config import ConfigError
+    from jdistill.convert.engine import ConversionError
+    from jdistill.data.pipeline import DatasetNotAvailableError, ImageShapeError
+    from jdistill.train.checkpoint import CheckpointError
+
+    return (ConfigError, ConversionError, DatasetNotAvailableError, ImageShapeError, CheckpointError,
+            FileNotFoundError, ValueError)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "convert":
+        from jdistill.convert.cli import main_convert
+
+        return main_convert(argv[1:])
+    rest, overrides = _split_overrides(argv)
+    args = build_parser().parse_args(rest)
+    if overrides and args.command != "train":
+        build_parser().error(f"--config.* overrides apply to `train` only, got {overrides}")
+    try:
+        args.fn(args, overrides)
+    except _known_errors() as e:
+        print(f"jdistill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
