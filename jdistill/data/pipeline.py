@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -41,6 +42,10 @@ from jdistill.data.photo_patches import PhotoPatches
 
 #: jdistill's own builders: prepared locally on first use (the data ships inside packages).
 LOCAL_BUILDERS: dict[str, type] = {"digits": Digits, "photo_patches": PhotoPatches}
+
+
+#: splits that decode to at most this many bytes are held in memory (see BatchSource)
+IN_MEMORY_BYTES = 256 * 2**20
 
 
 class DatasetNotAvailableError(FileNotFoundError):
@@ -160,12 +165,17 @@ class BatchSource:
         example before batching (e.g. a fixed crop of variable-size images); it must
         not draw random numbers, or exact resume is lost.
       name: used in error messages.
+      in_memory: decode the whole split once and cut batches out of arrays (same rows,
+        same order as streaming). ``None`` decides by size: splits that decode to at
+        most ``IN_MEMORY_BYTES`` are held in memory, since per-example decoding costs
+        more than a train step of a small model.
     """
 
     def __init__(self, source: Sequence[Mapping[str, Any]], *, global_batch_size: int, seed: int,
                  image_shape: Sequence[int] | None, keys: Sequence[str] = ("image", "label"),
                  process_index: int | None = None, process_count: int | None = None,
-                 record_transform: Callable[[dict], dict] | None = None, name: str = "dataset"):
+                 record_transform: Callable[[dict], dict] | None = None, name: str = "dataset",
+                 in_memory: bool | None = None):
         self.name = name
         self.num_examples = len(source)
         self.global_batch_size = int(global_batch_size)
@@ -200,6 +210,20 @@ class BatchSource:
                          .map(lambda batch: _to_model(batch, keys_)))
         self._indices = grain.MapDataset.range(self.num_examples).shuffle(
             seed=_shuffle_seed(self.seed)).repeat(None)
+        self._arrays = None
+        if in_memory is None:
+            first = stream[0] if record_transform is None else record_transform(source[0])
+            in_memory = self.num_examples * sum(np.asarray(first[k]).nbytes for k in self.keys) <= IN_MEMORY_BYTES
+        if in_memory:
+            plain = grain.MapDataset.source(source)
+            if record_transform is not None:
+                plain = plain.map(record_transform)
+            records = [plain[i] for i in range(self.num_examples)]
+            self._arrays = {k: np.stack([np.asarray(r[k]) for r in records]) for k in self.keys}
+
+    @property
+    def in_memory(self) -> bool:
+        return self._arrays is not None
 
     # -- positions -------------------------------------------------------------------
     @property
@@ -254,6 +278,9 @@ class BatchSource:
         """This process's rows of global batch ``step`` (numpy)."""
         if step < 0:
             raise IndexError(f"step must be >= 0, got {step}")
+        if self._arrays is not None:
+            rows = self.local_indices(step)
+            return _to_model({k: v[rows] for k, v in self._arrays.items()}, self.keys)
         return self._batches[step]
 
     def iterate(self, start_step: int = 0, num_steps: int | None = None, *, mesh=None,
@@ -276,8 +303,12 @@ class BatchSource:
                              f"of {self.process_count}, but JAX runs process {jax.process_index()} of "
                              f"{jax.process_count()}; global arrays need the JAX slots")
         stop = None if num_steps is None else start_step + int(num_steps)
-        batches = self._batches[start_step:stop].to_iter_dataset(
-            grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+        if self._arrays is not None:
+            steps = itertools.count(start_step) if stop is None else range(start_step, stop)
+            batches = (self[k] for k in steps)
+        else:
+            batches = self._batches[start_step:stop].to_iter_dataset(
+                grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
         if mesh is None:
             return iter(batches)
         from jdistill.train.mesh import global_batch
@@ -300,7 +331,7 @@ def make_batch_source(dataset: str | tfds.core.DatasetBuilder, split: str = "tra
                       keys: Sequence[str] | None = None, process_index: int | None = None,
                       process_count: int | None = None,
                       record_transform: Callable[[dict], dict] | None = None,
-                      image_shape: Sequence[int] | None = None) -> BatchSource:
+                      image_shape: Sequence[int] | None = None, in_memory: bool | None = None) -> BatchSource:
     """A :class:`BatchSource` over ``split`` of a dataset name (see :func:`load_builder`) or builder.
 
     ``image_shape`` defaults to the builder's image feature shape (give it when a
@@ -319,4 +350,4 @@ def make_batch_source(dataset: str | tfds.core.DatasetBuilder, split: str = "tra
     return BatchSource(builder.as_data_source(split), global_batch_size=global_batch_size, seed=seed,
                        image_shape=image_shape if image_shape is not None else feature_shape,
                        keys=keys, process_index=process_index, process_count=process_count,
-                       record_transform=record_transform, name=f"{name}[{split}]")
+                       record_transform=record_transform, name=f"{name}[{split}]", in_memory=in_memory)
