@@ -217,3 +217,86 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, base_size: int | Non
     w_coord, h_coord = np.meshgrid(positions(grid_w), positions(grid_h), indexing="xy")  # each (grid_h, grid_w)
     table = np.concatenate([axis_table(w_coord.reshape(-1)), axis_table(h_coord.reshape(-1))], axis=1)
     return table.astype(np.float32)
+
+
+# transformers' ACT2FN names -> ``activation`` names, for configs written by transformers
+# (CLIP's ``hidden_act``, T5's ``dense_act_fn``). Only names whose formula is exactly one
+# of ours are listed: "gelu_new", "gelu_fast" and "gelu_pytorch_tanh" are all the tanh
+# approximation, "gelu" the exact erf form.
+HF_ACTIVATIONS = {
+    "gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh", "quick_gelu": "quick_gelu", "relu": "relu", "silu": "silu",
+    "swish": "silu", "mish": "mish",
+}
+
+
+def hf_activation(name: str):
+    """The activation function a transformers config names (``ACT2FN`` key)."""
+    if name not in HF_ACTIVATIONS:
+        raise ValueError(f"transformers activation {name!r} not supported; known: {sorted(HF_ACTIVATIONS)}")
+    return activation(HF_ACTIVATIONS[name])
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation ``x * (1 + scale) + shift`` of tokens (B, T, C) by (B, C) vectors."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class AdaLayerNormZero(nn.Module):
+    """The conditioning of adaLN-Zero blocks with the embedding passed in (diffusers'
+    ``AdaLayerNormZero`` without its own embedder; with ``chunks=9``, SD3.5's
+    ``SD35AdaLayerNormZeroX``): SiLU(emb) -> ``linear`` to ``chunks * dim``, split into
+    ``chunks`` (B, dim) vectors in diffusers' order (shift, scale, gate of the attention,
+    the same for the MLP, then for the second attention), and a parameter-free LayerNorm.
+
+    Returns ``(LayerNorm(x), chunks)``; the caller modulates (``modulate``), because the
+    SD3.5 variant modulates the same normalised tokens twice. ``linear`` starts at zero,
+    so a freshly initialised block is the identity (the "Zero" of adaLN-Zero).
+    """
+
+    dim: int
+    chunks: int = 6
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, emb):
+        mod = nn.Dense(self.chunks * self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                       kernel_init=nn.initializers.zeros, name="linear")(nn.silu(emb))
+        h = layer_norm("norm", self.eps, affine=False, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return h, tuple(jnp.split(mod, self.chunks, axis=-1))
+
+
+class AdaLayerNormContinuous(nn.Module):
+    """diffusers' ``AdaLayerNormContinuous`` (SD3 / Flux output norm, SD3's last text-stream
+    norm): SiLU(cond) -> ``linear`` to 2 dim, split as (scale, shift) -- the reverse of
+    adaLN-Zero's (shift, scale) order -- then ``norm(x) * (1 + scale) + shift``.
+
+    ``norm_type`` "layer_norm" (with ``elementwise_affine``, a weight and, with ``bias``, a
+    bias) or "rms_norm"; ``bias`` is also the linear's, as in diffusers. ``linear`` starts at zero.
+    """
+
+    dim: int
+    eps: float = 1e-5
+    elementwise_affine: bool = True
+    bias: bool = True
+    norm_type: str = "layer_norm"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cond):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        emb = nn.Dense(2 * self.dim, use_bias=self.bias, kernel_init=nn.initializers.zeros, name="linear",
+                       **kw)(nn.silu(cond).astype(self.dtype))
+        scale, shift = jnp.split(emb, 2, axis=-1)
+        if self.norm_type == "layer_norm":
+            norm = nn.LayerNorm(epsilon=self.eps, use_scale=self.elementwise_affine,
+                                use_bias=self.elementwise_affine and self.bias, use_fast_variance=False,
+                                name="norm", **kw)
+        elif self.norm_type == "rms_norm":
+            norm = RMSNorm(self.eps, self.elementwise_affine, name="norm", **kw)
+        else:
+            raise ValueError(f"unknown norm_type {self.norm_type!r}; known: 'layer_norm', 'rms_norm'")
+        return modulate(norm(x), shift, scale)
