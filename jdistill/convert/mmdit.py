@@ -1,0 +1,112 @@
+"""diffusers ``SD3Transformer2DModel`` (SD3, SD3.5) checkpoints -> ``jdistill.models.mmdit`` params.
+
+The family protocol: :func:`module_from_config`, :func:`load_params`, :func:`export_rules`,
+:func:`example_inputs`.
+
+The Flax module carries diffusers' attribute names, so the generic engine rule maps every
+key of a ``save_pretrained`` checkpoint (``transformer/diffusion_pytorch_model*.safetensors``),
+including the persistent position buffer ``pos_embed.pos_embed`` (1, m*m, D), which is a
+param of the Flax module. No family rules are needed either way.
+
+A checkpoint of another family (Flux, DiT, PixArt, an SD3 ControlNet, an original
+Stability single-file SD3, a UNet, a text encoder) is named as such in the
+:class:`ConversionError` before any key is compared; within the family, the engine names
+every missing, unexpected and mis-shaped key (e.g. a module built without the
+checkpoint's ``dual_attention_layers`` or ``qk_norm`` lists the ``attn2`` / ``norm_q`` keys).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Mapping
+
+import jax.numpy as jnp
+
+from jdistill.convert import engine
+from jdistill.convert.engine import ConversionError
+from jdistill.models.mmdit import SD3Transformer2DModel
+
+# Text tokens of SD3's pipelines (77 CLIP + 256 T5); only shapes for init depend on inputs,
+# and no param shape depends on this length.
+TEXT_TOKENS = 333
+
+# diffusers' SD3Transformer2DModel.__init__ defaults: a config.json leaves out keys at their default.
+_DEFAULTS = {name: f.default for name, f in inspect.signature(SD3Transformer2DModel).parameters.items()
+             if name not in ("dtype", "param_dtype", "parent", "name")}
+
+# Every diffusers SD3 transformer has these.
+_MARKERS = ("pos_embed.proj.weight", "context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight")
+
+# Key segments that give away a checkpoint of another family (first match wins). Matched at a
+# segment boundary: "t_embedder." must not match SD3's own "text_embedder.".
+_OTHER_FAMILIES = (
+    ("joint_blocks.", "an original Stability SD3 single-file checkpoint (load it with diffusers' "
+                      "SD3Transformer2DModel.from_single_file and save_pretrained first)"),
+    ("single_transformer_blocks.", "a Flux transformer"),
+    ("controlnet_blocks.", "an SD3 ControlNet"),
+    ("adaln_single.", "a PixArt transformer"),
+    ("norm1.emb.", "a DiT transformer (diffusers layout)"),
+    ("t_embedder.", "a DiT checkpoint (original layout)"),
+    ("time_embedding.", "a UNet"),
+    ("conv_in.", "a UNet or VAE"),
+    ("text_model.", "a CLIP text encoder"),
+    ("encoder.block.", "a T5 encoder"),
+)
+
+
+def module_from_config(config: Mapping, dtype=jnp.float32, param_dtype=jnp.float32) -> SD3Transformer2DModel:
+    """The Flax module for a diffusers ``SD3Transformer2DModel`` config.json dict. Keys it leaves
+    out take diffusers' defaults; a key that is not one of the model's (other than ``_``
+    metadata) raises ValueError rather than being ignored, since it could change the network."""
+    cls = config.get("_class_name", "SD3Transformer2DModel")
+    if cls != "SD3Transformer2DModel":
+        raise ValueError(f"not an SD3 transformer config: _class_name {cls!r}")
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in _DEFAULTS)
+    if unknown:
+        raise ValueError(f"SD3Transformer2DModel config has keys this module does not implement: {unknown}")
+    fields = {**_DEFAULTS, **{k: v for k, v in config.items() if k in _DEFAULTS}}
+    fields["dual_attention_layers"] = tuple(int(i) for i in fields["dual_attention_layers"] or ())
+    return SD3Transformer2DModel(**fields, dtype=dtype, param_dtype=param_dtype)
+
+
+def example_inputs(module: SD3Transformer2DModel, batch: int = 1):
+    """``(args, kwargs)`` of the right shapes and dtypes for ``module.init`` / ``abstract_params``:
+    latents at the config's ``sample_size``, model time, text states and pooled projections."""
+    s = module.sample_size
+    args = (jnp.zeros((batch, s, s, module.in_channels), module.dtype), jnp.zeros((batch,), jnp.float32))
+    kwargs = dict(encoder_hidden_states=jnp.zeros((batch, TEXT_TOKENS, module.joint_attention_dim), module.dtype),
+                  pooled_projections=jnp.zeros((batch, module.pooled_projection_dim), module.dtype))
+    return args, kwargs
+
+
+def export_rules(module: SD3Transformer2DModel) -> list:
+    """None: every param is named as its diffusers key, the position table included."""
+    return []
+
+
+def check_family(keys) -> None:
+    """ConversionError unless ``keys`` look like a diffusers SD3 transformer's; names the family
+    a foreign checkpoint seems to come from."""
+    keys = list(keys)
+    for marker, what in _OTHER_FAMILIES:
+        rx = re.compile(r"(^|\.)" + re.escape(marker))
+        hit = next((k for k in keys if rx.search(k)), None)
+        if hit is not None:
+            raise ConversionError(f"not an SD3Transformer2DModel checkpoint: it looks like {what} (key {hit!r})")
+    if not any(k in keys for k in _MARKERS):
+        raise ConversionError(f"not an SD3Transformer2DModel checkpoint: it has none of {list(_MARKERS)}; "
+                              f"its first keys are {sorted(keys)[:8]}")
+
+
+def load_params(state_dict: Mapping, module: SD3Transformer2DModel):
+    """Params (numpy leaves in the module's ``param_dtype``) for ``module`` from a diffusers SD3
+    transformer state dict (a dict of tensors / arrays or a lazy mapping of them). Raises
+    :class:`ConversionError` naming a foreign family, or every missing, unexpected and
+    mis-shaped key."""
+    check_family(state_dict.keys())
+    args, kwargs = example_inputs(module)
+    target = engine.abstract_params(module, *args, **kwargs)
+    params, _ = engine.convert_state_dict(state_dict, target, export_rules(module),
+                                          what="SD3Transformer2DModel checkpoint")
+    return params
