@@ -1,6 +1,7 @@
 """jdistill's command line.
 
     jdistill train  --config configs/digits_teacher.py [--workdir DIR] [--config.train.steps=500 ...]
+    jdistill distill --config configs/digits_guided.py [--workdir DIR] [--config.KEY=VALUE ...]
     jdistill sample --workdir DIR [--num 1000] [--steps 64] [--solver ddim] [--guidance 2.0] [--out FILE.npz]
     jdistill eval   FILE.npz [--reference test]          (FD + class accuracy on digits)
     jdistill eval   PRED.npz --target TARGET.npz         (PSNR / SSIM for paired tasks)
@@ -50,6 +51,21 @@ def cmd_train(args, overrides):
     print(f"trained: {workdir}")
 
 
+def cmd_distill(args, overrides):
+    from jdistill import config as config_lib
+    from jdistill.recipes import get_recipe
+
+    _init_distributed(args)
+    cfg = config_lib.load_config(args.config, overrides)
+    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+    recipe = get_recipe(cfg)
+    if not hasattr(recipe, "stage_names"):
+        raise config_lib.ConfigError(f"{args.config} is a {cfg.get('recipe')!r} config; `distill` runs distillation "
+                                     "recipes (use `train` for teachers)")
+    recipe.train(cfg, workdir, progress=not args.quiet)
+    print(f"distilled: {workdir}")
+
+
 def cmd_sample(args, overrides):
     from jdistill.recipes import sample as sample_lib
 
@@ -82,6 +98,13 @@ def build_parser():
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_distributed(t)
     t.set_defaults(fn=cmd_train)
+
+    di = sub.add_parser("distill", help="run a distillation recipe (every stage, resumable)")
+    di.add_argument("--config", required=True)
+    di.add_argument("--workdir")
+    di.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_distributed(di)
+    di.set_defaults(fn=cmd_distill)
 
     s = sub.add_parser("sample", help="sample from a trained model into .npz (+ a PNG grid)")
     s.add_argument("--workdir", required=True)
@@ -130,8 +153,8 @@ def main(argv=None):
         return main_convert(argv[1:])
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
-    if overrides and args.command != "train":
-        build_parser().error(f"--config.* overrides apply to `train` only, got {overrides}")
+    if overrides and args.command not in ("train", "distill"):
+        build_parser().error(f"--config.* overrides apply to `train` and `distill` only, got {overrides}")
     try:
         args.fn(args, overrides)
     except _known_errors() as e:

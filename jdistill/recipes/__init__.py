@@ -6,7 +6,7 @@ A recipe module provides ``train(cfg, workdir, progress=True)`` and
 
 import importlib
 
-RECIPES = {"teacher": "jdistill.recipes.teacher"}
+RECIPES = {"teacher": "jdistill.recipes.teacher", "guided": "jdistill.recipes.guided"}
 
 
 def get_recipe(cfg_or_name):

@@ -71,9 +71,8 @@ def make_optimizer(optim_cfg, steps: int, trainable_mask=None):
         clip_norm=optim_cfg.get("clip_norm", 1.0), trainable_mask=trainable_mask)
 
 
-def check_same_identity(stored: dict, cfg, directory: str, sections=IDENTITY_SECTIONS):
-    """Refuse to resume a checkpoint made by a different network or noise process."""
-    current = config_lib.to_dict(cfg)
+def check_same_identity(stored: dict, current: dict, directory: str, sections=IDENTITY_SECTIONS):
+    """Refuse to resume a checkpoint made by a different network, noise process or stage."""
     for section in sections:
         a, b = stored.get(section), current.get(section)
         if a is None or b is None:
@@ -94,16 +93,24 @@ def _normalise(d):
     return d
 
 
-def start_or_resume(checkpointer: ckpt_lib.Checkpointer | None, init_fn: Callable, mesh, cfg, rules=(),
-                    min_size: int = 2**14):
-    """The latest checkpoint restored into its shardings, or a fresh state made in place."""
+def start_or_resume(checkpointer: ckpt_lib.Checkpointer | None, init_fn: Callable, mesh, identity: dict,
+                    sections=IDENTITY_SECTIONS, rules=(), min_size: int = 2**14, jit_init: bool = True):
+    """The latest checkpoint restored into its shardings, or a fresh state.
+
+    ``identity`` is the config this run would store; its ``sections`` must equal the
+    checkpoint's. ``jit_init``: make a random init directly in its shardings (each device
+    builds its shard); False runs ``init_fn`` eagerly and places the result, for states
+    started from existing params (no multi-GB constants baked into a compiled init).
+    """
     abstract = jax.eval_shape(init_fn)
     shardings = step_lib.state_shardings(abstract, mesh, rules, min_size)
     if checkpointer is not None and checkpointer.latest_step() is not None:
-        check_same_identity(checkpointer.read_config(), cfg, checkpointer.directory)
+        check_same_identity(checkpointer.read_config(), identity, checkpointer.directory, sections)
         state, _, _ = checkpointer.restore(ckpt_lib.abstract_like(abstract, shardings))
         return state
-    return jax.jit(init_fn, out_shardings=shardings)()
+    if jit_init:
+        return jax.jit(init_fn, out_shardings=shardings)()
+    return step_lib.place(jax.device_get(init_fn()), shardings)
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -13,12 +13,10 @@ import os
 
 import jax
 
-from jdistill import config as config_lib
 from jdistill import images as images_lib
 from jdistill.metrics.classifier import digits_fd, load_digits_classifier, real_vs_real_fd
 from jdistill.recipes import teacher
 from jdistill.recipes.sample import Sampler
-from jdistill.train import checkpoint as ckpt_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,21 +28,6 @@ def config_path(name: str) -> str:
         if os.path.isfile(path):
             return path
     raise FileNotFoundError(f"no configs/{name}.py under {os.getcwd()} or {REPO}")
-
-
-def trained(workdir: str, steps: int) -> bool:
-    d = os.path.join(workdir, "checkpoints")
-    return os.path.isdir(d) and ckpt_lib.Checkpointer(d, read_only=True).latest_step() == steps
-
-
-def ensure_teacher(workdir: str, overrides=()) -> str:
-    cfg = config_lib.load_config(config_path("digits_teacher"), overrides)
-    if trained(workdir, int(cfg.train.steps)):
-        print(f"reusing the trained teacher in {workdir}")
-    else:
-        print(f"training the digits teacher into {workdir} ({cfg.train.steps} steps)")
-        teacher.train(cfg, workdir)
-    return workdir
 
 
 def score(sampler: Sampler, num: int, seed: int = 0) -> dict:
@@ -70,7 +53,8 @@ COLUMNS = [("sampler", "{}"), ("fd", "{:.2f}"), ("class_acc", "{:.3f}"), ("s_per
 
 def main(workdir: str = "runs", num: int = 1000, quick: bool = False):
     overrides = ["--config.train.steps=60", "--config.train.ckpt_every=30"] if quick else []
-    teacher_dir = ensure_teacher(os.path.join(workdir, "digits_teacher" + ("_quick" if quick else "")), overrides)
+    teacher_dir = teacher.ensure_trained(config_path("digits_teacher"),
+                                         os.path.join(workdir, "digits_teacher" + ("_quick" if quick else "")), overrides)
     out_dir = os.path.join(workdir, "demo" + ("_quick" if quick else ""))
     os.makedirs(out_dir, exist_ok=True)
     rows = []

@@ -11,6 +11,7 @@ Config sections read here: ``seed``, ``model`` (registry fields), ``diffusion``
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 
@@ -65,9 +66,7 @@ def setup(cfg, workdir: str | None, mesh=None) -> Setup:
     if workdir is not None:
         ckpt = ckpt_lib.Checkpointer(common.checkpoint_dir(workdir), save_every=int(cfg.train.ckpt_every),
                                      keep=int(cfg.train.keep))
-        state = common.start_or_resume(ckpt, init, mesh, cfg)
-    else:
-        state = common.start_or_resume(None, init, mesh, cfg)
+    state = common.start_or_resume(ckpt, init, mesh, config_lib.to_dict(cfg))
     step_fn = step_lib.make_train_step(loss_fn, tx, mesh=mesh, state=state,
                                        ema_decay=float(cfg.train.ema_decay) or None, lr_schedule=schedule)
     return Setup(template, mesh, source, state, step_fn, ckpt)
@@ -83,6 +82,22 @@ def train(cfg, workdir: str, *, progress: bool = True):
                      sample_every=int(cfg.train.sample_every), sample_fn=sample_fn, desc="teacher", progress=progress)
     s.checkpointer.close()
     return state
+
+
+def is_trained(workdir: str, steps: int) -> bool:
+    d = common.checkpoint_dir(workdir)
+    return os.path.isdir(d) and ckpt_lib.Checkpointer(d, read_only=True).latest_step() == steps
+
+
+def ensure_trained(config_path: str, workdir: str, overrides=(), progress: bool = True) -> str:
+    """Train the teacher a config describes into ``workdir``, unless it is already trained there."""
+    cfg = config_lib.load_config(config_path, overrides)
+    if is_trained(workdir, int(cfg.train.steps)):
+        print(f"reusing the trained teacher in {workdir}")
+    else:
+        print(f"training the teacher of {config_path} into {workdir} ({cfg.train.steps} steps)")
+        train(cfg, workdir, progress=progress)
+    return workdir
 
 
 def grid_sampler(cfg, template):
