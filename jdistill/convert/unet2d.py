@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from jdistill.convert import engine
 from jdistill.models import layers
+from jdistill.models.unet2d import UNet2DModel, config_from_diffusers
 
 # "<...>.attentions.N.query.weight" -> "<...>.attentions.N.to_q.weight"; a key that already
 # holds the new names passes through untouched.
@@ -57,3 +58,25 @@ def load_unet2d_params(state_dict: Mapping, module, *, rng: jax.Array | None = N
             raise engine.ConversionError(f"guidance embedding {shapes} does not match the model's {expected}")
         params["guidance_embedder"] = jax.tree.map(lambda x: jax.device_get(x).astype(dtype or x.dtype), fresh)
     return params
+
+
+# --- the family protocol the converter registry calls by name -----------------------------
+
+def module_from_config(config: Mapping, dtype=jnp.float32, param_dtype=jnp.float32):
+    """The Flax ``UNet2DModel`` for a diffusers config.json dict (unsupported options raise)."""
+    return UNet2DModel(**config_from_diffusers(config), dtype=dtype, param_dtype=param_dtype)
+
+
+def load_params(state_dict: Mapping, module, **kwargs):
+    """:func:`load_unet2d_params` (``rng`` / ``dtype`` pass through)."""
+    return load_unet2d_params(state_dict, module, **kwargs)
+
+
+def export_rules(module) -> list:
+    """Params -> diffusers keys (the current names) needs nothing beyond the generic rule."""
+    return []
+
+
+def example_inputs(module, batch: int = 1) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` for ``module.init``: the module's ``dummy_inputs`` as keywords."""
+    return (), module.dummy_inputs(batch)

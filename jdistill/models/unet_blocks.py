@@ -17,10 +17,13 @@ and the VAE encoder / decoder are meant to be built from the same pieces:
   of resnets with one optional attention module after each, then an optional
   resampler. Which attention follows resnet ``i`` is decided by the
   overridable method ``attention(i, channels)`` (``None`` by default), so
-  ``AttnDownBlock2D`` is a three-line subclass and a cross-attention block
-  (``CrossAttnDownBlock2D``: a ``Transformer2DModel`` after each resnet) will
-  be one more override, fed by the ``attention_kwargs`` every block forwards
-  (``encoder_hidden_states=...``).
+  ``AttnDownBlock2D`` is a three-line subclass and the cross-attention blocks
+  (``CrossAttnDownBlock2D`` / ``CrossAttnUpBlock2D`` / ``UNetMidBlock2DCrossAttn``:
+  a :class:`Transformer2DModel` after each resnet) are one more override, fed
+  by the ``attention_kwargs`` every block forwards (``encoder_hidden_states=...``);
+* :class:`Transformer2DModel` / :class:`BasicTransformerBlock` / GEGLU
+  :class:`FeedForward`: Stable Diffusion's spatial transformer, on
+  ``layers.Attention`` for its self- and cross-attention.
 
 Submodules carry diffusers' attribute names (``resnets_0``, ``attentions_0``,
 ``downsamplers_0/conv``, ``norm1``, ``time_emb_proj``, ``to_out_0``, ...), so
@@ -398,3 +401,155 @@ class UNetMidBlock2D(_ResnetStack):
             x = self._attend(i, x, attention_kwargs)
             x = self.resnet(f"resnets_{i + 1}")(x, temb, deterministic)
         return x
+
+
+# --- cross-attention: Stable Diffusion's transformer after each resnet ---------------------
+
+class GEGLU(nn.Module):
+    """diffusers' ``GEGLU`` (``ff.net.0``): ``proj`` to 2 x ``features``, split into a value
+    half and a gate half, value * GELU(gate) with the exact (erf) GELU."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = layers.dense(2 * self.features, "proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        value, gate = jnp.split(h, 2, axis=-1)
+        return value * layers.activation("gelu")(gate)
+
+
+class FeedForward(nn.Module):
+    """diffusers' ``FeedForward`` as every Stable Diffusion transformer block builds it:
+    ``net_0`` (GEGLU to ``mult`` x the width) then ``net_2`` back to the width (``net.1`` is
+    a dropout the UNet blocks leave at 0: no weights)."""
+
+    mult: int = 4
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = GEGLU(self.mult * x.shape[-1], name="net_0", **kw)(x)
+        return layers.dense(x.shape[-1], "net_2", **kw)(h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """diffusers' ``BasicTransformerBlock`` with the "layer_norm" norms Stable Diffusion uses:
+    pre-norm self-attention (``norm1``, ``attn1``), cross-attention to the text tokens
+    (``norm2``, ``attn2``) and a GEGLU feed-forward (``norm3``, ``ff``), each residual.
+    Projections have no bias except the output ones, as in diffusers' defaults.
+
+    ``only_cross_attention``: ``attn1`` attends to the text tokens too (diffusers' option of
+    that name). Tokens are (B, T, C); ``context`` is (B, S, D).
+    """
+
+    heads: int
+    dim_head: int
+    only_cross_attention: bool = False
+    norm_eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dim = x.shape[-1]
+
+        def attention(name):
+            return layers.Attention(self.heads, self.dim_head, out_dim=dim, name=name, **kw)
+
+        h = layers.layer_norm("norm1", self.norm_eps, **kw)(x)
+        x = x + attention("attn1")(h, context if self.only_cross_attention else None)
+        h = layers.layer_norm("norm2", self.norm_eps, **kw)(x)
+        x = x + attention("attn2")(h, context)
+        h = layers.layer_norm("norm3", self.norm_eps, **kw)(x)
+        return x + FeedForward(name="ff", **kw)(h)
+
+
+class Transformer2DModel(nn.Module):
+    """diffusers' ``Transformer2DModel`` on a continuous feature map, as the cross-attention
+    UNet blocks build it: group norm (eps 1e-6), ``proj_in`` (a 1x1 conv, or a linear over the
+    tokens with ``use_linear_projection`` as SD 2.x / SDXL do), ``num_layers``
+    :class:`BasicTransformerBlock` over the H*W tokens, ``proj_out`` back, plus the input.
+    NHWC in and out; ``encoder_hidden_states`` (B, S, D) are the text tokens.
+
+    ``upcast_attention`` (SD 2.1) asks PyTorch to compute attention scores in float32 under
+    fp16; ``jax.nn.dot_product_attention`` always forms its logits and softmax in float32,
+    so the flag is accepted and changes nothing here.
+    """
+
+    heads: int
+    dim_head: int
+    num_layers: int = 1
+    norm_groups: int = 32
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, encoder_hidden_states=None):
+        if encoder_hidden_states is None:
+            raise ValueError("a cross-attention block needs encoder_hidden_states (B, S, D)")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, height, width, channels = x.shape
+        inner = self.heads * self.dim_head
+        h = layers.group_norm(self.norm_groups, "norm", 1e-6, **kw)(x)
+        # a 1x1 conv is a linear map over channels: both forms act per pixel, only the
+        # stored kernel's shape differs
+        if self.use_linear_projection:
+            h = layers.dense(inner, "proj_in", **kw)(h.reshape(b, height * width, channels))
+        else:
+            h = layers.conv(inner, 1, "proj_in", **kw)(h).reshape(b, height * width, inner)
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(self.heads, self.dim_head, self.only_cross_attention,
+                                      name=f"transformer_blocks_{i}", **kw)(h, encoder_hidden_states)
+        if self.use_linear_projection:
+            h = layers.dense(channels, "proj_out", **kw)(h).reshape(b, height, width, channels)
+        else:
+            h = layers.conv(channels, 1, "proj_out", **kw)(h.reshape(b, height, width, inner))
+        return h + x
+
+
+class _CrossAttention(_ResnetStack):
+    """The ``attention`` hook of the cross-attention blocks: a :class:`Transformer2DModel`
+    after resnet ``i``, with ``num_attention_heads`` heads of width channels // heads, group-
+    normed with the resnets' groups, of ``transformer_layers_per_block`` layers (an int, or
+    one count per resnet as SDXL-style asymmetric configs give). The blocks are called with
+    ``attention_kwargs={"encoder_hidden_states": tokens}``."""
+
+    num_attention_heads: int = 1
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast_attention: bool = False
+
+    def attention(self, index, channels):
+        depth = self.transformer_layers_per_block
+        depth = depth if isinstance(depth, int) else depth[index]
+        return Transformer2DModel(heads=self.num_attention_heads, dim_head=channels // self.num_attention_heads,
+                                  num_layers=depth, norm_groups=self.resnet_groups,
+                                  use_linear_projection=self.use_linear_projection,
+                                  only_cross_attention=self.only_cross_attention,
+                                  upcast_attention=self.upcast_attention, dtype=self.dtype,
+                                  param_dtype=self.param_dtype, name=f"attentions_{index}")
+
+
+class CrossAttnDownBlock2D(_CrossAttention, DownBlock2D):
+    """diffusers' ``CrossAttnDownBlock2D``: resnet, then a transformer, ``num_layers`` times,
+    then the conv downsampler."""
+
+
+class CrossAttnUpBlock2D(_CrossAttention, UpBlock2D):
+    """diffusers' ``CrossAttnUpBlock2D``: (skip concat, resnet, transformer) ``num_layers``
+    times, then the conv upsampler (to ``output_size`` when given)."""
+
+
+class UNetMidBlock2DCrossAttn(_CrossAttention, UNetMidBlock2D):
+    """diffusers' ``UNetMidBlock2DCrossAttn``: ``resnets_0``, then ``num_layers`` x
+    (transformer, resnet). ``output_scale_factor`` divides the resnets' outputs only; the
+    spatial-attention fields of :class:`UNetMidBlock2D` do not apply."""
