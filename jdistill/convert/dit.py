@@ -32,12 +32,14 @@ import json
 import os
 from typing import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 from jdistill.convert import engine
 from jdistill.convert.engine import ConversionError
+from jdistill.models import dit as dit_model
 from jdistill.models import layers
-from jdistill.models.dit import LAYOUTS, PRESETS, DiT, example_inputs
+from jdistill.models.dit import LAYOUTS, PRESETS, DiT
 
 # Keys only a DiT of each layout has (used to tell the layouts and other families apart).
 _MARKERS = {
@@ -154,7 +156,7 @@ def load_dit_params(state_dict: Mapping, module: DiT, *, dtype=None, layout: str
     layout = layout or detect_layout(state_dict.keys())
     _check_module_fits(layout, module)
     rules = original_rules(module) if layout == "original" else diffusers_rules(module)
-    target = engine.abstract_params(module, **example_inputs(module))
+    target = engine.abstract_params(module, **dit_model.example_inputs(module))
     params, _ = engine.convert_state_dict(state_dict, target, rules, what=f"DiT checkpoint ({layout} layout)",
                                           dtype=dtype)
     return params
@@ -232,3 +234,48 @@ def config_from_original(state_dict: Mapping, num_heads: int | None = None, inpu
     )
     fields.update(overrides)
     return DiT(**fields)
+
+
+# ---------------------------------------------------------------- the converter protocol
+# (shared by every family; see jdistill.convert.registry)
+
+# The original DiT constructor's arguments: the config jdistill writes for a bare original .pt
+# (registry.detect_checkpoint), "_class_name": "DiT".
+_ORIGINAL_ARGS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+                  "num_classes", "learn_sigma")
+
+
+def module_from_config(config: Mapping, dtype=jnp.float32, param_dtype=jnp.float32) -> DiT:
+    """The module for a diffusers ``DiTTransformer2DModel`` / ``Transformer2DModel`` config, or
+    for an original-layout config (``_class_name`` "DiT" and the original constructor's
+    arguments, as written for a converted ``DiT-XL-2-256x256.pt``)."""
+    if config.get("_class_name") == "DiT":
+        absent = [k for k in _ORIGINAL_ARGS if k not in config]
+        if absent:
+            raise ValueError(f"an original DiT config needs {absent}")
+        c = {k: config[k] for k in _ORIGINAL_ARGS}
+        return DiT(input_size=c["input_size"], patch_size=c["patch_size"], in_channels=c["in_channels"],
+                   out_channels=c["in_channels"] * (2 if c["learn_sigma"] else 1), hidden_size=c["hidden_size"],
+                   depth=c["depth"], num_heads=c["num_heads"], mlp_ratio=c["mlp_ratio"],
+                   num_classes=c["num_classes"], **LAYOUTS["original"], dtype=dtype, param_dtype=param_dtype)
+    return config_from_diffusers(config, dtype=dtype, param_dtype=param_dtype)
+
+
+def load_params(state_dict: Mapping, module: DiT):
+    """:func:`load_dit_params` (either layout, detected from the keys), in the module's param dtype."""
+    return load_dit_params(state_dict, module)
+
+
+def export_rules(module: DiT) -> list:
+    """Rules for ``engine.flax_to_torch_state_dict`` towards diffusers' ``DiTTransformer2DModel``.
+    An original-layout module has no diffusers equivalent: its shared embedder and timestep
+    frequencies are another network (see jdistill.models.dit), so it is refused."""
+    if module.shared_embedder:
+        raise ConversionError("an original-layout DiT (shared embedder, freq_shift 0) cannot be exported as a "
+                              "diffusers DiTTransformer2DModel: diffusers computes a different network")
+    return diffusers_rules(module)
+
+
+def example_inputs(module: DiT, batch: int = 1) -> tuple[tuple, dict]:
+    """(args, kwargs) for ``module.init`` / ``engine.abstract_params``."""
+    return (), dit_model.example_inputs(module, batch)
