@@ -1,6 +1,6 @@
 """Guided distillation of the digits teacher (Meng et al.): stage 1, then 32 -> 16 -> ... -> 1 steps.
 
-Guidance scales g in [1, 5] (diffusers' convention; Meng et al.'s w in [0, 4]).
+Guidance scales g in [1, 3] (diffusers' convention; Meng et al.'s w in [0, 2]).
 The teacher is trained first (with configs/digits_teacher.py) if its workdir
 holds no finished run.
 
@@ -16,7 +16,7 @@ def get_config():
     c.seed = 0
     c.teacher = dict(workdir="runs/digits_teacher", config="configs/digits_teacher.py")
     c.data = dict(name="digits", batch_size=128, data_dir=None)
-    c.guidance = dict(scale_range=(1.0, 5.0))
+    c.guidance = dict(scale_range=(1.0, 3.0))
     optim = dict(lr=2e-4, warmup=50, decay="linear", end_factor=0.0, b1=0.9, b2=0.99, weight_decay=0.0,
                  clip_norm=1.0)
     c.stage1 = dict(steps=1500, weighting="truncated_snr", optim=dict(optim))
@@ -26,5 +26,5 @@ def get_config():
     # Meng et al. use no EMA for distillation
     c.train = dict(ema_decay=0.0, log_every=50, ckpt_every=250, keep=2, sample_every=0)
     c.mesh = dict(data=-1, fsdp=1)
-    c.sample = dict(steps=64, guidance_scale=2.0)
+    c.sample = dict(steps=64, guidance_scale=1.5)
     return c

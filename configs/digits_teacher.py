@@ -24,5 +24,5 @@ def get_config():
     c.train = dict(steps=3000, ema_decay=0.999, log_every=50, ckpt_every=500, keep=2, sample_every=1000)
     c.mesh = dict(data=-1, fsdp=1)
     # sampling defaults: grids while training, `jdistill sample`, the demo
-    c.sample = dict(steps=64, solver="ddim", guidance_scale=2.0)
+    c.sample = dict(steps=64, solver="ddim", guidance_scale=1.5)
     return c

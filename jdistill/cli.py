@@ -6,6 +6,9 @@
     jdistill eval   FILE.npz [--reference test]          (FD + class accuracy on digits)
     jdistill eval   PRED.npz --target TARGET.npz         (PSNR / SSIM for paired tasks)
     jdistill demo                                        (the README's main job)
+    jdistill sample --workdir LARGE --stitch SMALL --fractions 0.4     (T-Stitch)
+    jdistill stitch-sweep --small SMALL --large LARGE [--steps 16 64]  (table + plot over the fraction)
+    jdistill stitch-pick runs/stitch/results.json --budget 0.7        (best fraction for a time budget)
 
 Multi-process runs (GPU clusters, TPU pods, or processes over loopback) add
 ``--coordinator HOST:PORT --num-processes N --process-id I`` (or
@@ -15,8 +18,11 @@ Multi-process runs (GPU clusters, TPU pods, or processes over loopback) add
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+
+import numpy as np
 
 
 def _add_distributed(p):
@@ -71,8 +77,30 @@ def cmd_sample(args, overrides):
 
     out = sample_lib.sample_to_file(args.workdir, args.out, num=args.num, steps=args.steps, solver=args.solver,
                                     guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                                    stochastic=args.stochastic)
-    print(f"wrote {out['npz']} ({out['num']} samples, {out['seconds']:.2f} s) and {out['png']}")
+                                    stochastic=args.stochastic, stitch=args.stitch, fractions=args.fractions,
+                                    stitch_mode=args.stitch_mode)
+    print(f"{out['description']}: wrote {out['npz']} ({out['num']} samples, {out['seconds']:.2f} s) and {out['png']}")
+
+
+def cmd_stitch_sweep(args, overrides):
+    from jdistill.recipes import stitch as stitch_lib
+
+    fractions = np.round(np.arange(0.0, 1.0 + 1e-9, args.fraction_step), 4) if args.fractions is None else args.fractions
+    result = stitch_lib.sweep(args.small, args.large, steps_list=args.steps, fractions=list(fractions), num=args.num,
+                              out_dir=args.out, guidance_scale=args.guidance, solver=args.solver, seed=args.seed)
+    print(stitch_lib.format_table(result))
+    print(f"table, plot and grids in {args.out}")
+
+
+def cmd_stitch_pick(args, overrides):
+    from jdistill.recipes import stitch as stitch_lib
+
+    with open(args.results) as f:
+        result = json.load(f)
+    best = stitch_lib.pick(result, budget=args.budget, seconds=args.seconds, steps=args.steps)
+    print(f"pick: {best['steps']} steps, fraction {best['fraction']:.1f} on the small model -> FD {best['fd']:.2f} "
+          f"({best['fd_vs_large']:.3f}x the large model), {best['s_per_1000']:.2f} s / 1000 samples "
+          f"({best['time_vs_large']:.3f}x the large model)")
 
 
 def cmd_eval(args, overrides):
@@ -116,7 +144,32 @@ def build_parser():
     s.add_argument("--stochastic", action="store_true", help="distilled students: the N-step stochastic sampler")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--batch-size", type=int, default=500)
+    s.add_argument("--stitch", nargs="+", metavar="WORKDIR",
+                   help="T-Stitch: smaller models' workdirs (small to large) that take the early steps")
+    s.add_argument("--fractions", nargs="+", type=float, help="T-Stitch: fraction of the trajectory per --stitch model")
+    s.add_argument("--stitch-mode", default="timestep", choices=["timestep", "step"])
     s.set_defaults(fn=cmd_sample)
+
+    sw = sub.add_parser("stitch-sweep", help="T-Stitch speed / quality sweep over the fraction: table + plot")
+    sw.add_argument("--small", required=True)
+    sw.add_argument("--large", required=True)
+    sw.add_argument("--steps", nargs="+", type=int, default=[16, 64])
+    sw.add_argument("--fractions", nargs="+", type=float)
+    sw.add_argument("--fraction-step", type=float, default=0.1)
+    sw.add_argument("--num", type=int, default=1000)
+    sw.add_argument("--guidance", type=float, default=1.5)
+    sw.add_argument("--solver", default="ddim")
+    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--out", default="runs/stitch")
+    sw.set_defaults(fn=cmd_stitch_sweep)
+
+    sp = sub.add_parser("stitch-pick", help="the best fraction for a time budget, from a stitch-sweep's results.json")
+    sp.add_argument("results")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--budget", type=float, help="time relative to the large model alone (e.g. 0.7)")
+    g.add_argument("--seconds", type=float, help="seconds per 1000 samples")
+    sp.add_argument("--steps", type=int, help="only this step count")
+    sp.set_defaults(fn=cmd_stitch_pick)
 
     e = sub.add_parser("eval", help="score samples: FD + class accuracy (digits) or PSNR / SSIM (paired)")
     e.add_argument("samples")

@@ -77,6 +77,14 @@ def test_three_models_route_by_bands_and_call_counts_match_fractions():
     assert min(CALLS["s"]) >= 800 and max(CALLS["m"]) < 800 and min(CALLS["m"]) >= 500 and max(CALLS["l"]) < 500
 
 
+def test_zero_fraction_on_a_continuous_grid_gives_the_small_model_nothing():
+    cosine = schedules.CosineVP()
+    grid = timesteps.make_grid(cosine, 8, "ddim")  # starts at t = 1.0 exactly
+    assert stitch.plan(grid, cosine, [0.0, 1.0]).calls() == [0, 8]
+    assert stitch.plan(grid, cosine, [0.25, 0.0, 0.75]).calls() == [3, 0, 5]  # t / T >= 0.75: 1, 0.875, 0.75
+    assert stitch.plan(grid, cosine, [1.0, 0.0]).calls() == [8, 0]
+
+
 def test_step_mode_splits_the_counter():
     models = [den("s", 0.3, DISCRETE), den("l", 0.9, DISCRETE)]
     grid = timesteps.make_grid(DISCRETE, 10, "dpmpp_2m")  # linspace: unequal timestep gaps

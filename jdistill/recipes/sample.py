@@ -25,6 +25,7 @@ class Sampler:
     num_classes: int | None
     description: str
     model_calls_per_step: int = 1
+    plan: object = None  # stitched samplers: which model serves which steps
 
     @classmethod
     def for_denoiser(cls, den, *, steps: int, solver: str, guidance_scale=None, num_classes=None, grid: TimeGrid = None,
@@ -59,8 +60,20 @@ def recipe_of(workdir: str):
 
 
 def sample_to_file(workdir: str, out: str | None = None, *, num: int = 1000, seed: int = 0, batch_size: int = 500,
-                   **options) -> dict:
-    sampler = recipe_of(workdir).make_sampler(workdir, **options)
+                   stitch=None, fractions=None, stitch_mode: str = "timestep", **options) -> dict:
+    """Sample ``num`` images from ``workdir`` (or, with ``stitch``, from smaller models' workdirs
+    stitched before it, T-Stitch) into an .npz with ``images`` uint8 NHWC and ``labels``, plus a PNG grid."""
+    if stitch:
+        from jdistill.recipes import stitch as stitch_lib
+
+        if options.get("stochastic"):
+            raise ValueError("--stochastic is not available for stitched sampling")
+        cfg_steps = options.get("steps") or 64
+        sampler = stitch_lib.make_sampler(workdir, stitch, fractions or [], steps=int(cfg_steps),
+                                          solver=options.get("solver") or "ddim",
+                                          guidance_scale=options.get("guidance_scale") or 1.5, mode=stitch_mode)
+    else:
+        sampler = recipe_of(workdir).make_sampler(workdir, **options)
     images, labels, seconds = sampler.run(num, seed=seed, batch_size=batch_size, progress=True)
     out = out or os.path.join(workdir, "samples.npz")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

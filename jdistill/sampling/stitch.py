@@ -59,8 +59,11 @@ def segments(grid: TimeGrid, schedule, fractions, mode: str = "timestep") -> lis
         u = normalized_time(schedule, jax.device_get(grid.t))
         # model k serves 1 - (r_1 + ... + r_k) <= u < 1 - (r_1 + ... + r_{k-1}); the largest model
         # also takes everything below, the smallest everything above
-        lower = 1.0 - np.cumsum(r)
-        counts = [int(np.sum(u >= lo - 1e-9)) for lo in lower[:-1]]
+        cum = np.cumsum(r)
+        lower = 1.0 - cum
+        # a model with nothing before it in the order serves nothing, even at u = 1 exactly
+        # (continuous grids start at t = 1, where "u >= 1 - 0" would hand it the first step)
+        counts = [int(np.sum(u >= lo - 1e-9)) if c > 1e-12 else 0 for lo, c in zip(lower[:-1], cum[:-1])]
         bounds = [0] + counts + [n]
     elif mode == "step":
         bounds = [0] + [int(round(c * n)) for c in np.cumsum(r)[:-1]] + [n]
@@ -122,24 +125,39 @@ def plan(grid: TimeGrid, schedule, fractions, mode: str = "timestep") -> StitchP
     return StitchPlan(tuple(segments(grid, schedule, fractions, mode)))
 
 
+def _per_model(value, k: int, what: str) -> tuple:
+    """One value for every model, or a list with one per model."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != k:
+            raise ValueError(f"{len(value)} {what} for {k} denoisers")
+        return tuple(value)
+    return (value,) * k
+
+
 def sample(denoisers, fractions, noise, cond=None, *, grid: TimeGrid, solver: str = "ddim", rng=None,
            mode: str = "timestep", guidance_scales=None, uncond=None, **options):
     """Stitched sampling from ``noise``; ``denoisers`` small to large, grid in the units of the
-    last (largest) one's schedule. ``guidance_scales``: one per model (None: no CFG)."""
-    if len(denoisers) != len(fractions):
-        raise ValueError(f"{len(denoisers)} denoisers but {len(fractions)} fractions")
+    last (largest) one's schedule.
+
+    Each model keeps its own conditioning: ``cond``, ``uncond`` and ``guidance_scales`` are
+    either one value for all or a list with one per model (a distilled student reads the
+    guidance scale as an input and takes no CFG: its scale is None, its cond carries it).
+    """
+    k = len(denoisers)
+    if k != len(fractions):
+        raise ValueError(f"{k} denoisers but {len(fractions)} fractions")
     ref = denoisers[-1].schedule
     segs = tuple(segments(grid, ref, fractions, mode))
-    scales = list(guidance_scales) if guidance_scales is not None else [None] * len(denoisers)
     dens = tuple(on_grid_of(d, ref) for d in denoisers)
-    return _sample_segments(dens, noise, cond, grid, rng, tuple(scales), uncond, segs=segs, solver=solver,
-                            **options)
+    return _sample_segments(dens, noise, _per_model(cond, k, "conds"), grid, rng,
+                            _per_model(guidance_scales, k, "guidance scales"), _per_model(uncond, k, "unconds"),
+                            segs=segs, solver=solver, **options)
 
 
-def _run_segments(denoisers, noise, cond, grid, rng, scales, uncond, *, segs, solver, eta=0.0, clip_x0=None,
+def _run_segments(denoisers, noise, conds, grid, rng, scales, unconds, *, segs, solver, eta=0.0, clip_x0=None,
                   ddpm_variance="fixed_small"):
     state = samplers.init_state(noise)
-    for den, g, (a, b) in zip(denoisers, scales, segs):
+    for den, cond, g, uncond, (a, b) in zip(denoisers, conds, scales, unconds, segs):
         state = samplers.run_steps(den, state, grid, a, b, rng=rng, solver=solver, cond=cond, guidance_scale=g,
                                    uncond=uncond, eta=eta, clip_x0=clip_x0, ddpm_variance=ddpm_variance)
     return state.z
