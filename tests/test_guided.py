@@ -7,13 +7,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jdistill import config as config_lib
 from jdistill.diffusion.timesteps import unit_grid
 from jdistill.objectives.guided import with_guidance
 from jdistill.recipes import common, guided
 from jdistill.sampling import samplers
 from jdistill.train import mesh as mesh_lib
-from jdistill.train import state as state_lib
 
 MODEL = dict(name="dit", input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2,
              num_classes=10)

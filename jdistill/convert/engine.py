@@ -261,3 +261,15 @@ def graft(pretrained, fresh, new: Iterable[str] = ()):
     if not report.ok:
         raise ConversionError(report.describe("pretrained params"))
     return traverse_util.unflatten_dict(out)
+
+
+def add_fresh_submodule(params: dict, name: str, submodule, target, rng, *init_args, dtype=None) -> dict:
+    """Give converted ``params`` a part the checkpoint cannot have (a guidance-distilled student's
+    ``guidance_embedder``): ``submodule`` is initialised alone from ``rng`` and must match the
+    model's abstract ``target`` for that part exactly, or :class:`ConversionError` says how not."""
+    fresh = submodule.init(rng, *init_args)["params"]
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), fresh)
+    expected = jax.tree.map(lambda x: (x.shape, x.dtype), target)
+    if shapes != expected:
+        raise ConversionError(f"{name}: a fresh {type(submodule).__name__} gives {shapes}, the model expects {expected}")
+    return {**params, name: jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(dtype or x.dtype), fresh)}

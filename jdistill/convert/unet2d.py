@@ -51,12 +51,8 @@ def load_unet2d_params(state_dict: Mapping, module, *, rng: jax.Array | None = N
             raise ValueError("a guidance_embed=True UNet2DModel needs `rng` to initialise its guidance embedding "
                              "(a diffusers checkpoint has none)")
         embed = layers.GuidanceEmbedding(module.time_embed_dim, dtype=module.dtype, param_dtype=module.param_dtype)
-        fresh = embed.init(rng, jnp.zeros((1,), jnp.float32))["params"]
-        shapes = jax.tree.map(lambda x: (x.shape, x.dtype), fresh)
-        expected = jax.tree.map(lambda x: (x.shape, x.dtype), guidance_target)
-        if shapes != expected:  # the standalone module must be the one the UNet builds
-            raise engine.ConversionError(f"guidance embedding {shapes} does not match the model's {expected}")
-        params["guidance_embedder"] = jax.tree.map(lambda x: jax.device_get(x).astype(dtype or x.dtype), fresh)
+        params = engine.add_fresh_submodule(params, "guidance_embedder", embed, guidance_target, rng,
+                                            jnp.zeros((1,), jnp.float32), dtype=dtype)
     return params
 
 
