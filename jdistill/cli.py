@@ -5,6 +5,7 @@
     jdistill sample --workdir DIR [--num 1000] [--steps 64] [--solver ddim] [--guidance 2.0] [--out FILE.npz]
     jdistill eval   FILE.npz [--reference test]          (FD + class accuracy on digits)
     jdistill eval   PRED.npz --target TARGET.npz         (PSNR / SSIM for paired tasks)
+    jdistill guided-table --workdir runs/digits_guided   (teacher vs students, Meng et al.'s claims checked)
     jdistill demo                                        (the README's main job)
     jdistill sample --workdir LARGE --stitch SMALL --fractions 0.4     (T-Stitch)
     jdistill stitch-sweep --small SMALL --large LARGE [--steps 16 64]  (table + plot over the fraction)
@@ -72,6 +73,15 @@ def cmd_distill(args, overrides):
     print(f"distilled: {workdir}")
 
 
+def cmd_guided_table(args, overrides):
+    from jdistill.recipes import guided
+
+    result = guided.results_table(args.workdir, guidance_scales=args.guidance, num=args.num, out_dir=args.out)
+    print(guided.format_results(result))
+    if args.out:
+        print(f"table and grids in {args.out}")
+
+
 def cmd_sample(args, overrides):
     from jdistill.recipes import sample as sample_lib
 
@@ -133,6 +143,13 @@ def build_parser():
     di.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_distributed(di)
     di.set_defaults(fn=cmd_distill)
+
+    gt = sub.add_parser("guided-table", help="teacher vs distilled students: FD / accuracy / time table + targets")
+    gt.add_argument("--workdir", required=True, help="the guided distillation's workdir")
+    gt.add_argument("--guidance", nargs="+", type=float, default=[1.5, 2.0])
+    gt.add_argument("--num", type=int, default=1000)
+    gt.add_argument("--out")
+    gt.set_defaults(fn=cmd_guided_table)
 
     s = sub.add_parser("sample", help="sample from a trained model into .npz (+ a PNG grid)")
     s.add_argument("--workdir", required=True)

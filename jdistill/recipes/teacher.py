@@ -85,6 +85,7 @@ def train(cfg, workdir: str, *, progress: bool = True):
 
 
 def is_trained(workdir: str, steps: int) -> bool:
+    """Whether ``workdir`` (a teacher, or one stage of a distillation) holds a finished run of ``steps``."""
     d = common.checkpoint_dir(workdir)
     return os.path.isdir(d) and ckpt_lib.Checkpointer(d, read_only=True).latest_step() == steps
 

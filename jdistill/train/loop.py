@@ -97,6 +97,7 @@ def run(*, step_fn: Callable, state, frozen, batches: Callable[[int], Iterator[d
     bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress or jax.process_index() != 0,
                dynamic_ncols=True)
     t0, last = time.perf_counter(), start
+    t_start = t0
     step = start
     with _Preemption() as preempt:
         for step in range(start, num_steps):
@@ -124,7 +125,26 @@ def run(*, step_fn: Callable, state, frozen, batches: Callable[[int], Iterator[d
     writer.close()
     if checkpointer is not None:
         checkpointer.wait()
+    record_time(workdir, start, step + 1 if num_steps > start else start, time.perf_counter() - t_start)
     return state
+
+
+def record_time(workdir: str, first: int, last: int, seconds: float) -> None:
+    """Append this session's steps and wall time to ``timing.json`` (a resumed run adds a session)."""
+    if jax.process_index() != 0 or last <= first:
+        return
+    path = os.path.join(workdir, "timing.json")
+    sessions = json.load(open(path)) if os.path.isfile(path) else []
+    sessions.append({"first_step": first, "last_step": last, "seconds": seconds,
+                     "device": f"{jax.devices()[0].platform} x{jax.device_count()}"})
+    with open(path, "w") as f:
+        json.dump(sessions, f, indent=1)
+
+
+def training_seconds(workdir: str) -> float | None:
+    """Total wall time of all sessions recorded in ``workdir`` (None if none)."""
+    path = os.path.join(workdir, "timing.json")
+    return sum(s["seconds"] for s in json.load(open(path))) if os.path.isfile(path) else None
 
 
 def save_samples(workdir: str, step: int, images) -> str | None:
