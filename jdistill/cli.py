@@ -85,7 +85,20 @@ def cmd_guided_table(args, overrides):
 def cmd_sample(args, overrides):
     from jdistill.recipes import sample as sample_lib
 
-    out = sample_lib.sample_to_file(args.workdir, args.out, num=args.num, steps=args.steps, solver=args.solver,
+    if args.config:
+        from jdistill import config as config_lib
+        from jdistill.recipes import stitch as stitch_lib
+
+        cfg = config_lib.load_config(args.config, overrides)
+        if cfg.get("recipe") != "stitch" or "task" not in cfg:
+            raise config_lib.ConfigError(f"{args.config}: `sample --config` takes a pretrained-pair stitch config "
+                                         "(configs/stitch_*.py); trained models are sampled with --workdir")
+        out = stitch_lib.save_config_samples(cfg, args.out or "samples.npz", num=args.num, seed=args.seed)
+        print(f"{out['description']}: wrote {out['npz']} ({out['num']} samples, {out['seconds']:.1f} s) and {out['png']}")
+        return
+    if not args.workdir:
+        raise ValueError("sample needs --workdir (a trained model) or --config (a stitch config)")
+    out = sample_lib.sample_to_file(args.workdir, args.out, num=args.num or 1000, steps=args.steps, solver=args.solver,
                                     guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
                                     stochastic=args.stochastic, stitch=args.stitch, fractions=args.fractions,
                                     stitch_mode=args.stitch_mode)
@@ -152,9 +165,10 @@ def build_parser():
     gt.set_defaults(fn=cmd_guided_table)
 
     s = sub.add_parser("sample", help="sample from a trained model into .npz (+ a PNG grid)")
-    s.add_argument("--workdir", required=True)
+    s.add_argument("--workdir", help="a trained model's workdir")
+    s.add_argument("--config", help="a pretrained-pair stitch config (configs/stitch_*.py); takes --config.KEY=VALUE")
     s.add_argument("--out")
-    s.add_argument("--num", type=int, default=1000)
+    s.add_argument("--num", type=int, help="how many samples (default 1000; a stitch config: its labels / prompts)")
     s.add_argument("--steps", type=int)
     s.add_argument("--solver")
     s.add_argument("--guidance", type=float, help="guidance scale g (diffusers' convention; Meng's w = g - 1)")
@@ -223,8 +237,8 @@ def main(argv=None):
         return main_convert(argv[1:])
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
-    if overrides and args.command not in ("train", "distill"):
-        build_parser().error(f"--config.* overrides apply to `train` and `distill` only, got {overrides}")
+    if overrides and not (args.command in ("train", "distill") or getattr(args, "config", None)):
+        build_parser().error(f"--config.* overrides need a --config file, got {overrides}")
     try:
         args.fn(args, overrides)
     except _known_errors() as e:
