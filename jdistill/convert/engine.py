@@ -273,3 +273,20 @@ def add_fresh_submodule(params: dict, name: str, submodule, target, rng, *init_a
     if shapes != expected:
         raise ConversionError(f"{name}: a fresh {type(submodule).__name__} gives {shapes}, the model expects {expected}")
     return {**params, name: jax.tree.map(lambda x: np.asarray(jax.device_get(x)).astype(dtype or x.dtype), fresh)}
+
+
+def init_parts(module, names: Iterable[str], rng, *args, **kwargs):
+    """The tree ``module.init`` would make, with real values only under paths containing one of
+    ``names`` and ShapeDtypeStructs elsewhere: for :func:`graft`, which reads only shapes outside
+    the new parts. Under ``jax.jit`` XLA drops the initialisers nobody asked for, so a student
+    of a multi-GB teacher does not draw a multi-GB random init to throw away."""
+    names = tuple(names)
+
+    def keep(flat):
+        return {p: v for p, v in flat.items() if any(n in p for n in names)}
+
+    abstract = abstract_params(module, *args, **kwargs)
+    fresh = jax.jit(lambda: keep(traverse_util.flatten_dict(module.init(rng, *args, **kwargs)["params"])))()
+    flat = traverse_util.flatten_dict(abstract)
+    flat.update(fresh)
+    return traverse_util.unflatten_dict(flat)

@@ -55,18 +55,17 @@ def image_shape(module) -> tuple[int, int, int]:
     return (*size, module.in_channels)
 
 
-def example_inputs(module, batch: int = 1) -> dict:
-    """Keyword arguments for ``module.init`` (zeros of the right shapes and dtypes)."""
-    h, w, c = image_shape(module)
-    out = {}
-    names = ("x", "t") if hasattr(module, "input_size") else ("sample", "timestep")
-    out[names[0]] = jnp.zeros((batch, h, w, c), jnp.float32)
-    out[names[1]] = jnp.zeros((batch,), jnp.float32)
-    if getattr(module, "num_classes", None) or getattr(module, "num_class_embeds", None):
-        out["class_labels"] = jnp.zeros((batch,), jnp.int32)
-    if getattr(module, "guidance_embed", False):
-        out["guidance"] = jnp.zeros((batch,), jnp.float32)
-    return out
+def example_inputs(module, batch: int = 1) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` of zeros with the right shapes and dtypes for ``module.init``."""
+    if hasattr(module, "example_inputs"):  # UNet2DConditionModel, ControlNet
+        return module.example_inputs(batch)
+    if hasattr(module, "dummy_inputs"):  # UNet2DModel
+        return (), module.dummy_inputs(batch)
+    from jdistill.models import dit
+
+    if isinstance(module, dit.DiT):
+        return (), dit.example_inputs(module, batch)
+    raise ValueError(f"no example inputs known for {type(module).__name__}")
 
 
 def num_classes(module) -> int | None:

@@ -38,8 +38,13 @@ def with_guidance(cond: dict, scale) -> dict:
 
 
 def guided_loss(student: Denoiser, teacher: Denoiser, *, scale_range=(1.0, 5.0), cond_fn: Callable = labels_cond,
-                weighting: str = "truncated_snr", time_sampling: str = "uniform"):
-    """``loss(params, frozen, batch, rng)``; ``frozen`` is the teacher's params."""
+                uncond_fn: Callable | None = None, weighting: str = "truncated_snr", time_sampling: str = "uniform"):
+    """``loss(params, frozen, batch, rng)``; ``frozen`` is the teacher's params.
+
+    ``cond_fn(batch)`` gives the network's condition; the teacher's unconditional input is
+    ``uncond_fn(batch)`` when given (text: the empty prompt's embeddings), else the
+    teacher's ``null_cond`` (class labels: the null class).
+    """
 
     def loss_fn(params, frozen, batch, rng):
         x = batch["image"]
@@ -50,7 +55,9 @@ def guided_loss(student: Denoiser, teacher: Denoiser, *, scale_range=(1.0, 5.0),
         z = a * x + s * eps
         g = sample_scales(k_g, x.shape[0], scale_range)
         cond = cond_fn(batch)
-        target = jax.lax.stop_gradient(teacher.replace(params=frozen).predict(z, t, cond, guidance_scale=g).x0)
+        uncond = uncond_fn(batch) if uncond_fn is not None else None
+        target = jax.lax.stop_gradient(
+            teacher.replace(params=frozen).predict(z, t, cond, guidance_scale=g, uncond=uncond).x0)
         pred = student.replace(params=params).predict(z, t, with_guidance(cond, g)).x0
         snr = (a / s).reshape(-1) ** 2
         mse = per_example_mse(pred, target)

@@ -46,7 +46,8 @@ def denoiser_template(model_cfg, diffusion_cfg, module=None) -> Denoiser:
 
 
 def init_params(module, seed: int):
-    return module.init(jax.random.key(seed), **registry.example_inputs(module))["params"]
+    args, kwargs = registry.example_inputs(module)
+    return module.init(jax.random.key(seed), *args, **kwargs)["params"]
 
 
 def make_mesh(cfg) -> jax.sharding.Mesh:

@@ -1,6 +1,7 @@
 """Guided distillation (Meng et al., CVPR 2023): stage 1, then progressive halvings.
 
     jdistill distill --config configs/digits_guided.py --workdir runs/digits_guided
+    jdistill distill --config configs/sd15_guided.py --workdir runs/sd15_guided
 
 Layout of the workdir (each stage an Orbax checkpoint directory of its own):
 
@@ -14,6 +15,12 @@ restarted run skips finished rounds and resumes the current one from its
 latest checkpoint (params, optimizer, step, RNG, data position). Each round
 starts from the previous student with a fresh optimizer (Salimans & Ho).
 
+Two kinds of teacher (a :class:`Task` each): a class-conditional model trained by
+jdistill (``teacher.workdir``: pixel or latent, DiT or UNet), or a text-to-image
+pipeline (``teacher.pipeline``: SD 1.x / 2.x, a diffusers or converted folder),
+whose student learns on VAE latents of captioned images with the frozen text
+encoder's prompt embeddings.
+
 Guidance: the student reads the guidance scale g (diffusers' convention) as
 its ``guidance`` condition; Meng et al.'s w = g - 1.
 """
@@ -23,19 +30,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jdistill import config as config_lib
-from jdistill.convert.engine import graft
+from jdistill.convert.engine import graft, init_parts
 from jdistill.denoiser import Denoiser
 from jdistill.diffusion.timesteps import unit_grid
 from jdistill.models import registry
+from jdistill.objectives.denoising import labels_cond
 from jdistill.objectives.guided import guided_loss
 from jdistill.objectives.progressive import progressive_loss
 from jdistill.recipes import common
 from jdistill.recipes import teacher as teacher_lib
+from jdistill.sampling import samplers
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train import loop
 from jdistill.train import state as state_lib
@@ -65,11 +76,6 @@ def round_steps(cfg, n: int) -> int:
     return int(per.get(str(n), per.get("default")))
 
 
-def student_template(cfg, teacher: Denoiser) -> Denoiser:
-    module = teacher.module.clone(guidance_embed=True)
-    return teacher.replace(module=module, params=None)
-
-
 def resolve(path: str) -> str:
     """A config path as given, or relative to the repository (configs/...)."""
     if os.path.isfile(path):
@@ -78,9 +84,113 @@ def resolve(path: str) -> str:
     return os.path.join(repo, path)
 
 
-def load_teacher(cfg) -> Denoiser:
+# ----------------------------------------------------------------------------------------------
+# Tasks: where the teacher, the data and the conditioning come from
+
+
+@dataclasses.dataclass
+class Task:
+    """What the stages need to know about the teacher's world."""
+
+    teacher: Denoiser
+    source: object  # a BatchSource of {"image": x (pixels or latents), ...}
+    cond_fn: Callable  # batch -> the network's condition
+    uncond_fn: Callable | None  # batch -> the teacher's unconditional condition (None: its null_cond)
+    sample_cond: Callable[[int], dict | None]  # n -> the condition of n evaluation samples
+    decode: Callable  # the sampler's output -> images in [-1, 1]
+    num_classes: int | None = None
+
+
+def class_task(cfg, with_data: bool = True) -> Task:
+    """A class-conditional teacher trained by jdistill (``teacher.workdir``)."""
     den, _ = teacher_lib.load_denoiser(cfg.teacher.workdir, use_ema=True)
-    return den
+    k = registry.num_classes(den.module)
+    source = None
+    if with_data:
+        source = common.make_source(cfg.data, "train", int(cfg.data.batch_size), int(cfg.seed),
+                                    registry.image_shape(den.module), what="the teacher")
+    return Task(den, source, labels_cond, None, lambda n: {"class_labels": common.class_labels_for(n, k)},
+                lambda x: x, k)
+
+
+def caption_records(data_cfg):
+    """(uint8 images, captions) of a captioned image split: ``photo_patches`` photographs are
+    captioned "a photo of <name>" (e.g. "a photo of astronaut")."""
+    from jdistill.data import pipeline
+
+    builder = pipeline.load_builder(data_cfg.name, data_cfg.get("data_dir"))
+    source = builder.as_data_source("train")
+    n = min(len(source), int(data_cfg.get("max_examples") or len(source)))
+    images, captions = [], []
+    for i in range(n):
+        rec = source[i]
+        images.append(np.asarray(rec["image"]))
+        caption = rec.get("caption")
+        if caption is None:
+            photo = rec["photo"].decode() if isinstance(rec["photo"], bytes) else str(rec["photo"])
+            caption = data_cfg.caption_template.format(photo=photo.replace("_", " "))
+        captions.append(caption.decode() if isinstance(caption, bytes) else caption)
+    return np.stack(images), captions
+
+
+def text_task(cfg, with_data: bool = True) -> Task:
+    """A text-to-image pipeline teacher (``teacher.pipeline``): latents of captioned images, encoded
+    once by the frozen VAE (posterior mean) and text encoder; the unconditional input is the empty
+    prompt, as the pipeline's own CFG uses."""
+    from jdistill.pipelines.text_to_image import TextToImage
+    from jdistill.recipes.stitch import resolve_source
+
+    t2i = TextToImage.from_pretrained(resolve_source(cfg.teacher.pipeline, cfg.teacher.get("models_dir")),
+                                      cache_dir=cfg.teacher.get("cache_dir") or None)
+    den = t2i.denoiser()
+    prompts = list(cfg.sample.prompts)
+    table_prompts = list(prompts)
+    source = None
+    if with_data:
+        from jdistill.data.pipeline import BatchSource
+
+        images, captions = caption_records(cfg.data)
+        size = int(cfg.data.resolution)
+        pixels = jax.image.resize(jnp.asarray(images, jnp.float32) / 127.5 - 1.0,
+                                  (len(images), size, size, images.shape[-1]), "bilinear")
+        encode = jax.jit(lambda x: t2i.vae.apply({"params": t2i.params["vae"]}, x, method="latents_from_images"))
+        latents = np.concatenate([np.asarray(encode(pixels[i:i + 64])) for i in range(0, len(pixels), 64)])
+        unique = sorted(set(captions))
+        table_prompts = unique + prompts
+        ids = np.asarray([unique.index(c) for c in captions], np.int32)
+        records = [{"image": latents[i], "caption": ids[i]} for i in range(len(ids))]
+        source = BatchSource(records, global_batch_size=int(cfg.data.batch_size), seed=int(cfg.seed),
+                             image_shape=latents.shape[1:], keys=("image", "caption"), name=f"{cfg.data.name} latents")
+    cond, uncond = t2i.encode_prompt(table_prompts, None)
+    table, null = cond["encoder_hidden_states"], uncond["encoder_hidden_states"][:1]
+    offset = len(table_prompts) - len(prompts)
+
+    def cond_fn(batch):
+        return {"encoder_hidden_states": table[batch["caption"]]}
+
+    def uncond_fn(batch):
+        return {"encoder_hidden_states": jnp.broadcast_to(null, (batch["caption"].shape[0],) + null.shape[1:])}
+
+    def sample_cond(n):
+        return {"encoder_hidden_states": table[offset + np.arange(n) % len(prompts)]}
+
+    return Task(den, source, cond_fn, uncond_fn, sample_cond, t2i.decode)
+
+
+def make_task(cfg, with_data: bool = True) -> Task:
+    if cfg.teacher.get("pipeline"):
+        return text_task(cfg, with_data)
+    if cfg.teacher.get("config"):
+        teacher_lib.ensure_trained(resolve(cfg.teacher.config), cfg.teacher.workdir)
+    return class_task(cfg, with_data)
+
+
+def student_template(cfg, teacher: Denoiser) -> Denoiser:
+    return teacher.replace(module=teacher.module.clone(guidance_embed=True), params=None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
 
 
 @dataclasses.dataclass
@@ -125,51 +235,49 @@ def final_params(state):
     return state.ema_params if state.ema_params is not None else state.params
 
 
-def stage1(cfg, teacher: Denoiser, student: Denoiser) -> Stage:
+def stage1(cfg, teacher: Denoiser, student: Denoiser, cond_fn=labels_cond, uncond_fn=None) -> Stage:
     def init_params():
-        fresh = common.init_params(student.module, int(cfg.seed))
+        args, kwargs = registry.example_inputs(student.module)
+        fresh = init_parts(student.module, (GUIDANCE_MODULE,), jax.random.key(int(cfg.seed)), *args, **kwargs)
         return graft(teacher.params, fresh, new=(GUIDANCE_MODULE,))
 
     loss = guided_loss(student, teacher.replace(params=None), scale_range=tuple(cfg.guidance.scale_range),
-                       weighting=cfg.stage1.weighting)
+                       cond_fn=cond_fn, uncond_fn=uncond_fn, weighting=cfg.stage1.weighting)
     return Stage("stage1", int(cfg.stage1.steps), loss, init_params, teacher.params, cfg.stage1.optim)
 
 
-def halving(cfg, n: int, student: Denoiser, previous_params) -> Stage:
+def halving(cfg, n: int, student: Denoiser, previous_params, cond_fn=labels_cond) -> Stage:
     loss = progressive_loss(student, student, num_steps=n, scale_range=tuple(cfg.guidance.scale_range),
-                            weighting=cfg.progressive.weighting)
+                            cond_fn=cond_fn, weighting=cfg.progressive.weighting)
     return Stage(f"steps_{n:03d}", round_steps(cfg, n), loss, lambda: previous_params, previous_params,
                  cfg.progressive.optim)
 
 
-def stages(cfg, teacher: Denoiser):
+def stages(cfg, task: Task):
     """Yield the stages in order; each halving is built from the finished previous stage's params,
     which the caller sends back in (``params = yield stage``)."""
-    student = student_template(cfg, teacher)
-    params = yield stage1(cfg, teacher, student)
+    student = student_template(cfg, task.teacher)
+    params = yield stage1(cfg, task.teacher, student, task.cond_fn, task.uncond_fn)
     for n in rounds(cfg):
-        params = yield halving(cfg, n, student, params)
+        params = yield halving(cfg, n, student, params, task.cond_fn)
 
 
 def train(cfg, workdir: str, *, progress: bool = True, mesh=None):
     """Stage 1, then every halving; returns {stage name: final params}."""
     mesh = mesh if mesh is not None else common.make_mesh(cfg)
-    if cfg.teacher.get("config"):
-        teacher_lib.ensure_trained(resolve(cfg.teacher.config), cfg.teacher.workdir, progress=progress)
-    teacher = load_teacher(cfg)
-    source = common.make_source(cfg.data, "train", int(cfg.data.batch_size), int(cfg.seed),
-                                registry.image_shape(teacher.module), what="the teacher")
-    student = student_template(cfg, teacher)
+    task = make_task(cfg)
+    student = student_template(cfg, task.teacher)
     out = {}
-    gen = stages(cfg, teacher)
+    gen = stages(cfg, task)
     stage = next(gen)
     while True:
         state, step_fn, ckpt = setup_stage(cfg, stage, workdir, mesh)
-        state = loop.run(step_fn=step_fn, state=state, frozen=stage.frozen, batches=lambda k: source.iterate(k),
+        sample_fn = grid_sampler(cfg, task, student, stage.name) if cfg.train.sample_every else None
+        state = loop.run(step_fn=step_fn, state=state, frozen=stage.frozen, batches=lambda k: task.source.iterate(k),
                          mesh=mesh, num_steps=stage.steps, workdir=os.path.join(workdir, stage.name),
                          checkpointer=ckpt, config=stage_config(cfg, stage), log_every=int(cfg.train.log_every),
                          sample_every=int(cfg.train.sample_every), desc=stage.name, progress=progress,
-                         sample_fn=grid_sampler(cfg, student, stage.name))
+                         sample_fn=sample_fn)
         ckpt.close()
         if int(jax.device_get(state.step)) < stage.steps:  # preempted: stop here, resume later
             return out
@@ -184,37 +292,42 @@ def student_steps(stage_name: str) -> int | None:
     return int(stage_name.split("_")[1]) if stage_name.startswith("steps_") else None
 
 
-def grid_sampler(cfg, student: Denoiser, stage_name: str):
+def grid_sampler(cfg, task: Task, student: Denoiser, stage_name: str, num: int = 100):
     n = student_steps(stage_name) or int(cfg.sample.steps)
-    k = registry.num_classes(student.module)
-    labels = common.class_labels_for(100, k)
     grid = unit_grid(student.schedule, n)
-    noise = jax.random.normal(jax.random.key(1234), (100, *registry.image_shape(student.module)))
-    g = np.full((100,), float(cfg.sample.guidance_scale), np.float32)
+    shape = (num, *registry.image_shape(student.module))
+    noise = jax.random.normal(jax.random.key(1234), shape)
+    cond = dict(task.sample_cond(num), guidance=np.full((num,), float(cfg.sample.guidance_scale), np.float32))
 
     def sample(state):
-        from jdistill.sampling import samplers
-
         den = student.replace(params=final_params(state))
-        return samplers.sample_jit(den, noise, {"class_labels": labels, "guidance": g}, grid=grid, solver="ddim")
+        return task.decode(samplers.sample_jit(den, noise, cond, grid=grid, solver="ddim"))
 
     return sample
 
 
-def load_student(workdir: str, stage_name: str):
+# ----------------------------------------------------------------------------------------------
+# Trained students back
+
+
+def read_stage_config(workdir: str, stage_name: str = "stage1"):
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, stage_name, "checkpoints"), read_only=True)
+    return config_lib.from_dict(ck.read_config())
+
+
+def load_student(workdir: str, stage_name: str, task: Task | None = None):
     """(student Denoiser with trained params, config) of a finished or running stage."""
     ck = ckpt_lib.Checkpointer(os.path.join(workdir, stage_name, "checkpoints"), read_only=True)
     cfg = config_lib.from_dict(ck.read_config())
-    teacher_cfg = config_lib.from_dict(ckpt_lib.Checkpointer(
-        common.checkpoint_dir(cfg.teacher.workdir), read_only=True).read_config())
-    template = common.denoiser_template(teacher_cfg.model, teacher_cfg.diffusion)
-    student = student_template(cfg, template)
+    task = task or make_task(cfg, with_data=False)
+    student = student_template(cfg, task.teacher)
     steps = int(cfg.stage.steps)
     tx, _ = common.make_optimizer(cfg.stage1.optim if stage_name == "stage1" else cfg.progressive.optim, steps)
 
     def init():
-        return state_lib.init_state(common.init_params(student.module, 0), tx, jax.random.key(0),
-                                    ema=float(cfg.train.ema_decay) > 0)
+        args, kwargs = registry.example_inputs(student.module)
+        params = jax.eval_shape(lambda: student.module.init(jax.random.key(0), *args, **kwargs)["params"])
+        return state_lib.init_state(params, tx, jax.random.key(0), ema=float(cfg.train.ema_decay) > 0)
 
     abstract = jax.eval_shape(init)
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -228,20 +341,26 @@ def make_sampler(workdir: str, *, steps=None, solver=None, guidance_scale=None, 
     et al.'s N-step stochastic sampler. One model call per step: guidance is an input, not CFG."""
     from jdistill.recipes.sample import Sampler
 
-    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "stage1", "checkpoints"), read_only=True)
-    cfg = config_lib.from_dict(ck.read_config())
+    cfg = read_stage_config(workdir)
     steps = int(steps or cfg.sample.steps)
     name = f"steps_{steps:03d}"
     if not os.path.isdir(os.path.join(workdir, name, "checkpoints")):
         name = "stage1"
     if solver not in (None, "ddim"):
         raise ValueError(f"a distilled student samples with ddim (or --stochastic), not {solver!r}")
-    den, _ = load_student(workdir, name)
+    task = make_task(cfg, with_data=False)
+    den, _ = load_student(workdir, name, task)
     g = float(cfg.sample.guidance_scale if guidance_scale is None else guidance_scale)
     mode = "stochastic" if stochastic else "ddim"
-    return Sampler.for_denoiser(den, steps=steps, solver=mode, grid=unit_grid(den.schedule, steps),
-                                num_classes=registry.num_classes(den.module), extra_cond={"guidance": g},
-                                description=f"student ({name}) {mode} {steps} steps, g={g:g}")
+    grid = unit_grid(den.schedule, steps)
+
+    def fn(noise, cond, key):
+        n = noise.shape[0]
+        full = dict(task.sample_cond(n) if task.num_classes is None else cond, guidance=jnp.full((n,), g))
+        return task.decode(samplers.sample_jit(den, noise, full, grid=grid, solver=mode, rng=key))
+
+    return Sampler(fn=fn, image_shape=registry.image_shape(den.module), num_classes=task.num_classes,
+                   description=f"student ({name}) {mode} {steps} steps, g={g:g}")
 
 
 TEACHER_STEPS = (1, 2, 4, 8, 16, 64)
