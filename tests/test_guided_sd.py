@@ -4,7 +4,6 @@ run end to end on tiny converted pipelines over real captioned photographs."""
 import os
 
 import diffusers
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
