@@ -439,7 +439,7 @@ def claims(rows) -> list[dict]:
 
 def format_results(result: dict) -> str:
     lines = [f"Guided distillation on digits: {result['num']} samples per row, FD against the held-out split "
-             f"({result['device']}, compilation excluded)", "",
+             f"({result['device']}; wall time: the best of 3 runs, compilation excluded)", "",
              "| model | sampler | steps | g (w = g - 1) | FD | class acc | s / 1000 samples |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:

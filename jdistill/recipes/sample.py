@@ -44,11 +44,11 @@ class Sampler:
     def labels(self, num: int):
         return None if not self.num_classes else (np.arange(num) % self.num_classes).astype(np.int32)
 
-    def run(self, num: int, *, seed: int = 0, batch_size: int = 500, progress: bool = False):
-        """(uint8 images (N, H, W, C), labels or None, seconds)."""
+    def run(self, num: int, *, seed: int = 0, batch_size: int = 500, progress: bool = False, repeats: int = 1):
+        """(uint8 images (N, H, W, C), labels or None, seconds; the best of ``repeats`` timings)."""
         labels = self.labels(num)
         images, seconds = generate(self.fn, self.image_shape, labels, num=num, batch_size=min(batch_size, num),
-                                   seed=seed, progress=progress)
+                                   seed=seed, progress=progress, repeats=repeats)
         return images_lib.to_uint8(images), labels, seconds
 
 

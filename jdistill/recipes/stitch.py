@@ -112,7 +112,7 @@ def seconds_per_call(member: Member, batch: int, repeats: int = 10) -> float:
 
 def sweep(small: str, large: str, *, steps_list=(16, 64), fractions=None, num: int = 1000, out_dir: str,
           guidance_scale: float = 1.5, solver: str = "ddim", seed: int = 0, batch_size: int = 500,
-          progress: bool = True) -> dict:
+          progress: bool = True, repeats: int = 3) -> dict:
     """FD, class accuracy and wall time per 1000 samples for every (steps, fraction); table + plot."""
     from jdistill.metrics.classifier import digits_fd, load_digits_classifier
 
@@ -124,7 +124,7 @@ def sweep(small: str, large: str, *, steps_list=(16, 64), fractions=None, num: i
     for steps in steps_list:
         for r in fractions:
             sampler = stitched_sampler(members, [r, 1.0 - r], steps=steps, solver=solver)
-            images, labels, seconds = sampler.run(num, seed=seed, batch_size=batch_size)
+            images, labels, seconds = sampler.run(num, seed=seed, batch_size=batch_size, repeats=repeats)
             calls = sampler.plan.calls()
             row = {"steps": steps, "fraction": r, "small_calls": calls[0], "large_calls": calls[1],
                    "fd": float(digits_fd(images)), "class_acc": float((clf.predict(images) == labels).mean()),
@@ -155,6 +155,7 @@ def format_table(result: dict) -> str:
     lines = [f"T-Stitch sweep: {result['small']} -> {result['large']}, {result['solver']}, CFG g="
              f"{result['guidance_scale']:g}, {result['num']} samples; large/small cost per call "
              f"{result['call_cost_ratio']:.1f}x ({result['device']})", "",
+             "Wall time: the best of several runs, compilation excluded.", "",
              "| steps | fraction | small calls | large calls | FD | FD / large | class acc | s / 1000 | time / large |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
