@@ -113,3 +113,46 @@ def test_bad_fractions_are_refused():
         stitch.sample(models, [0.2, 0.3, 0.5], NOISE, grid=grid)
     with pytest.raises(ValueError, match="rectified-flow"):
         stitch.sample([den("f", 0.3, schedules.RectifiedFlow(), "flow"), models[1]], [0.5, 0.5], NOISE, grid=grid)
+
+
+def test_flow_models_stitch_under_euler():
+    flow = schedules.RectifiedFlow(shift=3.0)
+    small, large = den("small", 0.5, flow, "flow"), den("large", 0.9, flow, "flow")
+    grid = timesteps.make_grid(flow, 12, "euler")
+    for r, alone in ((0.0, large), (1.0, small)):
+        got = stitch.sample([small, large], [r, 1 - r], NOISE, grid=grid, solver="euler")
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(samplers.sample_jit(alone, NOISE, grid=grid,
+                                                                                      solver="euler")))
+    CALLS.clear()
+    stitch.sample([small, large], [0.4, 0.6], NOISE, grid=grid, solver="euler")
+    assert all(t >= 600 for t in CALLS["small"]) and all(t < 600 for t in CALLS["large"])  # model time = 1000 t
+
+
+class GuidedInput(nn.Module):
+    """A distilled student's shape of call: the guidance scale is an input, not CFG."""
+
+    def __call__(self, z, t, class_labels, guidance):
+        jax.debug.callback(lambda g: CALLS["student_g"].append(float(np.asarray(g)[0])), guidance)
+        return 0.3 * jnp.sin(z) * guidance[:, None, None, None] + 0.01 * class_labels[:, None, None, None]
+
+
+class ClassCond(nn.Module):
+    def __call__(self, z, t, class_labels):
+        jax.debug.callback(lambda y: CALLS["teacher_labels"].append(np.asarray(y).tolist()), class_labels)
+        return 0.9 * jnp.sin(z + t[:, None, None, None] / 1000.0) + 0.02 * class_labels[:, None, None, None]
+
+
+def test_a_guidance_input_student_stitches_before_a_cfg_teacher():
+    from jdistill.denoiser import NullClass
+
+    student = Denoiser(params={}, schedule=DISCRETE, module=GuidedInput(), prediction="eps")
+    teacher = Denoiser(params={}, schedule=DISCRETE, module=ClassCond(), prediction="eps", null_cond=NullClass(10))
+    grid = timesteps.make_grid(DISCRETE, 10, "ddim", spacing="trailing")
+    labels = jnp.array([3, 7])
+    conds = [{"class_labels": labels, "guidance": jnp.full((2,), 2.5)}, {"class_labels": labels}]
+    out = stitch.sample([student, teacher], [0.3, 0.7], NOISE, conds, grid=grid, solver="ddim",
+                        guidance_scales=[None, 2.5])
+    assert CALLS["student_g"] == [2.5] * 3  # one pass per step, the scale as an input
+    # the teacher runs CFG: each call sees the labels and the null class together (a 2B batch)
+    assert CALLS["teacher_labels"] == [[3, 7, 10, 10]] * 7
+    assert np.isfinite(np.asarray(out)).all()
