@@ -57,7 +57,10 @@ def solver_step(denoiser, state: SolverState, t, t_next, index, *, num_steps, t_
     lam_prev = state.lam_prev
 
     if solver == "ddim":
-        noise = jax.random.normal(key, z.shape, z.dtype)
+        # eta = 0 (a Python number, static under jit) needs no noise: drawing it anyway costs a
+        # few percent of a small model's step
+        deterministic = isinstance(eta, (int, float)) and eta == 0
+        noise = None if deterministic else jax.random.normal(key, z.shape, z.dtype)
         z = solvers.ddim_step(x0, eps, a_t, s_t, a_s, s_s, eta=eta, noise=noise)
     elif solver == "ddpm":
         noise = jax.random.normal(key, z.shape, z.dtype) * (1.0 - is_last)
@@ -112,7 +115,7 @@ def sample(denoiser, noise, cond=None, *, grid: TimeGrid, solver="ddim", rng=Non
                      cond=cond, **options).z
 
 
-@functools.partial(jax.jit, static_argnames=("solver", "clip_x0", "ddpm_variance"))
+@functools.partial(jax.jit, static_argnames=("solver", "eta", "clip_x0", "ddpm_variance"))
 def sample_jit(denoiser, noise, cond=None, *, grid, solver="ddim", rng=None, guidance_scale=None,
                uncond=None, eta=0.0, clip_x0=None, ddpm_variance="fixed_small"):
     """:func:`sample` compiled once per (denoiser structure, grid length, solver)."""

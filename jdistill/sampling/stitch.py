@@ -163,4 +163,4 @@ def _run_segments(denoisers, noise, conds, grid, rng, scales, unconds, *, segs, 
     return state.z
 
 
-_sample_segments = jax.jit(_run_segments, static_argnames=("segs", "solver", "clip_x0", "ddpm_variance"))
+_sample_segments = jax.jit(_run_segments, static_argnames=("segs", "solver", "eta", "clip_x0", "ddpm_variance"))
