@@ -44,7 +44,8 @@ def test_sweep_rows_follow_the_fractions(sweep_result):
     assert all(r["fd"] > 0 and 0.0 <= r["class_acc"] <= 1.0 for r in rows.values())
     for name in ("results.json", "results.md", "sweep.png", "stitch_4steps_r0.0.png"):
         assert os.path.getsize(os.path.join(out, name)) > 0
-    table = open(os.path.join(out, "results.md")).read()
+    with open(os.path.join(out, "results.md")) as f:
+        table = f.read()
     assert table.count("\n| 4 |") == 3 and "at 4 steps" in table
 
 
@@ -60,7 +61,7 @@ def test_pick_respects_the_budget(sweep_result):
         stitch.pick(result)
     # the CLI reads the JSON the sweep wrote (its keys come back as strings)
     proc = subprocess.run([sys.executable, "-m", "jdistill", "stitch-pick", os.path.join(out, "results.json"),
-                           "--budget", "10"], cwd=REPO, capture_output=True, text=True)
+                           "--budget", "10"], cwd=REPO, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert f"fraction {best['fraction']:.1f}" in proc.stdout
     with open(os.path.join(out, "results.json")) as f:

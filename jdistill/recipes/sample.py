@@ -52,6 +52,17 @@ class Sampler:
         return images_lib.to_uint8(images), labels, seconds
 
 
+def retime_round_robin(timed: list[tuple[dict, Sampler]], num: int, *, repeats: int, seed: int = 0,
+                       batch_size: int = 500) -> None:
+    """Time every (row, sampler) ``repeats - 1`` more times, round-robin over all of them, keeping
+    each row's best ``s_per_1000``: a slow spell of a shared machine then hits all rows alike
+    instead of the few that happened to run during it."""
+    for _ in range(repeats - 1):
+        for row, sampler in timed:
+            _, _, seconds = sampler.run(num, seed=seed, batch_size=batch_size)
+            row["s_per_1000"] = min(row["s_per_1000"], seconds * 1000.0 / num)
+
+
 def recipe_of(workdir: str):
     from jdistill.recipes import get_recipe
 

@@ -25,7 +25,7 @@ from jdistill import images as images_lib
 from jdistill.denoiser import Denoiser
 from jdistill.diffusion.timesteps import make_grid
 from jdistill.models import registry
-from jdistill.recipes.sample import Sampler, recipe_of
+from jdistill.recipes.sample import Sampler, recipe_of, retime_round_robin
 from jdistill.sampling import stitch
 
 
@@ -116,12 +116,7 @@ def sweep(small: str, large: str, *, steps_list=(16, 64), fractions=None, num: i
                       f"{row['s_per_1000']:.2f} s/1000", flush=True)
             if r in (0.0, 0.4, 1.0):
                 images_lib.save_grid(os.path.join(out_dir, f"stitch_{steps}steps_r{r:.1f}.png"), images[:100], ncol=10)
-    # More timings, round-robin over every configuration, each keeping its best: a slow spell
-    # of a shared machine then hits all configurations alike instead of a few of them.
-    for _ in range(repeats - 1):
-        for row, sampler in zip(rows, samplers_):
-            _, _, seconds = sampler.run(num, seed=seed, batch_size=batch_size)
-            row["s_per_1000"] = min(row["s_per_1000"], seconds * 1000.0 / num)
+    retime_round_robin(list(zip(rows, samplers_)), num, repeats=repeats, seed=seed, batch_size=batch_size)
     for row in rows:  # relative to the large model alone at the same step count
         base = next(b for b in rows if b["steps"] == row["steps"] and b["fraction"] == 0.0)
         row["fd_vs_large"] = row["fd"] / base["fd"]
@@ -146,9 +141,10 @@ def sweep(small: str, large: str, *, steps_list=(16, 64), fractions=None, num: i
 
 def format_table(result: dict) -> str:
     ratio = ", ".join(f"{v:.1f}x at {k} steps" for k, v in result["call_cost_ratio"].items())
-    lines = [f"T-Stitch sweep: {result['small']} -> {result['large']}, {result['solver']}, CFG g="
+    title = (f"T-Stitch sweep: {result['small']} -> {result['large']}, {result['solver']}, CFG g="
              f"{result['guidance_scale']:g}, {result['num']} samples ({result['device']}); large/small cost per "
-             f"sampling step (fraction 0 vs 1): {ratio or 'n/a (fraction 1 not swept)'}", "",
+             f"sampling step (fraction 0 vs 1): {ratio or 'n/a (fraction 1 not swept)'}")
+    lines = [title, "",
              "Wall time: the best of 3 runs taken round-robin over all rows, compilation excluded.", "",
              "| steps | fraction | small calls | large calls | FD | FD / large | class acc | s / 1000 | time / large |",
              "|---|---|---|---|---|---|---|---|---|"]
