@@ -3,24 +3,13 @@ round exactly: every stage's student ends bit-identical to an uninterrupted run.
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
+from cli_helpers import REPO, run_cli, sigkill_at_checkpoint
 
 from jdistill import config as config_lib
 from jdistill.recipes import guided, teacher
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_cli(args):
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "jdistill", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
 
 
 def test_distill_killed_mid_round_resumes_bit_identical(tmp_path):
@@ -38,22 +27,14 @@ def test_distill_killed_mid_round_resumes_bit_identical(tmp_path):
             "--config.progressive.train_steps.default=4", "--config.progressive.train_steps.2=16",
             "--config.progressive.train_steps.1=4", "--config.train.ckpt_every=4", "--config.train.keep=10",
             "--config.train.log_every=2"]
-    full = run_cli([*args, "--workdir", str(tmp_path / "full")])
+    full = run_cli([*args, "--workdir", str(tmp_path / "full")], devices=1)
     killed_dir = tmp_path / "killed"
-    victim = run_cli([*args, "--workdir", str(killed_dir)])
-    ckpt = killed_dir / "steps_002" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (ckpt / "4").is_dir():
-        time.sleep(0.05)
-    assert (ckpt / "4").is_dir(), "no checkpoint of the 2-step round appeared"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL
-    done = sorted(int(p) for p in os.listdir(ckpt) if p.isdigit())
+    victim = run_cli([*args, "--workdir", str(killed_dir)], devices=1)
+    done = sigkill_at_checkpoint(victim, killed_dir / "steps_002" / "checkpoints", 4)
     assert done[-1] < 16, f"the round finished before it was killed: {done}"
     assert not (killed_dir / "steps_001").exists()
 
-    resumed = run_cli([*args, "--workdir", str(killed_dir)])
+    resumed = run_cli([*args, "--workdir", str(killed_dir)], devices=1)
     for p in (full, resumed):
         out, _ = p.communicate(timeout=600)
         assert p.returncode == 0, out[-3000:]

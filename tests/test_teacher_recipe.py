@@ -2,22 +2,18 @@
 after SIGKILL, and clear errors for bad input. Runs the real CLI in subprocesses where a user would."""
 
 import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
+from cli_helpers import REPO, run_cli, sigkill_at_checkpoint
 
 from jdistill import cli
 from jdistill import config as config_lib
 from jdistill.recipes import common, teacher
 from jdistill.train import mesh as mesh_lib
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "digits_teacher.py")
 TINY = ["--config.model.hidden_size=64", "--config.model.depth=2", "--config.model.num_heads=2",
         "--config.data.batch_size=32", "--config.train.log_every=4", "--config.train.sample_every=0",
@@ -26,12 +22,6 @@ TINY = ["--config.model.hidden_size=64", "--config.model.depth=2", "--config.mod
 
 def tiny_cfg(*extra):
     return config_lib.load_config(CONFIG, TINY + list(extra))
-
-
-def run_cli(args, devices=8, extra_env=None, **kw):
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), PYTHONUNBUFFERED="1", **(extra_env or {}))
-    return subprocess.Popen([sys.executable, "-m", "jdistill", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
 
 
 def final_params(workdir):
@@ -88,15 +78,7 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path):
     full = run_cli([*args, "--workdir", str(tmp_path / "full")], devices=1)
     killed_dir = tmp_path / "killed"
     victim = run_cli([*args, "--workdir", str(killed_dir)], devices=1)
-    ckpt = killed_dir / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (ckpt / "4").is_dir():
-        time.sleep(0.05)
-    assert (ckpt / "4").is_dir(), "no checkpoint appeared"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL
-    done = sorted(int(p) for p in os.listdir(ckpt) if p.isdigit())
+    done = sigkill_at_checkpoint(victim, killed_dir / "checkpoints", 4, timeout=240)
     assert done and done[-1] < 16, f"the run finished before it was killed: {done}"
     resumed = run_cli([*args, "--workdir", str(killed_dir)], devices=1)
     for p in (full, resumed):
