@@ -32,10 +32,12 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from jdistill.errors import UserError
+
 Rule = Callable[[str, np.ndarray], "list[tuple[str, np.ndarray]] | None"]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint does not fit the model: names every missing, unexpected and mis-shaped key."""
 
 

@@ -33,6 +33,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from jdistill.errors import UserError
+
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 CONFIG_NAME = "config.json"
 PIPELINE_INDEX = "model_index.json"
@@ -49,7 +51,7 @@ _SINGLE = re.compile(rf"^({'|'.join(_WEIGHT_STEMS)})(?:\.(\w+))?\.(safetensors|b
 _INDEX = re.compile(rf"^({'|'.join(_WEIGHT_STEMS)})\.(safetensors|bin)\.index(?:\.(\w+))?\.json$")
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(UserError, ValueError):
     """A file or folder that cannot be read as a checkpoint: names it and says why."""
 
 

@@ -28,16 +28,17 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from jdistill.convert import io
+from jdistill.errors import UserError
 
 # A key a config may omit, and what diffusers then uses.
 ABSENT_MEANS = {"prediction_type": "epsilon", "scaling_factor": 0.18215}
 
 
-class PresetNotFound(FileNotFoundError):
+class PresetNotFound(UserError, FileNotFoundError):
     """No local copy of a preset; the message lists every place looked at and how to provide one."""
 
 
-class PresetMismatch(ValueError):
+class PresetMismatch(UserError, ValueError):
     """A local folder found for a preset that is not that checkpoint (names every differing value)."""
 
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jdistill
+from jdistill.errors import MissingInput
 from jdistill.convert import engine, io, presets, registry
 from jdistill.convert.engine import ConversionError
 
@@ -353,7 +354,7 @@ def _resolve_src(src, models_dir=None) -> tuple[Path, presets.Preset | None]:
         return path, None
     preset = presets.find(str(src))
     if preset is None:
-        raise FileNotFoundError(f"{src}: no such file or folder, and not a preset name "
+        raise MissingInput(f"{src}: no such file or folder, and not a preset name "
                                 f"(presets: {', '.join(presets.PRESETS)})")
     return presets.resolve(preset, models_dir=models_dir), preset
 

@@ -23,11 +23,12 @@ from types import ModuleType
 from typing import Mapping
 
 from jdistill.convert.engine import ConversionError
+from jdistill.errors import UserError
 
 PROTOCOL = ("module_from_config", "load_params", "export_rules", "example_inputs")
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(UserError, ValueError):
     """A model class, or a checkpoint layout, that jdistill has no converter for."""
 
 
