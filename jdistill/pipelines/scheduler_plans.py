@@ -89,12 +89,12 @@ class Request:
 
     def no_custom_timesteps(self):
         if self.timesteps is not None:
-            self.refuse({"timesteps": list(self.timesteps)}, f"{self.scheduler}.set_timesteps takes no custom "
+            self.refuse({"timesteps": self.timesteps.tolist()}, f"{self.scheduler}.set_timesteps takes no custom "
                         "timesteps (trailing spacing gives [999, 749, 499, 249] for 4 steps)")
 
     def no_karras_with_custom(self):
         if self.timesteps is not None and self.get("use_karras_sigmas", False):
-            self.refuse({"use_karras_sigmas": True, "timesteps": list(self.timesteps)},
+            self.refuse({"use_karras_sigmas": True, "timesteps": self.timesteps.tolist()},
                         "diffusers refuses custom timesteps with Karras sigmas")
 
     def clip(self, default: bool) -> float | None:

@@ -144,6 +144,18 @@ def _check_terminal_eps(config: dict, schedule, grid) -> None:
                                          "prediction gives x0 = (z - eps) / 0; use v_prediction")
 
 
+def _check_first_timestep_once(scheduler: str, grid) -> None:
+    """Index-counting schedulers start at the second occurrence of a repeated first timestep
+    (meant for img2img), skipping a sigma and running off the end of their list."""
+    if scheduler in ("DDIMScheduler", "DDPMScheduler"):
+        return
+    t = np.asarray(grid.t)
+    if np.any(t[1:] == t[0]):
+        raise UnsupportedSchedulerOption(scheduler, {"timesteps": t.tolist()},
+                                         f"the first timestep {t[0]} repeats; diffusers would start at its second "
+                                         "occurrence and step past its last sigma (try fewer steps)")
+
+
 def _flow_plan(config: dict, schedule, num_steps: int, solver: str) -> SamplingPlan:
     bad = {k: config[k] for k, want in _FLOW_DEFAULTS.items() if k in config and differs(config[k], want)}
     if bad:
@@ -196,7 +208,7 @@ def plan(config: dict, num_steps: int | None, solver: str | None = None, schedul
     solver = solver or default_solver(config)
     if is_flow(config):
         if timesteps is not None:
-            raise UnsupportedSchedulerOption(class_name(config), {"timesteps": list(timesteps)},
+            raise UnsupportedSchedulerOption(class_name(config), {"timesteps": timesteps.tolist()},
                                              "custom timesteps on flow schedules are not reproduced")
         return _flow_plan(config, schedule, num_steps, solver)
     _check_zero_snr(config, scheduler)
@@ -204,4 +216,5 @@ def plan(config: dict, num_steps: int | None, solver: str | None = None, schedul
                         timesteps)
     result = _class_plan(req, solver, config)
     _check_terminal_eps(config, schedule, result.grid)
+    _check_first_timestep_once(scheduler, result.grid)
     return result
