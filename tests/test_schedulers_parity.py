@@ -101,6 +101,7 @@ PLAN_CASES = [
                                                  timestep_spacing="trailing"), 10, None),
     (diffusers.DPMSolverMultistepScheduler, dict(SD, solver_order=1), 10, None),
     (diffusers.DPMSolverMultistepScheduler, dict(SD, final_sigmas_type="sigma_min"), 8, None),
+    (diffusers.DPMSolverMultistepScheduler, dict(SD, final_sigmas_type="sigma_min"), 20, None),
     (diffusers.DPMSolverMultistepScheduler, dict(SD, final_sigmas_type="sigma_min", use_karras_sigmas=True), 20, None),
     (diffusers.DPMSolverMultistepScheduler, dict(SD, final_sigmas_type="sigma_min", euler_at_final=True), 20, None),
     # DPM-Solver++ SDE, seeded
