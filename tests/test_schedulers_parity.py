@@ -134,6 +134,8 @@ PLAN_CASES = [
     (diffusers.UniPCMultistepScheduler, dict(SD, solver_type="bh1", final_sigmas_type="sigma_min",
                                              solver_order=3), 10, None),
     (diffusers.UniPCMultistepScheduler, dict(SD, use_karras_sigmas=True), 12, None),
+    (diffusers.UniPCMultistepScheduler, dict(SD, use_karras_sigmas=True, sigma_min=0.05, sigma_max=8.0,
+                                             final_sigmas_type="sigma_min"), 8, None),
     (diffusers.UniPCMultistepScheduler, dict(SD, final_sigmas_type="sigma_min", lower_order_final=False), 12, None),
     # zero terminal SNR with trailing spacing (v-prediction, the pairing the rescale asks for)
     (diffusers.DDIMScheduler, zero_snr(clip_sample=False), 10, None),
