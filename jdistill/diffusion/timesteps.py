@@ -173,6 +173,14 @@ def final_grid(grid: TimeGrid, last_t: int) -> TimeGrid:
     return grid.replace(t_next=grid.t_next.at[-1].set(last_t))
 
 
+def check_custom(timesteps, T: int) -> np.ndarray:
+    """A custom timestep list as diffusers accepts it: descending, within [0, T)."""
+    ts = np.asarray(timesteps)
+    if ts.ndim != 1 or len(ts) == 0 or np.any(np.diff(ts) >= 0) or ts[0] >= T or ts[-1] < 0:
+        raise ValueError(f"custom timesteps must be descending within [0, {T}), got {ts.tolist()}")
+    return ts
+
+
 # solvers whose diffusers scheduler takes a custom timestep list, and how the list becomes a grid
 CUSTOM_TIMESTEPS = ("ddpm", "dpmpp_2m", "dpmpp_sde", "heun", "lcm", "codi")
 
@@ -183,9 +191,7 @@ def custom_grid(schedule, solver: str, timesteps) -> TimeGrid:
     if solver not in CUSTOM_TIMESTEPS:
         raise ValueError(f"solver {solver!r}: its diffusers scheduler takes no custom timesteps "
                          f"(those that do: {CUSTOM_TIMESTEPS}); use trailing spacing for [999, 749, 499, 249]")
-    ts = np.asarray(timesteps)
-    if ts.ndim != 1 or len(ts) == 0 or np.any(np.diff(ts) >= 0) or ts[0] >= schedule.num_train_timesteps or ts[-1] < 0:
-        raise ValueError(f"custom timesteps must be descending within [0, {schedule.num_train_timesteps}), got {ts}")
+    ts = check_custom(timesteps, schedule.num_train_timesteps)
     if solver == "heun":
         return euler_grid(schedule.alphas_cumprod, ts.astype(np.float32))
     if not np.array_equal(ts, np.round(ts)):

@@ -212,6 +212,8 @@ def plan(config: dict, num_steps: int | None, solver: str | None = None, schedul
                                              "custom timesteps on flow schedules are not reproduced")
         return _flow_plan(config, schedule, num_steps, solver)
     _check_zero_snr(config, scheduler)
+    if timesteps is not None:
+        timesteps = timesteps_lib.check_custom(timesteps, schedule.num_train_timesteps)
     req = plans.Request(config, scheduler, schedule, schedules_lib.diffusers_alphas_cumprod(config), num_steps,
                         timesteps)
     result = _class_plan(req, solver, config)

@@ -72,10 +72,10 @@ class Step:
 
 
 def ddim(step: Step, state, eta=0.0):
-    """DDIM on a sigma grid. Deterministic, it is diffusers' Euler step (EulerDiscreteScheduler),
-    taken in its variables x = z / a."""
+    """DDIM on a sigma grid. Deterministic and unclipped, it is diffusers' Euler step
+    (EulerDiscreteScheduler), taken in its variables x = z / a as diffusers rounds it."""
     pred = step.predict(state.z)
-    if isinstance(eta, (int, float)) and eta == 0:
+    if isinstance(eta, (int, float)) and eta == 0 and step.clip_x0 is None:
         (a_t, _), (a_s, _) = step.levels(), step.levels(True)
         sig_t, sig_s = step.sigma_at(), step.sigma_at(True)
         z = solvers.ve_euler(state.z, solvers.ve_slope(state.z, pred.x0, a_t, sig_t), a_t, sig_t, a_s, sig_s)
@@ -85,9 +85,16 @@ def ddim(step: Step, state, eta=0.0):
     return state.replace(z=z, x0_prev=pred.x0)
 
 
+def _check_option(name, value, allowed, solver):
+    if value not in allowed:
+        raise ValueError(f"{solver}: {name}={value!r}; expected one of {allowed}")
+
+
 def dpmpp(step: Step, state, sde: bool = False, solver_order=2, solver_type=None, lower_order_final=True):
     """DPM-Solver++ multistep (ODE or SDE), first order on the first step and, with
     ``lower_order_final``, on the last."""
+    _check_option("solver_order", solver_order, (1, 2), "DPM-Solver++")
+    _check_option("solver_type", solver_type, (None, "midpoint", "heun"), "DPM-Solver++")
     pred = step.predict(state.z)
     (a_t, s_t), (a_s, s_s) = step.levels(), step.levels(True)
     final_first = step.is_last if lower_order_final else False
@@ -138,6 +145,8 @@ def unipc_history(z, solver_order: int) -> dict:
 def unipc_step(step: Step, state, solver_order=2, solver_type=None, lower_order_final=True):
     """UniPC (bh1 / bh2, data prediction): correct the point just reached with the model output
     there (from the second step), then predict the next point."""
+    _check_option("solver_order", solver_order, (1, 2, 3), "UniPC")
+    _check_option("solver_type", solver_type, (None,) + unipc.VARIANTS, "UniPC")
     variant = solver_type or "bh2"
     hist = state.extra
     m_t = step.predict(state.z).x0
