@@ -14,7 +14,7 @@ import math
 import numpy as np
 
 from jdistill.diffusion import timesteps as ts_lib
-from jdistill.diffusion.diffusers_options import UnsupportedSchedulerOption, differs, zero_snr_floor
+from jdistill.diffusion.diffusers_options import UnsupportedSchedulerOption, differs
 from jdistill.diffusion.solvers import DDPM_VARIANCES, vp_from_sigma
 from jdistill.diffusion.timesteps import SPACINGS, TimeGrid
 
@@ -126,7 +126,7 @@ def _final_scale(req: Request, grid: TimeGrid, final: str) -> float:
     return 1.0 / float(a)
 
 
-def _chained(req: Request, ts, final: str = "zero") -> TimeGrid:
+def _chained(ts, final: str = "zero") -> TimeGrid:
     grid = ts_lib.chain_grid(np.asarray(ts).astype(np.int32))
     return ts_lib.final_grid(grid, 0) if final == "sigma_min" else grid
 
@@ -154,7 +154,7 @@ def ddpm(req: Request, clip_default: bool) -> SamplingPlan:
         # (to 1e-10) only for fixed_small, whose variance to the clean end is 0
         req.refuse({"variance_type": variance}, f"the last step starts at t = {int(ts[-1])} > 0, where diffusers "
                    "still adds noise of this variance")
-    return SamplingPlan("ddpm", _chained(req, ts), clip_x0=req.clip(clip_default), ddpm_variance=variance)
+    return SamplingPlan("ddpm", _chained(ts), clip_x0=req.clip(clip_default), ddpm_variance=variance)
 
 
 _DPM_ALGORITHMS = {"dpmsolver++": "dpmpp_2m", "deis": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_sde"}
@@ -184,7 +184,7 @@ def dpm_solver(req: Request, solver: str | None) -> SamplingPlan:
     else:
         ts = req.timesteps if req.timesteps is not None else ts_lib.dpm_timesteps(
             req.T, req.num_steps, req.spacing("linspace"), req.offset)
-        grid = _chained(req, ts, final)
+        grid = _chained(ts, final)
     last_first_order = bool(req.get("euler_at_final", False) or (req.get("lower_order_final", True)
                             and grid.num_steps < 15) or final == "zero")
     options = _options(solver_order=(order, 2), solver_type=(solver_type, "midpoint"),
@@ -205,7 +205,7 @@ def euler(req: Request) -> SamplingPlan:
         req.T, req.num_steps, req.spacing("linspace"), req.offset)
     zero_snr = bool(req.get("rescale_betas_zero_snr", False))
     if not karras and not zero_snr and np.array_equal(ts, np.round(ts)):
-        grid = _chained(req, ts, final)  # the schedule's own table (results from before sigma grids)
+        grid = _chained(ts, final)  # the schedule's own table (results from before sigma grids)
     else:
         grid = ts_lib.euler_grid(req.alphas_cumprod, ts, karras, req.get("sigma_min", None),
                                  req.get("sigma_max", None), final)
@@ -261,7 +261,7 @@ def unipc(req: Request) -> SamplingPlan:
         grid = ts_lib.dpm_karras_grid(req.alphas_cumprod, req.num_steps, True, req.get("sigma_min", None),
                                       req.get("sigma_max", None), final, final_is_last_karras=True)
     else:
-        grid = _chained(req, ts_lib.dpm_timesteps(req.T, req.num_steps, req.spacing("linspace"), req.offset), final)
+        grid = _chained(ts_lib.dpm_timesteps(req.T, req.num_steps, req.spacing("linspace"), req.offset), final)
     options = _options(solver_order=(order, 2), solver_type=(variant, "bh2"),
                        lower_order_final=(lower_order_final, True))
     return SamplingPlan("unipc", grid, options=options)
@@ -272,4 +272,4 @@ def lcm(req: Request, solver: str) -> SamplingPlan:
     ts = req.timesteps if req.timesteps is not None else ts_lib.lcm_timesteps(
         req.T, req.num_steps, int(req.get("original_inference_steps", 50)))
     options = _options(timestep_scaling=(float(req.get("timestep_scaling", 10.0)), 10.0))
-    return SamplingPlan(solver, _chained(req, ts), clip_x0=req.clip(False), options=options)
+    return SamplingPlan(solver, _chained(ts), clip_x0=req.clip(False), options=options)
