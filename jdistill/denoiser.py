@@ -134,12 +134,14 @@ class Denoiser:
         guided = guidance_lib.cfg(out_c[..., :k], out_u[..., :k], guidance_scale)
         return jnp.concatenate([guided, out_c[..., k:]], axis=-1) if k < out_c.shape[-1] else guided
 
-    def predict(self, z, t, cond=None, guidance_scale=None, uncond=None) -> Prediction:
+    def predict(self, z, t, cond=None, guidance_scale=None, uncond=None, alpha_sigma=None) -> Prediction:
+        """(x0, eps) at (z, t). ``alpha_sigma``: the (a, s) to read the output at, where a sampling
+        grid's noise level is not the schedule's at t (Karras sigmas); default the schedule's."""
         out = self.guided_output(z, t, cond, guidance_scale, uncond)
         variance = None
         if self.learned_variance:
             out, variance = out[..., : z.shape[-1]], out[..., z.shape[-1]:]
-        a, s = self.alpha_sigma(t, z)
+        a, s = self.alpha_sigma(t, z) if alpha_sigma is None else alpha_sigma
         x0, eps = param_lib.to_x0_eps(out, z, a, s, self.prediction)
         return Prediction(x0=x0, eps=eps, variance=variance)
 

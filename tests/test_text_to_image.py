@@ -210,6 +210,29 @@ def test_sd_dpm_solver(sd1):
     np.testing.assert_array_equal(np.asarray(asked), np.asarray(ours))
 
 
+@pytest.mark.parametrize("cls,kw,custom", [
+    (diffusers.EulerDiscreteScheduler, dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"), None),
+    (diffusers.HeunDiscreteScheduler, dict(), None),
+    (diffusers.EulerDiscreteScheduler, dict(timestep_spacing="trailing"), [999, 749, 499, 249]),
+], ids=["euler-karras-sigma_min", "heun", "euler-custom-timesteps"])
+def test_sd_sigma_schedulers(sd1, cls, kw, custom):
+    """Schedulers on their own sigmas through the pipeline: initial noise scale, solver options
+    (Heun's second model call), custom timesteps, and the final latents in diffusers' x = z / a."""
+    pipe, t2i = sd1
+    ddim = pipe.scheduler
+    pipe.scheduler = cls.from_config(ddim.config, **kw)
+    try:
+        z = latents_for(t2i, seed=2)
+        ref, _ = run_diffusers(pipe, z, negative_prompt=NEGATIVE, guidance_scale=7.5,
+                               **({} if custom is None else {"timesteps": custom}))
+        other = t2i.with_scheduler(pipe.scheduler)
+    finally:
+        pipe.scheduler = ddim
+    ours = other(PROMPTS, NEGATIVE, num_steps=STEPS if custom is None else None, guidance_scale=7.5, latents=z,
+                 output_type="latent", timesteps=custom)
+    assert_close(ours, ref, TOL, f"SD {cls.__name__} latents")
+
+
 def test_guidance_distilled_student(sd1):
     """A network with a guidance embedding (a guidance-distilled student, guidance_embed=True)
     reads guidance_scale as its ``guidance`` input: one pass per step, no negative prompts."""
@@ -360,6 +383,14 @@ SCHEDULER_CASES = [
     (diffusers.EulerDiscreteScheduler, dict(timestep_spacing="trailing"), 8),
     (diffusers.EulerDiscreteScheduler, dict(timestep_spacing="linspace"), 10),  # 999 / 9 = 111: integers
     (diffusers.FlowMatchEulerDiscreteScheduler, dict(shift=3.0), 28),
+    # reproduced since the sigma-grid solvers (trajectories: test_schedulers_parity.py)
+    (diffusers.DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear", use_karras_sigmas=True), 20),
+    (diffusers.DDIMScheduler, dict(rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                   prediction_type="v_prediction"), 10),
+    (diffusers.EulerDiscreteScheduler, dict(timestep_spacing="linspace"), 20),  # between integer timesteps
+    (diffusers.EulerDiscreteScheduler, dict(use_karras_sigmas=True), 12),
+    (diffusers.UniPCMultistepScheduler, dict(timestep_spacing="trailing"), 6),
+    (diffusers.LCMScheduler, dict(), 4),
 ]
 
 
@@ -384,13 +415,16 @@ def test_plan_reproduces_scheduler_timesteps(cls, kw, n):
 
 
 @pytest.mark.parametrize("cls,kw,match", [
-    (diffusers.DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), "use_karras_sigmas"),
+    # (Karras sigmas, sde-dpmsolver++, zero SNR and Euler between integer timesteps were refused
+    # here until they were reproduced; test_scheduler_refusals.py has every refusal)
+    (diffusers.DPMSolverMultistepScheduler, dict(use_lu_lambdas=True), "use_lu_lambdas"),
     (diffusers.DPMSolverMultistepScheduler, dict(solver_order=3), "solver_order"),
-    (diffusers.DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "algorithm_type"),
-    (diffusers.DDIMScheduler, dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
+    (diffusers.DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+     "algorithm_type"),
+    (diffusers.DDIMScheduler, dict(rescale_betas_zero_snr=True, timestep_spacing="trailing"), "rescale_betas_zero_snr"),
     (diffusers.DDIMScheduler, dict(thresholding=True), "thresholding"),
     (diffusers.FlowMatchEulerDiscreteScheduler, dict(use_dynamic_shifting=True), "use_dynamic_shifting"),
-    (diffusers.EulerDiscreteScheduler, dict(timestep_spacing="linspace"), "non-integer"),
+    (diffusers.EulerDiscreteScheduler, dict(interpolation_type="log_linear"), "interpolation_type"),
     (diffusers.PNDMScheduler, dict(), "PNDMScheduler"),
 ])
 def test_plan_refuses_what_it_does_not_reproduce(cls, kw, match):

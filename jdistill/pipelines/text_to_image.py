@@ -61,6 +61,8 @@ class _Static:
     ddpm_variance: str
     uncond: str  # "none" (no guidance), "tokens" (negative prompts), "zeros" (SDXL's empty negative)
     guidance_input: bool  # the network reads guidance_scale as its "guidance" input
+    options: tuple = ()  # the plan's further solver options, (name, value) pairs
+    final_scale: float = 1.0  # diffusers' final latents per final z (SamplingPlan.final_scale)
 
 
 def _encode(prompts: PromptEncoder, uncond: str, text_params, tokens, negative_tokens, time_ids):
@@ -83,7 +85,9 @@ def _generate(denoiser, text_params, vae_params, tokens, negative_tokens, time_i
         cond = {**cond, "guidance": jnp.full((noise.shape[0],), guidance_scale, jnp.float32)}
     latents = samplers.sample(denoiser, noise, cond, grid=grid, solver=static.solver, rng=rng,
                               guidance_scale=None if uncond is None else guidance_scale, uncond=uncond, eta=eta,
-                              clip_x0=static.clip_x0, ddpm_variance=static.ddpm_variance)
+                              clip_x0=static.clip_x0, ddpm_variance=static.ddpm_variance, **dict(static.options))
+    if static.final_scale != 1.0:
+        latents = latents * static.final_scale
     images = None if static.vae is None else _decode(static.vae, vae_params, latents)
     return latents, images
 
@@ -200,9 +204,10 @@ class TextToImage:
         return Denoiser(params=self.params["network"], schedule=self.schedule, module=self.network,
                         prediction=self.prediction)
 
-    def plan(self, num_steps: int, solver: str | None = None) -> scheduling.SamplingPlan:
-        """Solver, grid and initial noise scale: the folder scheduler's own by default."""
-        return scheduling.plan(self.scheduler_config, num_steps, solver, self.schedule)
+    def plan(self, num_steps: int | None, solver: str | None = None, *, timesteps=None) -> scheduling.SamplingPlan:
+        """Solver, grid and initial noise scale: the folder scheduler's own by default
+        (``timesteps``: a custom list, as diffusers' ``set_timesteps(timesteps=...)``)."""
+        return scheduling.plan(self.scheduler_config, num_steps, solver, self.schedule, timesteps=timesteps)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -278,12 +283,12 @@ class TextToImage:
     def generate(self, prompts: str | Sequence[str], negative_prompts=None, *, num_steps: int, guidance_scale: float,
                  solver: str | None = None, latents=None, seed: int = 0, height: int | None = None,
                  width: int | None = None, eta: float = 0.0, decode: bool = True, max_sequence_length: int = 256,
-                 original_size=None, crops_coords_top_left=(0, 0), target_size=None) -> Output:
+                 original_size=None, crops_coords_top_left=(0, 0), target_size=None, timesteps=None) -> Output:
         """Sample images for ``prompts``; returns the final latents and (with ``decode``) the
         float images. See ``__call__`` for the arguments."""
         prompts = as_list(prompts)
         batch = len(prompts)
-        plan = self.plan(num_steps, solver)
+        plan = self.plan(num_steps, solver, timesteps=timesteps)
         f = self.vae_scale_factor
         if latents is not None:
             latents = jnp.asarray(latents, jnp.float32)
@@ -309,7 +314,7 @@ class TextToImage:
         uncond = self._uncond_mode(guidance_scale > 1 and not guidance_input, negative_prompts)
         enc, tokens, neg = self._tokens(prompts, negative_prompts, uncond, max_sequence_length)
         static = _Static(enc, self.vae if decode else None, plan.solver, plan.clip_x0, plan.ddpm_variance, uncond,
-                         guidance_input)
+                         guidance_input, plan.options, plan.final_scale)
         time_ids = self._time_ids(height, width, original_size, crops_coords_top_left, target_size)
         latents, images = _generate(self.denoiser(), self.params["text_encoders"], self.params["vae"], tokens, neg,
                                     time_ids, noise, plan.grid, jnp.float32(guidance_scale), jnp.float32(eta),
@@ -330,7 +335,8 @@ class TextToImage:
         training size). ``output_type``: "uint8" (numpy NHWC), "float" ([-1, 1]) or "latent"
         (the final latents, diffusers' ``output_type="latent"``). ``options``: ``eta`` (DDIM),
         ``max_sequence_length`` (SD3's T5 tokens, default 256), SDXL's ``original_size`` /
-        ``crops_coords_top_left`` / ``target_size``.
+        ``crops_coords_top_left`` / ``target_size``, ``timesteps`` (a custom list such as
+        [999, 749, 499, 249], as diffusers' ``set_timesteps(timesteps=...)``).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r}: one of {OUTPUT_TYPES}")

@@ -84,7 +84,7 @@ def run_config(cfg, *, num: int | None = None, seed: int = 0, fraction: float | 
         noise = jax.random.normal(key_noise, (len(prompts), h // f, w // f, pipes[-1].latent_channels)) * plan.noise_scale
         z = stitch.sample([p.denoiser() for p in pipes], [r, 1 - r], noise, [c for c, _ in encoded], grid=plan.grid,
                           solver=plan.solver, rng=key_steps, mode=cfg.mode, guidance_scales=[g, g],
-                          uncond=[u for _, u in encoded], clip_x0=plan.clip_x0, ddpm_variance=plan.ddpm_variance)
+                          uncond=[u for _, u in encoded], **plan.sample_options()) * plan.final_scale
         return (images_lib.to_uint8(pipes[-1].decode(z)), prompts,
                 f"stitch {cfg.small.pipeline} -> {cfg.large.pipeline} r={r:g} ({cfg.mode} mode)")
     raise ConfigError(f"unknown stitch task {cfg.task!r}; expected class_to_image or text_to_image")
