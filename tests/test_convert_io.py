@@ -27,6 +27,7 @@ import torch
 
 from jdistill.convert import dit as dit_conv
 from jdistill.convert import cli, export, io, pretrained, presets, registry
+from jdistill.convert import sources as source_kinds
 from jdistill.convert.engine import ConversionError
 from jdistill.testing import assert_close, nchw, nhwc
 
@@ -283,8 +284,8 @@ def pipeline_dir(tmp_path_factory, dit_model):
 
 
 def test_pipeline_folder(pipeline_dir, dit_reference, tmp_path, capsys):
-    src = io.open_source(pipeline_dir)
-    assert isinstance(src, io.PipelineSource) and sorted(src.models) == ["transformer", "vae"]
+    src = source_kinds.open_source(pipeline_dir)
+    assert isinstance(src, source_kinds.PipelineSource) and sorted(src.models) == ["transformer", "vae"]
     assert sorted(src.folders) == ["scheduler", "tokenizer"] and src.absent == {"safety_checker":
                                                                                  "null in model_index.json"}
 

@@ -29,6 +29,10 @@ from typing import Any, Mapping
 
 from jdistill.convert import io
 
+# The configs key of model_index.json in check(); the key of a single model's config is SINGLE.
+INDEX = "model_index.json"
+SINGLE = "model"
+
 # A key a config may omit, and what diffusers then uses.
 ABSENT_MEANS = {"prediction_type": "epsilon", "scaling_factor": 0.18215}
 
@@ -57,6 +61,12 @@ class Preset:
     @property
     def is_file(self) -> bool:
         return self.filename is not None
+
+    @property
+    def file_config(self) -> Mapping | None:
+        """The published config that describes a bare file of this preset (None: the file
+        describes itself, or the preset is a folder)."""
+        return None
 
     def hub_ids(self) -> tuple[str, ...]:
         return tuple(r for r in (self.repo_id, *self.mirrors) if r)
@@ -232,25 +242,29 @@ def candidates(preset: Preset, models_dir=None, hub_cache=None) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-def resolve(preset: Preset | str, models_dir=None, hub_cache=None, check: bool = True) -> Path:
-    """The local copy of ``preset``, checked against its published values; no network.
-
-    Raises :class:`PresetNotFound` (every place looked at, and how to provide the copy)
-    or :class:`PresetMismatch`.
-    """
+def locate(preset: Preset | str, models_dir=None, hub_cache=None) -> Path:
+    """The local copy of ``preset``; no network, nothing read but directory entries. Raises
+    :class:`PresetNotFound` naming every place looked at and how to provide the copy."""
     preset = get(preset) if isinstance(preset, str) else preset
     looked = candidates(preset, models_dir, hub_cache)
     for path in looked:
-        ok = path.is_file() if preset.is_file else (path / io.PIPELINE_INDEX).is_file()
-        if ok:
-            if check:
-                problems = mismatches(preset, path)
-                if problems:
-                    raise PresetMismatch(f"{path} was found for preset {preset.name!r} ({preset.description}) but is "
-                                         "not that checkpoint:\n  " + "\n  ".join(problems) + "\n(to use this "
-                                         "folder anyway, pass its path instead of the preset name)")
+        if path.is_file() if preset.is_file else (path / io.PIPELINE_INDEX).is_file():
             return path
     raise PresetNotFound(_not_found_message(preset, looked))
+
+
+def resolve(preset: Preset | str, models_dir=None, hub_cache=None, check: bool = True) -> Path:
+    """The local copy of ``preset`` (:func:`locate`), checked against its published values
+    (:func:`mismatches`) unless ``check`` is False. Raises :class:`PresetNotFound` or
+    :class:`PresetMismatch`. (Loading a preset checks the same values against the plan it
+    makes anyway, without this second look.)"""
+    preset = get(preset) if isinstance(preset, str) else preset
+    path = locate(preset, models_dir, hub_cache)
+    if check:
+        problems = mismatches(preset, path)
+        if problems:
+            raise PresetMismatch(_mismatch_message(preset, path, problems))
+    return path
 
 
 def _not_found_message(preset: Preset, looked: list[Path]) -> str:
@@ -296,30 +310,58 @@ def check_values(config: Mapping, expect: Mapping, where: str) -> list[str]:
     return problems
 
 
+def check(preset: Preset, configs: Mapping[str, Mapping]) -> list[str]:
+    """What in ``configs`` (component -> config dict, with ``"scheduler"`` and :data:`INDEX` for
+    model_index.json where known) differs from the preset; empty when it is the checkpoint.
+    Components whose config is not there (a partial download, a component not converted) are
+    not checked here; converting one of them fails on its own."""
+    problems = []
+    index = configs.get(INDEX)
+    if index is not None and not preset.is_file:
+        if preset.pipeline and index.get("_class_name") not in preset.pipeline:
+            problems.append(f"model_index.json: _class_name is {index.get('_class_name')!r}, expected "
+                            f"{' or '.join(preset.pipeline)}")
+        for name, accepted in preset.components.items():
+            entry = index.get(name)
+            cls = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+            if cls not in accepted:
+                problems.append(f"model_index.json: {name} is {cls!r}, expected {' or '.join(accepted)}")
+    for name, expect in preset.expect.items():
+        config = configs.get(name or SINGLE)
+        if config is not None:
+            where = ("scheduler/scheduler_config.json" if name == "scheduler" else f"{name}/config.json") if name \
+                else "the file"
+            problems += check_values(config, expect, where)
+    return problems
+
+
+def ensure(preset: Preset, configs: Mapping[str, Mapping], where) -> None:
+    """:class:`PresetMismatch` unless :func:`check` finds nothing."""
+    problems = check(preset, configs)
+    if problems:
+        raise PresetMismatch(_mismatch_message(preset, where, problems))
+
+
+def _mismatch_message(preset: Preset, path, problems: list[str]) -> str:
+    return (f"{path} was found for preset {preset.name!r} ({preset.description}) but is not that checkpoint:\n  "
+            + "\n  ".join(problems) + "\n(to use this folder anyway, pass its path instead of the preset name)")
+
+
 def mismatches(preset: Preset, path: Path) -> list[str]:
     """What in the local copy ``path`` differs from the preset (empty when it is the checkpoint).
-    Components whose folder is absent (a partial download) are not checked here; converting
-    one of them fails on its own."""
+    A folder's configs are read as JSON (weights need not be there); a bare file is planned as
+    a conversion would plan it (its header is read)."""
     path = Path(path)
     if preset.is_file:
-        from jdistill.convert import registry
+        from jdistill.convert import pretrained, sources
+        from jdistill.convert.plan import plan
 
-        with io.open_state_dict(path) as sd:
-            _, config = registry.detect_checkpoint(sd, where=os.fspath(path))
-        return check_values(config, preset.expect.get("", {}), path.name)
-    index = io.read_json(path / io.PIPELINE_INDEX)
-    problems = []
-    if preset.pipeline and index.get("_class_name") not in preset.pipeline:
-        problems.append(f"model_index.json: _class_name is {index.get('_class_name')!r}, expected "
-                        f"{' or '.join(preset.pipeline)}")
-    for name, accepted in preset.components.items():
-        entry = index.get(name)
-        cls = entry[1] if isinstance(entry, list) and len(entry) == 2 else None
-        if cls not in accepted:
-            problems.append(f"model_index.json: {name} is {cls!r}, expected {' or '.join(accepted)}")
-    for name, expect in preset.expect.items():
+        with plan(sources.open_source(path, config=preset.file_config)) as work:
+            return check(preset, pretrained._configs(work))
+    configs = {INDEX: io.read_json(path / io.PIPELINE_INDEX)}
+    for name in preset.expect:
         sub = path / name
-        config_file = next((sub / f for f in ("config.json", "scheduler_config.json") if (sub / f).is_file()), None)
-        if config_file is not None:
-            problems += check_values(io.read_json(config_file), expect, f"{name}/{config_file.name}")
-    return problems
+        file = next((sub / f for f in ("config.json", "scheduler_config.json") if (sub / f).is_file()), None)
+        if file is not None:
+            configs[name] = io.read_json(file)
+    return check(preset, configs)
