@@ -159,7 +159,7 @@ def _bare_file(source: ModelSource, components: Sequence[str] | None) -> Plan:
             for j in jobs:
                 j.family.load(what=f"{where} ({j.name})")
             return Plan("single-file", source, jobs, copies=found.copies, skipped=found.skipped, index=found.index,
-                        index_file=found.index_file, layout=layout, unused=found.unused, notes=found.notes,
+                        index_file=found.index_file, layout=found.layout, unused=found.unused, notes=found.notes,
                         state=state)
         if source.pipeline_config is not None:
             raise registry.UnsupportedModel(f"{where}: a pipeline folder was given as its config, but the file is no "

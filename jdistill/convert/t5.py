@@ -134,3 +134,23 @@ def load_params(state_dict: Mapping, module: T5Encoder):
     params, _ = engine.convert_state_dict(untie(state_dict), target, export_rules(module),
                                           what="T5 encoder checkpoint")
     return params
+
+
+def config_from_shapes(shapes: Mapping[str, tuple]) -> dict:
+    """A ``T5EncoderModel`` config.json dict from a T5 encoder state dict's shapes: heads of width
+    64 and relative positions up to 128 (T5 v1.1's, SD3's T5-XXL's; neither is in the weights),
+    "gated-gelu" when the feed-forward is gated (v1.1), else "relu"."""
+    table = SHARED if SHARED in shapes else EMBED_TOKENS
+    vocab, width = shapes[table]
+    layers = len({k.split(".")[2] for k in shapes if k.startswith("encoder.block.")})
+    inner = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in shapes
+    ff = shapes[f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight"][0]
+    if inner % 64:
+        raise ValueError(f"a T5 attention of width {inner} has no whole number of 64-wide heads")
+    return {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": vocab, "d_model": width,
+            "d_kv": 64, "d_ff": ff, "num_layers": layers, "num_heads": inner // 64,
+            "relative_attention_num_buckets": shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
+                                                     ".weight"][0],
+            "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu" if gated else "relu",
+            "layer_norm_epsilon": 1e-6, "dropout_rate": 0.0}
