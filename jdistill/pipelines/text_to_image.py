@@ -118,6 +118,9 @@ class TextToImage:
     scheduler_config: dict
     use_attention_mask: tuple = ()  # per tower, SD 1.x / 2.x only
     force_zeros_for_empty_prompt: bool = False  # SDXL: zeros, not "", as the negative when none is given
+    # the loaded models by component name (module, config, family), as from_pretrained found them:
+    # what a LoRA's module names are resolved against (with_lora)
+    models: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self.text_encoders = tuple(self.text_encoders)
@@ -154,7 +157,8 @@ class TextToImage:
         def load(name):
             return pretrained.load_pretrained(path, name, dtype=dtype, cache_dir=cache_dir)
 
-        network, vae = load("transformer" if family == "sd3" else "unet"), load("vae")
+        network_name = "transformer" if family == "sd3" else "unet"
+        network, vae = load(network_name), load("vae")
         towers, toks = [], []
         for encoder_name, tokenizer_name in TEXT_COMPONENTS:
             if encoder_name in present:
@@ -163,6 +167,7 @@ class TextToImage:
             else:
                 towers.append(None)
                 toks.append(None)
+        models = {network_name: network, "vae": vae, **{name: t for (name, _), t in zip(TEXT_COMPONENTS, towers) if t}}
         return cls(
             family=family, network=network.module, vae=vae.module,
             text_encoders=tuple(t and t.module for t in towers), tokenizers=tuple(toks),
@@ -172,7 +177,30 @@ class TextToImage:
             use_attention_mask=tuple(bool(t and t.config.get("use_attention_mask")) for t in towers),
             # SDXL pipelines default it on (diffusers registers it in model_index.json)
             force_zeros_for_empty_prompt=family == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True)),
+            models=models,
         )
+
+    def with_lora(self, lora_file, scale: float = 1.0) -> "TextToImage":
+        """The same pipeline with a LoRA (diffusers / PEFT or kohya layout) merged into the models it
+        adapts at ``scale`` (diffusers' ``fuse_lora(lora_scale=...)``); see
+        :mod:`jdistill.convert.lora`, whose :func:`~jdistill.convert.lora.read` and
+        :func:`~jdistill.convert.lora.merge` keep the factors apart for training."""
+        from jdistill.convert import lora
+
+        if not self.models:
+            raise ValueError("with_lora needs the models' configs: build the pipeline with from_pretrained (or read "
+                             "and merge with jdistill.convert.lora)")
+        factors = lora.read(lora_file, {k: v for k, v in self.models.items() if k != "vae"})
+        params = dict(self.params)
+        towers = list(params["text_encoders"])
+        for component, f in factors.items():
+            if component in ("unet", "transformer"):
+                params["network"] = lora.merge(params["network"], f, scale)
+            else:
+                i = [name for name, _ in TEXT_COMPONENTS].index(component)
+                towers[i] = lora.merge(towers[i], f, scale)
+        params["text_encoders"] = tuple(towers)
+        return dataclasses.replace(self, params=params)
 
     def with_scheduler(self, scheduler) -> "TextToImage":
         """The same models sampled as another scheduler says: a config dict with its
