@@ -95,7 +95,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("clip", "a CLIP text encoder (transformers CLIPTextModel)",
            architectures=("CLIPTextModel", "CLIPTextModelWithProjection"), model_types=("clip_text_model",)),
     # model_type "t5" alone also means a full encoder-decoder T5: only the architecture says encoder-only
-    Family("t5", "a T5 encoder (transformers T5EncoderModel)", architectures=("T5EncoderModel",)),
+    Family("t5", "a T5 / mT5 encoder (transformers T5EncoderModel, MT5EncoderModel)",
+           architectures=("T5EncoderModel", "MT5EncoderModel")),
 )
 
 # Pipeline components that hold weights but play no part in distillation: not converted, not copied.
