@@ -254,7 +254,9 @@ def convert_state_dict(state_dict: Mapping, target, rules: Iterable[Rule] = (), 
             if path in out:
                 report.unexpected.append(f"{key} (duplicate for {'/'.join(path)})")
                 continue
-            out[path] = np.ascontiguousarray(x, dtype=dtype or spec.dtype)
+            # (np.ascontiguousarray would turn a 0-d param, CLIP's logit_scale, into shape (1,))
+            x = np.asarray(x, dtype=dtype or spec.dtype)
+            out[path] = x if x.flags.c_contiguous else np.ascontiguousarray(x)
             report.converted += 1
     report.missing = ["/".join(p) for p in flat_target if p not in out and p not in seen]
     if strict and not report.ok:

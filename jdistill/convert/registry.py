@@ -94,6 +94,10 @@ FAMILIES: tuple[Family, ...] = (
            diffusers_classes=("SD3Transformer2DModel",)),
     Family("clip", "a CLIP text encoder (transformers CLIPTextModel)",
            architectures=("CLIPTextModel", "CLIPTextModelWithProjection"), model_types=("clip_text_model",)),
+    Family("clip_vision", "a CLIP image tower (transformers CLIPVisionModel)",
+           architectures=("CLIPVisionModel", "CLIPVisionModelWithProjection"), model_types=("clip_vision_model",)),
+    Family("clip_model", "a full CLIP model (transformers CLIPModel)", architectures=("CLIPModel",),
+           model_types=("clip",)),
     # model_type "t5" alone also means a full encoder-decoder T5: only the architecture says encoder-only
     Family("t5", "a T5 / mT5 encoder (transformers T5EncoderModel, MT5EncoderModel)",
            architectures=("T5EncoderModel", "MT5EncoderModel")),
