@@ -604,7 +604,8 @@ def test_preset_defaults_absent_values_and_file_presets(tmp_path, monkeypatch):
     assert presets.check_values(sd15_scheduler, presets.get("sd21").expect["scheduler"], "s") == [
         "s: prediction_type is 'epsilon', expected 'v_prediction'"]
     for p in presets.PRESETS.values():
-        assert (p.repo_id or p.url) and p.description and (p.is_file or p.default_component in p.expect)
+        assert (p.repo_id or p.url) and p.description and (p.is_file or p.folder == "model" or
+                                                            p.default_component in p.expect)
 
     # a single-file preset found under $JDISTILL_MODELS, checked against the shapes it holds
     monkeypatch.setenv("JDISTILL_MODELS", str(tmp_path))

@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -143,6 +143,11 @@ def _open(src, *, variant, wrapper, config, models_dir):
     preset's published config describes a bare file of its own."""
     if isinstance(src, (sources.ModelSource, sources.PipelineSource)):
         return src, None
+    named = None if Path(src).expanduser().exists() else presets.find(str(src))
+    if named is not None and named.lora:  # said before looking for a copy: there is nothing to convert
+        raise ValueError(f"preset {named.name!r} is a LoRA for {named.base!r}, not a model to convert: load it with "
+                         f"load_pretrained({named.name!r}) ({named.base}'s {named.default_component} with the LoRA "
+                         f"merged) or TextToImage.from_pretrained({named.name!r})")
     path, preset = sources.resolve(src, models_dir)
     if config is None and preset is not None:
         config = preset.file_config
@@ -337,7 +342,9 @@ def convert_cached(src, component: str | None = None, dtype="float32", cache_dir
     if isinstance(source, sources.PipelineSource):
         component = _pick(sorted(source.models), component, source.path)
         components = [component]
-    elif component in (None, SINGLE):
+    elif component in (None, SINGLE) or (preset is not None and component == preset.default_component
+                                         and source.config is not None):
+        # one model (a model folder, or a file its preset's config describes): the preset's component is it
         components, component = None, None
     else:  # a component of a single-file checkpoint (a single model's file says so when planned)
         components = [component]
@@ -387,11 +394,28 @@ def load_pretrained(path_or_preset, component: str | None = None, dtype=None, ca
     path = Path(path_or_preset).expanduser()
     if path.is_dir() and (path / MANIFEST).exists():
         return load_converted(path, component, dtype)
+    preset = None if path.exists() else presets.find(str(path_or_preset))
+    if preset is not None and preset.lora:
+        return _lora_preset(preset, component, dtype, cache_dir, models_dir)
     if path.is_dir() and (path / PARAMS).is_dir() and not (path / io.PIPELINE_INDEX).exists():
         read_manifest(path)  # a converted folder cut short: say so rather than "no weights"
     entry, component = convert_cached(path_or_preset, component, dtype or "float32", cache_dir, variant=variant,
                                       wrapper=wrapper, models_dir=models_dir, config=config)
     return load_converted(entry, component, dtype)
+
+
+def _lora_preset(preset, component, dtype, cache_dir, models_dir) -> Pretrained:
+    """A LoRA preset: its base preset's model with the LoRA merged at the published scale (the
+    base is converted and cached as itself; merging is cheap next to that)."""
+    from jdistill.convert import lora
+
+    component = component or preset.default_component
+    model = load_pretrained(preset.base, component, dtype, cache_dir, models_dir=models_dir)
+    factors = lora.read(presets.locate(preset, models_dir), {component: model}, components=[component])
+    if not factors.get(component):
+        raise lora.LoRAError(f"preset {preset.name!r}: the LoRA adapts nothing of {preset.base}'s {component}")
+    scale = preset.sampler.lora_scale if preset.sampler and preset.sampler.lora_scale is not None else 1.0
+    return replace(model, params=lora.merge(model.params, factors[component], scale))
 
 
 __all__ = ["convert", "load_pretrained", "load_converted", "convert_cached", "Pretrained", "ConvertReport",
