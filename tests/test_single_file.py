@@ -377,9 +377,13 @@ def test_pipeline_folder_as_config(sd1_case, tmp_path):
     weights, and the result is a pipeline TextToImage loads, equal to the folder's own."""
     from jdistill.pipelines import TextToImage
 
+    from jdistill.convert import cli
+
     root = sd1_case["root"]
-    report = pretrained.convert(root / "model.safetensors", tmp_path / "with-config", config=root / "diffusers")
-    assert sorted(report.copied) == ["scheduler", "tokenizer"] and not report.notes
+    assert cli.main_convert([str(root / "model.safetensors"), str(tmp_path / "with-config"), "--config",
+                             str(root / "diffusers")]) == 0
+    manifest = json.loads((tmp_path / "with-config" / "jdistill.json").read_text())
+    assert sorted(manifest["copied"]) == ["scheduler", "tokenizer"] and not manifest["notes"]
     pretrained.convert(root / "diffusers", tmp_path / "folder")
     a, b = TextToImage.from_pretrained(tmp_path / "with-config"), TextToImage.from_pretrained(tmp_path / "folder")
     assert a.network == b.network and a.scheduler_config == b.scheduler_config  # the folder's sample_size, not 64
@@ -387,5 +391,12 @@ def test_pipeline_folder_as_config(sd1_case, tmp_path):
     cond, _ = a.encode_prompt(["a photo of a cat"], guidance=False)
     ref, _ = b.encode_prompt(["a photo of a cat"], guidance=False)
     np.testing.assert_array_equal(np.asarray(cond["encoder_hidden_states"]), np.asarray(ref["encoder_hidden_states"]))
+    # straight from the file: each component converted into the cache, the rest from the config folder
+    direct = TextToImage.from_pretrained(root / "model.safetensors", config=root / "diffusers",
+                                         cache_dir=tmp_path / "cache")
+    assert direct.network == b.network and direct.tokenizers[0] is not None
+    assert_same_params(direct.params, b.params)
+    with pytest.raises(ValueError, match="is a single file: pass config="):
+        TextToImage.from_pretrained(root / "model.safetensors")
     with pytest.raises(ValueError, match="is a pipeline folder: its own configs describe it"):
         pretrained.convert(root / "diffusers", tmp_path / "x", config=root / "diffusers")

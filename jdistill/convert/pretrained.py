@@ -352,8 +352,7 @@ def convert_cached(src, component: str | None = None, dtype="float32", cache_dir
                         cache_dir=cache_dir)
     if is_converted(entry):
         if preset is not None:
-            presets.ensure(preset, {**_source_configs(source), **converted_configs(entry)},
-                           where=os.fspath(source.path))
+            presets.ensure(preset, _hit_configs(source, entry), where=os.fspath(source.path))
         return entry, component
     if entry.exists():  # under the final name but incomplete: never ours (we rename in complete folders)
         shutil.rmtree(entry)
@@ -372,10 +371,19 @@ def convert_cached(src, component: str | None = None, dtype="float32", cache_dir
     return entry, component
 
 
-def _source_configs(source) -> dict:
+def _hit_configs(source, entry: Path) -> dict:
+    """What a preset is checked against on a cache hit, read once: the configs the source
+    description already holds, its scheduler's, and a bare file's config as it was read off
+    the file when converted (the file itself is not opened)."""
     if isinstance(source, sources.PipelineSource):
-        return {presets.INDEX: source.index, **{n: ms.config for n, ms in source.models.items()}}
-    return {}
+        out = {presets.INDEX: source.index, **{n: ms.config for n, ms in source.models.items()}}
+        scheduler = source.folders.get("scheduler")
+        if scheduler is not None and (scheduler / "scheduler_config.json").is_file():
+            out["scheduler"] = io.read_json(scheduler / "scheduler_config.json")
+        return out
+    if source.config is not None:
+        return {SINGLE: source.config}
+    return converted_configs(entry)
 
 
 def load_pretrained(path_or_preset, component: str | None = None, dtype=None, cache_dir=None, *,
