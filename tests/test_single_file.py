@@ -18,7 +18,6 @@ Then: the keys no component reads are reported, a pipeline folder given as ``con
 a pipeline TextToImage loads, and wrong files get named errors.
 """
 
-import dataclasses
 import json
 import pathlib
 
