@@ -399,3 +399,22 @@ def test_pipeline_folder_as_config(sd1_case, tmp_path):
         TextToImage.from_pretrained(root / "model.safetensors")
     with pytest.raises(ValueError, match="is a pipeline folder: its own configs describe it"):
         pretrained.convert(root / "diffusers", tmp_path / "x", config=root / "diffusers")
+
+
+def test_config_named_by_a_preset(sd1_case, tmp_path, monkeypatch):
+    """config="sd15": the preset's local copy, checked to be that checkpoint, describes the file."""
+    import dataclasses
+
+    from jdistill.convert import presets
+
+    monkeypatch.setenv("JDISTILL_MODELS", str(tmp_path / "models"))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "sd15").symlink_to(sd1_case["root"] / "diffusers")
+    with pytest.raises(presets.PresetMismatch, match="unet/config.json: sample_size is 8, expected 64"):
+        pretrained.convert(sd1_case["root"] / "model.safetensors", tmp_path / "refused", config="sd15")
+    # the tiny copy stands for SD 1.5 once the preset expects the tiny values
+    monkeypatch.setitem(presets.PRESETS, "sd15", dataclasses.replace(
+        presets.get("sd15"), expect={"unet": {"sample_size": 8}}, components={}, pipeline=()))
+    report = pretrained.convert(sd1_case["root"] / "model.safetensors", tmp_path / "out", config="sd15")
+    assert sorted(report.copied) == ["scheduler", "tokenizer"]
+    assert json.loads((tmp_path / "out" / "unet" / "config.json").read_text())["sample_size"] == 8

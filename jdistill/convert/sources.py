@@ -10,9 +10,9 @@ The kinds:
   config are read off its keys and shapes when it is planned
   (:mod:`jdistill.convert.plan`), unless a config is given: a config dict or a model
   folder / ``config.json`` for a bare diffusers-layout state dict (e.g. SDXL-Lightning's
-  ``*_unet.safetensors``), or a diffusers pipeline folder for a single-file Stable
-  Diffusion / SD3 checkpoint (its components' configs, scheduler and tokenizers are used,
-  as ``from_single_file(config=...)`` uses them);
+  ``*_unet.safetensors``), or a diffusers pipeline folder (or a preset naming one) for a
+  single-file Stable Diffusion / SD3 checkpoint (its components' configs, scheduler and
+  tokenizers are used, as ``from_single_file(config=...)`` uses them);
 * :class:`PipelineSource`: a diffusers pipeline folder (``model_index.json``): each
   component is a model (config + weights), a folder copied as it is (scheduler,
   tokenizer, feature extractor), or absent / null.
@@ -110,12 +110,19 @@ def is_component(value) -> bool:
 
 
 def _given_config(config) -> tuple[dict | None, Path | None, Path | None]:
-    """(config dict, its file, a pipeline folder) from what a caller passed as ``config``."""
+    """(config dict, its file, a pipeline folder) from what a caller passed as ``config``: a dict, a
+    config.json or a model folder, a pipeline folder, or a preset name (its local copy)."""
     if config is None:
         return None, None, None
     if isinstance(config, Mapping):
         return dict(config), None, None
     path = Path(config).expanduser()
+    if not path.exists():
+        from jdistill.convert import presets
+
+        named = presets.find(str(config))
+        if named is not None:  # a preset's local copy, checked to be it, describes the file (config="sdxl")
+            path = presets.resolve(named)
     if path.is_dir() and (path / PIPELINE_INDEX).is_file():
         return None, None, path
     file = path / CONFIG_NAME if path.is_dir() else path
