@@ -13,8 +13,10 @@ kind of preset loaded from a tiny local copy built with its published config's s
   weights (<= 1e-4 relative, with LCM's timestep_cond and SDXL's time ids), and the pipeline
   gets the preset's scheduler.
 
-Sampling with the students' own solvers (LCM, Euler ancestral, TCD, trailing Euler) against
-diffusers' pipelines is for when jdistill.sampling has them.
+Two students' samplers are ones jdistill has (trailing Euler for SDXL-Lightning, flow Euler for
+SD3.5 Large Turbo): their latents equal diffusers' pipelines' (1e-4). Sampling the others (LCM,
+Euler ancestral, TCD, custom timesteps) against diffusers' pipelines is for when
+jdistill.sampling has those solvers.
 """
 
 import dataclasses
@@ -173,7 +175,7 @@ def unet_inputs(module, timestep_cond=None, seed=0):
         tkw["added_cond_kwargs"] = {k: torch.from_numpy(v) for k, v in added.items()}
     if timestep_cond is not None:
         kw["timestep_cond"] = jnp.asarray(timestep_cond)
-        tkw["timestep_cond"] = torch.from_numpy(np.asarray(timestep_cond))
+        tkw["timestep_cond"] = torch.from_numpy(np.array(timestep_cond))
     return (z, t, ctx), kw, tkw
 
 
@@ -409,3 +411,56 @@ def test_preset_not_found_names_the_repo_file(models):
         pytest.raises(presets.PresetNotFound, presets.locate, "lcm-lora-sdxl").value)
     assert json.dumps(presets.get("lcm-lora-sdxl").sampler.scheduler_config({"a": 1})) == \
         '{"a": 1, "_class_name": "LCMScheduler"}'
+
+
+# ------------------------------------------------------------------------------- sampled as published
+
+
+PROMPTS = ["a photo of a cat", "a red dog"]
+
+
+def diffusers_latents(pipe, latents, steps, **kw):
+    final = {}
+
+    def keep(pipeline, step, t, tensors):
+        final["latents"] = tensors["latents"]
+        return tensors
+
+    with torch.no_grad():
+        pipe(prompt=PROMPTS, num_inference_steps=steps, latents=torch.from_numpy(nchw(latents)), height=16, width=16,
+             output_type="latent", callback_on_step_end=keep, **kw)
+    return nhwc(final["latents"].numpy())
+
+
+def test_lightning_sampled_as_published(tiny_sdxl, models, tmp_path):
+    """SDXL-Lightning's sampler (trailing Euler, guidance 0) is one jdistill already has: the
+    student in its base pipeline gives diffusers' latents for the same noise."""
+    root, register = models
+    base_pipe, config = tiny_sdxl
+    student = randomize_(diffusers.UNet2DConditionModel(**config), seed=43).eval()
+    preset = presets.get("sdxl-lightning-4step-unet")
+    (root / preset.name).mkdir()
+    safetensors.torch.save_file(student.state_dict(), root / preset.name / preset.filename)
+    register(preset.name, configs={"unet": {"_class_name": "UNet2DConditionModel", **config}})
+    t2i = TextToImage.from_preset(preset.name, cache_dir=tmp_path / "cache")
+    steps, g = preset.sampler.steps[0], preset.sampler.guidance_scale
+    z = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ours = t2i(PROMPTS, num_steps=steps, guidance_scale=g, latents=z, output_type="latent")
+    base_pipe.unet = student
+    base_pipe.scheduler = getattr(diffusers, preset.sampler.scheduler).from_config(
+        base_pipe.scheduler.config, **preset.sampler.options)
+    ref = diffusers_latents(base_pipe, z, steps, guidance_scale=g)
+    assert_close(ours, ref, TOL, "SDXL-Lightning 4 steps, trailing Euler")
+
+
+def test_sd35_turbo_sampled_as_published(tiny_sd3, models, tmp_path):
+    root, register = models
+    pipe, _ = tiny_sd3
+    pipe.save_pretrained(root / "sd35-large-turbo")
+    preset = register("sd35-large-turbo", expect={"transformer": {"qk_norm": "rms_norm"}})
+    t2i = TextToImage.from_preset("sd35-large-turbo", cache_dir=tmp_path / "cache")
+    steps, g = preset.sampler.steps[0], preset.sampler.guidance_scale
+    z = np.random.default_rng(1).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ours = t2i(PROMPTS, num_steps=steps, guidance_scale=g, latents=z, output_type="latent", max_sequence_length=8)
+    ref = diffusers_latents(pipe, z, steps, guidance_scale=g, max_sequence_length=8)
+    assert_close(ours, ref, TOL, "SD3.5 Large Turbo 4 steps, flow Euler")
