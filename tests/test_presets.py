@@ -13,8 +13,9 @@ kind of preset loaded from a tiny local copy built with its published config's s
   weights (<= 1e-4 relative, with LCM's timestep_cond and SDXL's time ids), and the pipeline
   gets the preset's scheduler.
 
-Two students' samplers are ones jdistill has (trailing Euler for SDXL-Lightning, flow Euler for
-SD3.5 Large Turbo): their latents equal diffusers' pipelines' (1e-4). Sampling the others (LCM,
+Three students' samplers are ones jdistill has (trailing Euler for SDXL-Lightning, flow Euler for
+SD3.5 Large Turbo, trailing DDIM for Hyper-SD's multi-step LoRAs): their latents equal
+diffusers' pipelines' (1e-4). Sampling the others (LCM,
 Euler ancestral, TCD, custom timesteps) against diffusers' pipelines is for when
 jdistill.sampling has those solvers.
 """
@@ -260,7 +261,7 @@ def test_sdxl_turbo_pipeline_preset(models, tmp_path):
     assert unet.component == "unet" and unet.module == t2i.network
 
 
-@pytest.mark.parametrize("name", ["sdxl-lightning-4step-unet", "hyper-sdxl-1step-unet"])
+@pytest.mark.parametrize("name", ["hyper-sdxl-1step-unet"])
 def test_unet_file_preset(name, tiny_sdxl, models, tmp_path):
     """A bare diffusers-layout UNet file with the published (scaled) SDXL UNet config: converted
     alone, and put into its base pipeline with the preset's scheduler."""
@@ -464,3 +465,28 @@ def test_sd35_turbo_sampled_as_published(tiny_sd3, models, tmp_path):
     ours = t2i(PROMPTS, num_steps=steps, guidance_scale=g, latents=z, output_type="latent", max_sequence_length=8)
     ref = diffusers_latents(pipe, z, steps, guidance_scale=g, max_sequence_length=8)
     assert_close(ours, ref, TOL, "SD3.5 Large Turbo 4 steps, flow Euler")
+
+
+def test_hyper_sd_lora_sampled_as_published(tiny_sdxl, models, tmp_path):
+    """Hyper-SDXL's 4-step LoRA: merged into the base pipeline, sampled with trailing DDIM at
+    guidance 0, equal to diffusers' pipeline with the LoRA fused and that scheduler."""
+    root, register = models
+    base_pipe, _ = tiny_sdxl
+    preset = presets.get("hyper-sdxl-4step-lora")
+    unet = diffusers.UNet2DConditionModel.from_pretrained(root / "sdxl" / "unet")
+    torch.manual_seed(5)
+    unet.add_adapter(peft_config(["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"]))
+    (root / preset.name).mkdir()
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(root / preset.name, weight_name=preset.filename,
+                                                          unet_lora_layers=peft.get_peft_model_state_dict(unet))
+    t2i = TextToImage.from_preset(preset.name, cache_dir=tmp_path / "cache")
+    assert t2i.scheduler_config["_class_name"] == "DDIMScheduler" and t2i.plan(4).solver == "ddim"
+    z = np.random.default_rng(2).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    steps, g = preset.sampler.steps[0], preset.sampler.guidance_scale
+    ours = t2i(PROMPTS, num_steps=steps, guidance_scale=g, latents=z, output_type="latent")
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(root / "sdxl")
+    theirs.load_lora_weights(root / preset.name / preset.filename)
+    theirs.fuse_lora(components=["unet"])
+    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, **preset.sampler.options)
+    ref = diffusers_latents(theirs, z, steps, guidance_scale=g)
+    assert_close(ours, ref, TOL, "Hyper-SDXL 4-step LoRA, trailing DDIM")
