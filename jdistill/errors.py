@@ -52,3 +52,7 @@ def check_finite(name: str, value, *, allow_none: bool = False, minimum: float |
     if minimum is not None and value < minimum:
         raise InvalidArgument(f"{name} must be >= {minimum:g}, got {value:g}")
     return value
+
+
+class OutputExists(UserError, FileExistsError):
+    """An output that would overwrite something already there."""
