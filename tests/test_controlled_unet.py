@@ -1,4 +1,4 @@
-"""Composite networks as one Denoiser (jdistill/models/adapters.py): a UNet2DConditionModel driven
+"""Composite networks as one Denoiser (jdistill/models/controlled_unet.py): a UNet2DConditionModel driven
 by a ControlNet, run through ``Denoiser.for_module(...).predict`` with classifier-free guidance,
 against diffusers' UNet fed by diffusers' ControlNetModel residuals as
 StableDiffusionControlNetPipeline computes a step's noise prediction (fp32, <= 1e-4 relative)."""
@@ -16,8 +16,9 @@ from jdistill.convert import controlnet as convert_controlnet
 from jdistill.convert import unet_cond as convert_unet
 from jdistill.denoiser import Denoiser
 from jdistill.diffusion import schedules
+from jdistill.errors import InvalidArgument
 from jdistill.models import registry
-from jdistill.models.adapters import ControlledUNet
+from jdistill.models.controlled_unet import ControlledUNet
 from jdistill.testing import assert_close, nchw, nhwc
 
 TOL = 1e-4
@@ -94,5 +95,5 @@ def test_global_pooling_controlnets_are_refused(pair):
     _, _, net, den = pair
     pooled = den.replace(module=net.clone(controlnet=net.controlnet.clone(global_pool_conditions=True)))
     args, kwargs = registry.example_inputs(net)
-    with pytest.raises(ValueError, match="guess mode"):
+    with pytest.raises(InvalidArgument, match="guess mode"):
         pooled.output(args[0], jnp.ones((1,)), {"encoder_hidden_states": args[2], "controlnet_cond": args[3]})

@@ -32,6 +32,7 @@ from typing import Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jdistill.errors import InvalidArgument
 from jdistill.models.controlnet import ControlNetModel
 from jdistill.models.unet_cond import UNet2DConditionModel
 
@@ -69,7 +70,7 @@ class ControlledUNet(nn.Module):
                  added_cond_kwargs: Mapping | None = None, guidance=None, *, class_labels=None, timestep_cond=None,
                  train: bool = False):
         if self.controlnet.global_pool_conditions:
-            raise ValueError("a global-pooling ControlNet runs in guess mode (on the conditional half of a CFG batch "
+            raise InvalidArgument("a global-pooling ControlNet runs in guess mode (on the conditional half of a CFG batch "
                              "only), which ControlledUNet does not reproduce")
         down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond, self.conditioning_scale,
                                     added_cond_kwargs, class_labels=class_labels, train=train)
