@@ -50,11 +50,13 @@ def test_sweep_rows_follow_the_fractions(sweep_result):
     # 4 DDIM steps at t = 1, 0.75, 0.5, 0.25: the small model serves t >= 1 - fraction, boundary included
     assert [(rows[f]["small_calls"], rows[f]["large_calls"]) for f in (0.0, 0.5, 1.0)] == [(0, 4), (3, 1), (4, 0)]
     # the ends are the models alone (the two models' FDs differ, so a swapped end would show)
-    assert alone["large"]["fd"] != pytest.approx(alone["small"]["fd"], rel=1e-3)
+    # (2 training steps leave both near noise: their FDs differ by ~1e-5 relative, above the 1e-6 below)
+    assert alone["large"]["fd"] != pytest.approx(alone["small"]["fd"], rel=1e-6)
     for fraction, name in ((0.0, "large"), (1.0, "small")):
         assert rows[fraction]["fd"] == pytest.approx(alone[name]["fd"], rel=1e-6), name
         assert rows[fraction]["class_acc"] == alone[name]["class_acc"], name
-    assert rows[0.5]["fd"] not in (pytest.approx(alone["large"]["fd"]), pytest.approx(alone["small"]["fd"]))
+    assert rows[0.5]["fd"] not in (pytest.approx(alone["large"]["fd"], rel=1e-6),
+                                   pytest.approx(alone["small"]["fd"], rel=1e-6))
     for r in rows.values():
         assert r["fd_vs_large"] == pytest.approx(r["fd"] / alone["large"]["fd"], rel=1e-6)
         assert r["time_vs_large"] == pytest.approx(r["s_per_1000"] / rows[0.0]["s_per_1000"])
