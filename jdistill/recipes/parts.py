@@ -3,7 +3,9 @@
 * ``teacher``: the digits teacher's 64-step DDIM + CFG samples against the held-out digits;
 * ``guided``: Meng et al.'s guided distillation of it (stage 1, then halvings), the
   teacher-vs-student table and the paper's claims;
-* ``stitch``: T-Stitch of the small digits teacher before the large one.
+* ``stitch``: T-Stitch of the small digits teacher before the large one;
+* ``collab``: adaptive teacher-student collaboration: a deliberately short 1-step student, an oracle,
+  the teacher refining the lowest-scoring half.
 
 A new method adds its part here (a function of a :class:`~jdistill.recipes.demo.Demo`
 returning ``{"claims": [...], ...}``) and registers it in :data:`PARTS`.
@@ -16,7 +18,7 @@ import os
 import jax
 
 from jdistill import images as images_lib
-from jdistill.recipes import evaluation, guided, guided_table, runs, stitch
+from jdistill.recipes import collab_report, collab_sweep, evaluation, guided, guided_table, runs, stitch
 from jdistill.recipes import teacher as teacher_lib
 from jdistill.recipes.demo import Demo, Part, claim, run
 from jdistill.train.loop import training_seconds
@@ -26,6 +28,12 @@ from jdistill.train.loop import training_seconds
 GUIDED_DEMO = ["--config.stage1.steps=600", "--config.progressive.start_steps=8",
                "--config.progressive.train_steps.default=300", "--config.progressive.train_steps.2=400",
                "--config.progressive.train_steps.1=800"]
+# The collaboration's student: stage 1 and one round to 1 step, cut short so that it is worse than the
+# teacher on average (the paper's premise); docs/collaboration.md's tables use this student.
+COLLAB_STUDENT = ["--config.stage1.steps=150", "--config.progressive.start_steps=1",
+                  "--config.progressive.train_steps.1=150", "--config.train.ckpt_every=150"]
+COLLAB_QUICK = ["--config.stage1.steps=10", "--config.progressive.start_steps=1",
+                "--config.progressive.train_steps.1=10", "--config.train.ckpt_every=10"]
 GUIDED_QUICK = ["--config.stage1.steps=20", "--config.progressive.start_steps=4",
                 "--config.progressive.train_steps.default=10", "--config.progressive.train_steps.2=10",
                 "--config.progressive.train_steps.1=10"]
@@ -85,10 +93,27 @@ def stitch_part(demo: Demo) -> dict:
     return {"rows": sweep["rows"], "claims": claims, "device": f"{jax.devices()[0].platform}"}
 
 
+def collab_part(demo: Demo) -> dict:
+    teacher_dir = demo.teacher("digits_teacher")
+    cfg = demo.config("digits_guided", [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config=",
+                                        *(COLLAB_QUICK if demo.quick else COLLAB_STUDENT)])
+    workdir = demo.run_dir("digits_guided_collab")
+    guided.train(cfg, workdir, progress=False)
+    # the default demo checks the claims at ~10 evaluations with the sweep's pick (k 50, sigma 0.6);
+    # --full sweeps every budget, k and sigma (docs/collaboration.md)
+    grid = {} if demo.full else dict(budgets=(10,), ks=(50,), sigmas=(0.6,), repeats=2)
+    result = collab_sweep.sweep(os.path.join(workdir, "steps_001"), teacher_dir, num=demo.num,
+                                calibration_num=demo.num, out_dir=demo.out("collab"), progress=False, **grid)
+    print(collab_report.summary_table(result))
+    claims = [claim(c["claim"], c["value"], c["target"], c["ok"]) for c in result["checks"]]
+    return {"rows": result["rows"], "claims": claims}
+
+
 PARTS = {p.name: p for p in (
     Part("teacher", "the digits teacher (64-step DDIM + CFG)", teacher_part),
     Part("guided", "guided distillation (Meng et al.)", guided_part),
     Part("stitch", "T-Stitch: the small teacher for the early steps", stitch_part),
+    Part("collab", "adaptive teacher-student collaboration (Starodubcev et al.)", collab_part),
 )}
 
 

@@ -164,12 +164,16 @@ def bucket_for(count: int, batch: int, buckets: int) -> int:
     return next(b for b in bucket_sizes(batch, buckets) if b >= count)
 
 
-def select(scores, tau: float) -> np.ndarray:
+def needs_scores(tau: float) -> bool:
+    """tau = -inf selects nothing and +inf everything, whatever the scores: no oracle need run."""
+    return bool(np.isfinite(tau))
+
+
+def select(scores, tau: float, batch: int) -> np.ndarray:
     """Indices of the samples the teacher improves: score below tau (tau = -inf: none, +inf: all)."""
-    scores = np.asarray(scores)
-    if np.isposinf(tau):
-        return np.arange(len(scores))
-    return np.flatnonzero(scores < tau)
+    if not needs_scores(tau):
+        return np.arange(batch) if tau > 0 else np.zeros((0,), np.int64)
+    return np.flatnonzero(np.asarray(scores) < tau)
 
 
 def padded(idx: np.ndarray, size: int) -> np.ndarray:
@@ -188,9 +192,10 @@ class Selection:
 
 def improve(x, scores, tau: float, run_teacher, *, buckets: int = 8):
     """Replace the rows of ``x`` scoring below ``tau`` by ``run_teacher(rows)`` ((padded indices) ->
-    improved rows, as many as given); nothing runs when nothing is selected. (x, Selection)."""
+    improved rows, as many as given); nothing runs when nothing is selected. ``scores`` may be None
+    for an infinite tau. (x, Selection)."""
     batch = x.shape[0]
-    idx = select(scores, tau)
+    idx = select(scores, tau, batch)
     if idx.size == 0:
         return x, Selection(idx, 0, batch)
     rows = padded(idx, bucket_for(len(idx), batch, buckets))
@@ -206,13 +211,12 @@ def take(tree, rows):
 @dataclasses.dataclass(frozen=True)
 class Teacher:
     """The teacher as refinement runs it: one denoiser, or a T-Stitch chain (small to large, with
-    ``fractions``), each with its CFG scale (None: guidance is an input or absent) and uncond."""
+    ``fractions``), each with its CFG scale (None: guidance is an input or absent)."""
 
     denoisers: tuple
     guidance_scales: tuple
     fractions: tuple = (1.0,)
     mode: str = "timestep"
-    unconds: tuple | None = None
     grid_fn: Callable[[int], TimeGrid] | None = None  # steps -> the grid of a whole run (default make_grid)
 
     @property
@@ -227,24 +231,27 @@ class Teacher:
         grid, start = teacher_grid(self.schedule, refinement, self.grid_fn)
         return grid, start, stitch.plan(grid, self.schedule, self.fractions, self.mode, start)
 
-    def run(self, z, conds, grid: TimeGrid, start: int, rng, solver: str, **options):
-        """z at grid step ``start`` -> the clean end; ``conds``: one condition per denoiser."""
+    def run(self, z, conds, grid: TimeGrid, start: int, rng, solver: str, unconds=None, **options):
+        """z at grid step ``start`` -> the clean end; ``conds`` (and ``unconds``, the CFG negatives
+        where the denoisers have no null class): one per denoiser."""
         return stitch.sample(list(self.denoisers), list(self.fractions), z, list(conds), grid=grid, solver=solver,
                              rng=rng, mode=self.mode, guidance_scales=list(self.guidance_scales),
-                             uncond=None if self.unconds is None else list(self.unconds), start=start, **options)
+                             uncond=None if unconds is None else list(unconds), start=start, **options)
 
 
-def refine_rows(teacher: Teacher, refinement: Refinement, x, key, conds_for, *, solver_options=None):
+def refine_rows(teacher: Teacher, refinement: Refinement, x, key, conds_for, *, unconds_for=None,
+                solver_options=None):
     """A ``run_teacher`` for :func:`improve`: the selected rows of the student's ``x`` re-noised
     with their own rows of Z (drawn for the whole batch from ``key``, so a sample's Z does not
-    depend on which others are selected) and run through the teacher. ``conds_for(rows)`` gives
-    the teacher's per-denoiser conditions of those rows."""
+    depend on which others are selected) and run through the teacher. ``conds_for(rows)`` (and
+    ``unconds_for(rows)``) give the teacher's per-denoiser conditions of those rows."""
     grid, start, _ = teacher.plan(refinement)
 
     def run(rows):
         noise = jax.random.normal(jax.random.fold_in(key, RENOISE_STREAM), x.shape, jnp.float32)
         rng = jax.random.fold_in(key, TEACHER_STREAM)
         z = renoise(take(x, rows), take(noise, rows), teacher.schedule, refinement, grid, start)
-        return teacher.run(z, conds_for(rows), grid, start, rng, refinement.solver, **(solver_options or {}))
+        return teacher.run(z, conds_for(rows), grid, start, rng, refinement.solver,
+                           None if unconds_for is None else unconds_for(rows), **(solver_options or {}))
 
     return run
