@@ -4,7 +4,7 @@
 * ``guided``: Meng et al.'s guided distillation of it (stage 1, then halvings), the
   teacher-vs-student table and the paper's claims;
 * ``stitch``: T-Stitch of the small digits teacher before the large one;
-* ``collab``: adaptive teacher-student collaboration: a deliberately short 1-step student, an oracle,
+* ``collab``: adaptive teacher-student collaboration: the guided part's 1-step student, an oracle,
   the teacher refining the lowest-scoring half.
 
 A new method adds its part here (a function of a :class:`~jdistill.recipes.demo.Demo`
@@ -28,12 +28,6 @@ from jdistill.train.loop import training_seconds
 GUIDED_DEMO = ["--config.stage1.steps=600", "--config.progressive.start_steps=8",
                "--config.progressive.train_steps.default=300", "--config.progressive.train_steps.2=400",
                "--config.progressive.train_steps.1=800"]
-# The collaboration's student: stage 1 and one round to 1 step, cut short so that it is worse than the
-# teacher on average (the paper's premise); docs/collaboration.md's tables use this student.
-COLLAB_STUDENT = ["--config.stage1.steps=150", "--config.progressive.start_steps=1",
-                  "--config.progressive.train_steps.1=150", "--config.train.ckpt_every=150"]
-COLLAB_QUICK = ["--config.stage1.steps=10", "--config.progressive.start_steps=1",
-                "--config.progressive.train_steps.1=10", "--config.train.ckpt_every=10"]
 GUIDED_QUICK = ["--config.stage1.steps=20", "--config.progressive.start_steps=4",
                 "--config.progressive.train_steps.default=10", "--config.progressive.train_steps.2=10",
                 "--config.progressive.train_steps.1=10"]
@@ -58,13 +52,20 @@ def teacher_part(demo: Demo) -> dict:
     return dict(row, real_vs_real_fd=ref, train_seconds=seconds, claims=claims)
 
 
-def guided_part(demo: Demo) -> dict:
+def guided_run(demo: Demo):
+    """(config, workdir) of the demo's guided distillation, trained unless finished (the guided and
+    collab parts share it)."""
     teacher_dir = demo.teacher("digits_teacher")
     budget = GUIDED_QUICK if demo.quick else [] if demo.full else GUIDED_DEMO
     cfg = demo.config("digits_guided", [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config=",
                                         *budget])
     workdir = demo.run_dir("digits_guided" if demo.full else "digits_guided_demo")
     guided.train(cfg, workdir)
+    return cfg, workdir
+
+
+def guided_part(demo: Demo) -> dict:
+    cfg, workdir = guided_run(demo)
     scales = (1.5, 2.0) if demo.full else (1.5,)
     kw = {} if demo.full else dict(teacher_steps=(4, 8, 64), student_steps=(1, 4), stochastic=False)
     table = guided_table.results_table(workdir, guidance_scales=scales, num=demo.num, out_dir=demo.out("guided"),
@@ -95,10 +96,7 @@ def stitch_part(demo: Demo) -> dict:
 
 def collab_part(demo: Demo) -> dict:
     teacher_dir = demo.teacher("digits_teacher")
-    cfg = demo.config("digits_guided", [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config=",
-                                        *(COLLAB_QUICK if demo.quick else COLLAB_STUDENT)])
-    workdir = demo.run_dir("digits_guided_collab")
-    guided.train(cfg, workdir, progress=False)
+    _, workdir = guided_run(demo)  # after the guided part: its finished run, nothing trained here
     # the default demo checks the claims at ~10 evaluations with the sweep's pick (k 50, sigma 0.6);
     # --full sweeps every budget, k and sigma (docs/collaboration.md)
     grid = {} if demo.full else dict(budgets=(10,), ks=(50,), sigmas=(0.6,), repeats=2)
