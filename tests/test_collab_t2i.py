@@ -28,6 +28,9 @@ from jdistill.recipes.collab_calibration import CalibrationMismatch
 from jdistill.sampling import collaborate
 from jdistill.testing import assert_close, nchw, nhwc
 
+# four tiny SDXL pipelines converted and sampled: minutes on 2 cores (`make test-slow`)
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 EULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
