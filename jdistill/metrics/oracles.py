@@ -1,7 +1,7 @@
 """Oracles: a per-sample quality score that decides which student samples the teacher improves
 (adaptive teacher-student collaboration). Higher is better. Registered by name:
 
-* ``digits_confidence``: log-probability of the sample's intended class under a *second*
+* ``digits_confidence``: log-odds log(p / (1 - p)) of the sample's intended class under a *second*
   digits classifier (``jdistill/assets/digits_oracle/``: another width and seed than the
   classifier FD is measured in, trained by the same code), or of its most likely class
   without labels. Scoring with the FD network itself would let the selection game the metric.
@@ -76,12 +76,17 @@ def digits_confidence() -> Oracle:
     clf = digits_oracle_classifier()
 
     def score(images, labels=None):
-        logp = np.asarray(jax.nn.log_softmax(jnp.asarray(clf.logits(images)), axis=-1))
-        if labels is None:
-            return logp.max(-1)
-        return np.take_along_axis(logp, np.asarray(labels, np.int64)[:, None], axis=-1)[:, 0]
+        # log(p / (1 - p)) from the logits: the order of p, but log p saturates at 0 in float32 for a
+        # confident classifier, and tied scores would leave k% of samples no longer below tau
+        logits = np.asarray(clf.logits(images), np.float64)
+        rows = np.arange(len(logits))
+        own = logits.argmax(-1) if labels is None else np.asarray(labels, np.int64)
+        others = logits.copy()
+        others[rows, own] = -np.inf
+        top = others.max(-1)
+        return logits[rows, own] - (top + np.log(np.exp(others - top[:, None]).sum(-1)))
 
-    return Oracle("digits_confidence", score, {"oracle": "digits_confidence",
+    return Oracle("digits_confidence", score, {"oracle": "digits_confidence", "score": "log_odds",
                                                "weights_sha256": clf.config["weights_sha256"]})
 
 
