@@ -12,6 +12,9 @@
     jdistill sample --workdir LARGE --stitch SMALL --fractions 0.4     (T-Stitch)
     jdistill stitch-sweep --small SMALL --large LARGE [--steps 16 64]  (table + plot over the fraction)
     jdistill stitch-pick runs/stitch/results.json --budget 0.7        (best fraction for a time budget)
+    jdistill collab-calibrate --student RUN --student-steps 1 --out calib.json   (tau's calibration scores)
+    jdistill collab-sweep --student RUN --teacher RUN --budgets 6 8 10 12  (adaptive collaboration: table + plot)
+    jdistill collab-pick runs/collab/results.json --budget 10         (best setting within an evaluation budget)
     jdistill convert SRC DST                                          (PyTorch checkpoints -> Orbax)
 
 Every workdir a command writes (a teacher, a distillation, any one of its stages) can be
@@ -182,6 +185,40 @@ def cmd_stitch_pick(args, overrides):
           f"({best['time_vs_large']:.3f}x the large model)")
 
 
+def cmd_collab_calibrate(args, overrides):
+    from jdistill.metrics import oracles
+    from jdistill.recipes import collab
+
+    student = collab.load_student(args.student, steps=args.student_steps, guidance_scale=args.guidance)
+    calib = collab.calibrate(student, oracles.get(args.oracle), num=args.num, seed=args.seed)
+    calib.save(args.out)
+    taus = ", ".join(f"k={k}: {calib.tau(k):.4f}" for k in (10, 25, 50, 75, 90))
+    print(f"calibrated {student.settings['sampler']} with {args.oracle} on {args.num} samples: tau {taus}; wrote {args.out}")
+
+
+def cmd_collab_sweep(args, overrides):
+    from jdistill.recipes import collab_report, collab_sweep
+
+    result = collab_sweep.sweep(args.student, args.teacher, student_steps=args.student_steps,
+                                guidance_scale=args.guidance, teacher_fractions=args.teacher_fractions,
+                                oracle=args.oracle, budgets=args.budgets, ks=args.k, sigmas=args.sigma, form=args.form,
+                                solver=args.solver, reference_steps=args.reference_steps, num=args.num,
+                                calibration=args.calibration, out_dir=args.out, seed=args.seed, buckets=args.buckets,
+                                repeats=args.repeats)
+    print(collab_report.format_results(result))
+    print(f"table, plot and grids in {args.out}")
+
+
+def cmd_collab_pick(args, overrides):
+    from jdistill.recipes import collab_sweep
+    from jdistill.recipes.sample import read_results
+
+    best = collab_sweep.pick(read_results(args.results), args.budget)
+    print(f"pick: {best['sampler']} ({best['strategy']}) -> FD {best['fd']:.2f}, class acc {best['class_acc']:.3f}, "
+          f"{best['avg_evals']:.2f} evaluations ({best['avg_steps']:.2f} steps) per sample on average, "
+          f"{best['s_per_1000']:.2f} s / 1000 samples")
+
+
 def cmd_eval(args, overrides):
     from jdistill.recipes import sample as sample_lib
 
@@ -263,6 +300,42 @@ def build_parser():
     g.add_argument("--seconds", type=positive_float, help="seconds per 1000 samples")
     sp.add_argument("--steps", type=positive_int, help="only this step count")
     sp.set_defaults(fn=cmd_stitch_pick)
+
+    cc = sub.add_parser("collab-calibrate", help="adaptive collaboration: oracle scores of the student's samples")
+    cc.add_argument("--student", required=True, help="the student's run (any recipe that samples it)")
+    cc.add_argument("--student-steps", type=positive_int, default=1)
+    cc.add_argument("--guidance", type=finite_float, default=1.5)
+    cc.add_argument("--oracle", default="digits_confidence")
+    cc.add_argument("--num", type=positive_int, default=1000)
+    cc.add_argument("--seed", type=nonnegative_int, default=1, help="apart from the evaluation seed (0)")
+    cc.add_argument("--out", required=True)
+    cc.set_defaults(fn=cmd_collab_calibrate)
+
+    cs = sub.add_parser("collab-sweep", help="adaptive collaboration: every strategy at evaluation budgets, table + plot")
+    cs.add_argument("--student", required=True)
+    cs.add_argument("--student-steps", type=positive_int, default=1)
+    cs.add_argument("--teacher", nargs="+", required=True, help="the teacher's run (several: a T-Stitch teacher, small first)")
+    cs.add_argument("--teacher-fractions", nargs="+", type=fraction, help="T-Stitch teacher: the smaller runs' fractions")
+    cs.add_argument("--guidance", type=finite_float, default=1.5)
+    cs.add_argument("--oracle", default="digits_confidence")
+    cs.add_argument("--budgets", nargs="+", type=positive_float, default=[6, 8, 10, 12])
+    cs.add_argument("--k", nargs="+", type=finite_float, default=[30, 50, 70], help="percentiles refined")
+    cs.add_argument("--sigma", nargs="+", type=fraction, default=[0.4, 0.6, 0.8], help="refinement strengths")
+    cs.add_argument("--form", default="paper", choices=["paper", "img2img"])
+    cs.add_argument("--solver", default="ddim")
+    cs.add_argument("--reference-steps", type=positive_int, default=64)
+    cs.add_argument("--num", type=positive_int, default=1000)
+    cs.add_argument("--calibration", help="a collab-calibrate file (checked against these settings)")
+    cs.add_argument("--buckets", type=positive_int, default=8)
+    cs.add_argument("--repeats", type=positive_int, default=3, help="timed runs per row (round-robin)")
+    cs.add_argument("--seed", type=nonnegative_int, default=0)
+    cs.add_argument("--out", default="runs/collab")
+    cs.set_defaults(fn=cmd_collab_sweep)
+
+    cp = sub.add_parser("collab-pick", help="the best collaboration setting within an evaluation budget")
+    cp.add_argument("results")
+    cp.add_argument("--budget", type=positive_float, required=True, help="average network evaluations per sample")
+    cp.set_defaults(fn=cmd_collab_pick)
 
     e = sub.add_parser("eval", help="score samples (FD + class accuracy on digits, PSNR / SSIM paired) or a run")
     e.add_argument("samples", help="a samples .npz, or a run directory to sample and score")

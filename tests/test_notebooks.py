@@ -24,7 +24,7 @@ def code_cells(path):
 
 
 def test_the_notebooks_exist():
-    assert {p.name for p in NOTEBOOKS} == {"guided_distillation.ipynb", "t_stitch.ipynb"}
+    assert {p.name for p in NOTEBOOKS} == {"adaptive_collaboration.ipynb", "guided_distillation.ipynb", "t_stitch.ipynb"}
     assert set(CHECKS) == {p.name for p in NOTEBOOKS}  # every notebook's printed numbers are checked
 
 
@@ -36,7 +36,7 @@ def test_code_cells_compile(path):
         compile(src, f"{path.name}[cell {i}]", "exec")
 
 
-HEADERS = ("model", "steps", "g")  # first cells of the tables' header rows
+HEADERS = ("model", "steps", "g", "budget")  # first cells of the tables' header rows
 
 
 def printed_rows(stdout: str, columns: int) -> list[list[str]]:
@@ -84,7 +84,25 @@ def check_stitch(stdout: str, work: pathlib.Path):
     assert line and (float(line[1]), float(line[2])) == (round(best["fraction"], 1), round(best["fd"], 2))
 
 
-CHECKS = {"guided_distillation.ipynb": check_guided, "t_stitch.ipynb": check_stitch}
+def check_collab(stdout: str, work: pathlib.Path):
+    with open(work / "runs" / "colab_collab" / "sweep" / "results.json") as f:
+        result = json.load(f)
+    rows = result["rows"]
+    assert {r["strategy"] for r in rows} >= {"student"} and len(rows) > 1
+    assert all(sane_fd(r["fd"]) and r["avg_evals"] > 0 and 0.0 <= r["class_acc"] <= 1.0 for r in rows)
+    # the summary table prints one row per strategy per budget, its FDs those of results.json
+    printed = printed_rows(stdout, 8)
+    fds = {round(r["fd"], 2) for r in rows}
+    assert printed and all(float(c[5]) in fds for c in printed)
+    # the pick line: the lowest FD among the rows whose measured evaluations fit 10
+    best = min((r for r in rows if r["avg_evals"] <= 10), key=lambda r: (r["fd"], r["avg_evals"]))
+    line = re.search(r"within 10 evaluations: (.+) -> FD ([0-9.]+), ([0-9.]+) evaluations", stdout)
+    assert line and line[1] == best["sampler"] and float(line[2]) == round(best["fd"], 2)
+    assert float(line[3]) == round(best["avg_evals"], 2)
+
+
+CHECKS = {"guided_distillation.ipynb": check_guided, "t_stitch.ipynb": check_stitch,
+          "adaptive_collaboration.ipynb": check_collab}
 
 
 @pytest.mark.slow

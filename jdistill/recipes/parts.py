@@ -3,7 +3,9 @@
 * ``teacher``: the digits teacher's 64-step DDIM + CFG samples against the held-out digits;
 * ``guided``: Meng et al.'s guided distillation of it (stage 1, then halvings), the
   teacher-vs-student table and the paper's claims;
-* ``stitch``: T-Stitch of the small digits teacher before the large one.
+* ``stitch``: T-Stitch of the small digits teacher before the large one;
+* ``collab``: adaptive teacher-student collaboration: the guided part's 1-step student, an oracle,
+  the teacher refining the lowest-scoring half.
 
 A new method adds its part here (a function of a :class:`~jdistill.recipes.demo.Demo`
 returning ``{"claims": [...], ...}``) and registers it in :data:`PARTS`.
@@ -16,7 +18,7 @@ import os
 import jax
 
 from jdistill import images as images_lib
-from jdistill.recipes import evaluation, guided, guided_table, runs, stitch
+from jdistill.recipes import collab_report, collab_sweep, evaluation, guided, guided_table, runs, stitch
 from jdistill.recipes import teacher as teacher_lib
 from jdistill.recipes.demo import Demo, Part, claim, run
 from jdistill.train.loop import training_seconds
@@ -50,13 +52,20 @@ def teacher_part(demo: Demo) -> dict:
     return dict(row, real_vs_real_fd=ref, train_seconds=seconds, claims=claims)
 
 
-def guided_part(demo: Demo) -> dict:
+def guided_run(demo: Demo):
+    """(config, workdir) of the demo's guided distillation, trained unless finished (the guided and
+    collab parts share it)."""
     teacher_dir = demo.teacher("digits_teacher")
     budget = GUIDED_QUICK if demo.quick else [] if demo.full else GUIDED_DEMO
     cfg = demo.config("digits_guided", [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config=",
                                         *budget])
     workdir = demo.run_dir("digits_guided" if demo.full else "digits_guided_demo")
     guided.train(cfg, workdir)
+    return cfg, workdir
+
+
+def guided_part(demo: Demo) -> dict:
+    cfg, workdir = guided_run(demo)
     scales = (1.5, 2.0) if demo.full else (1.5,)
     kw = {} if demo.full else dict(teacher_steps=(4, 8, 64), student_steps=(1, 4), stochastic=False)
     table = guided_table.results_table(workdir, guidance_scales=scales, num=demo.num, out_dir=demo.out("guided"),
@@ -85,10 +94,24 @@ def stitch_part(demo: Demo) -> dict:
     return {"rows": sweep["rows"], "claims": claims, "device": f"{jax.devices()[0].platform}"}
 
 
+def collab_part(demo: Demo) -> dict:
+    teacher_dir = demo.teacher("digits_teacher")
+    _, workdir = guided_run(demo)  # after the guided part: its finished run, nothing trained here
+    # the default demo checks the claims at ~10 evaluations with the sweep's pick (k 50, sigma 0.6);
+    # --full sweeps every budget, k and sigma (docs/collaboration.md)
+    grid = {} if demo.full else dict(budgets=(10,), ks=(50,), sigmas=(0.6,), repeats=2)
+    result = collab_sweep.sweep(os.path.join(workdir, "steps_001"), teacher_dir, num=demo.num,
+                                calibration_num=demo.num, out_dir=demo.out("collab"), progress=False, **grid)
+    print(collab_report.summary_table(result))
+    claims = [claim(c["claim"], c["value"], c["target"], c["ok"]) for c in result["checks"]]
+    return {"rows": result["rows"], "claims": claims}
+
+
 PARTS = {p.name: p for p in (
     Part("teacher", "the digits teacher (64-step DDIM + CFG)", teacher_part),
     Part("guided", "guided distillation (Meng et al.)", guided_part),
     Part("stitch", "T-Stitch: the small teacher for the early steps", stitch_part),
+    Part("collab", "adaptive teacher-student collaboration (Starodubcev et al.)", collab_part),
 )}
 
 

@@ -121,8 +121,14 @@ class StitchPlan:
         return [b - a for a, b in self.segments]
 
 
-def plan(grid: TimeGrid, schedule, fractions, mode: str = "timestep") -> StitchPlan:
-    return StitchPlan(tuple(segments(grid, schedule, fractions, mode)))
+def plan(grid: TimeGrid, schedule, fractions, mode: str = "timestep", start: int = 0) -> StitchPlan:
+    return StitchPlan(from_step(segments(grid, schedule, fractions, mode), start))
+
+
+def from_step(segs, start: int) -> tuple[tuple[int, int], ...]:
+    """The segments of a run that begins at grid step ``start`` (img2img-style refinement): the
+    steps before it are served by no one."""
+    return tuple((max(a, start), max(b, start)) for a, b in segs)
 
 
 def _per_model(value, k: int, what: str) -> tuple:
@@ -135,9 +141,10 @@ def _per_model(value, k: int, what: str) -> tuple:
 
 
 def sample(denoisers, fractions, noise, cond=None, *, grid: TimeGrid, solver: str = "ddim", rng=None,
-           mode: str = "timestep", guidance_scales=None, uncond=None, **options):
+           mode: str = "timestep", guidance_scales=None, uncond=None, start: int = 0, **options):
     """Stitched sampling from ``noise``; ``denoisers`` small to large, grid in the units of the
-    last (largest) one's schedule.
+    last (largest) one's schedule. ``start``: begin at grid step ``start`` with ``noise`` the z
+    there (a refinement); the models keep the bands the whole grid gives them.
 
     Each model keeps its own conditioning: ``cond``, ``uncond`` and ``guidance_scales`` are
     either one value for all or a list with one per model (a distilled student reads the
@@ -147,7 +154,9 @@ def sample(denoisers, fractions, noise, cond=None, *, grid: TimeGrid, solver: st
     if k != len(fractions):
         raise ValueError(f"{k} denoisers but {len(fractions)} fractions")
     ref = denoisers[-1].schedule
-    segs = tuple(segments(grid, ref, fractions, mode))
+    if not 0 <= start < grid.num_steps:
+        raise ValueError(f"start step {start} outside a grid of {grid.num_steps} steps")
+    segs = from_step(segments(grid, ref, fractions, mode), start)
     dens = tuple(on_grid_of(d, ref) for d in denoisers)
     return _sample_segments(dens, noise, _per_model(cond, k, "conds"), grid, rng,
                             _per_model(guidance_scales, k, "guidance scales"), _per_model(uncond, k, "unconds"),

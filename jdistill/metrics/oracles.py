@@ -1,0 +1,141 @@
+"""Oracles: a per-sample quality score that decides which student samples the teacher improves
+(adaptive teacher-student collaboration). Higher is better. Registered by name:
+
+* ``digits_confidence``: log-odds log(p / (1 - p)) of the sample's intended class under a *second*
+  digits classifier (``jdistill/assets/digits_oracle/``: another width and seed than the
+  classifier FD is measured in, trained by the same code), or of its most likely class
+  without labels. Scoring with the FD network itself would let the selection game the metric.
+* ``clip_score``: 100 x cos(image, prompt) of a CLIP model (transformers' ``CLIPModel``
+  layout, converted from a local folder), the CLIPScore scale;
+* ``pickscore``: a PickScore-style reward, exp(logit_scale) x cos(image, prompt), of a CLIP
+  model fine-tuned on preferences (PickScore_v1 is a ``CLIPModel``; pass its folder and the
+  CLIP-ViT-H-14 processor's tokenizer folder).
+
+    oracle = oracles.get("digits_confidence")
+    scores = oracle.score(images, labels)          # images float [-1, 1] or uint8, (N,) float32
+
+Each oracle carries its ``provenance`` (what calibration files record and check).
+Retrain the digits oracle and rewrite its asset with ``python -m jdistill.metrics.oracles``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdistill.metrics import classifier as classifier_lib
+
+DIGITS_ORACLE_DIR = classifier_lib.ASSETS / "digits_oracle"
+# the second classifier: narrower, another seed, no augmentation (the FD network: 32/64, seed 0, shifts)
+DIGITS_ORACLE_TRAINING = dict(seed=1, channels=(16, 32), feature_dim=32, max_shift=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Oracle:
+    name: str
+    score_fn: Callable  # (images, conditions) -> (N,) scores, higher is better
+    provenance: dict  # what identifies it: weights' hash, model folder, scale
+
+    def score(self, images, conditions=None) -> np.ndarray:
+        return np.asarray(self.score_fn(images, conditions), np.float32)
+
+
+ORACLES: dict[str, Callable[..., Oracle]] = {}
+
+
+def register(name: str):
+    def add(factory):
+        ORACLES[name] = factory
+        return factory
+
+    return add
+
+
+def get(name: str, **options) -> Oracle:
+    from jdistill.errors import InvalidArgument
+
+    if name not in ORACLES:
+        raise InvalidArgument(f"unknown oracle {name!r}; known: {sorted(ORACLES)}")
+    return ORACLES[name](**options)
+
+
+@functools.lru_cache(maxsize=1)
+def digits_oracle_classifier() -> classifier_lib.DigitsClassifier:
+    return classifier_lib.load_classifier(DIGITS_ORACLE_DIR)
+
+
+@register("digits_confidence")
+def digits_confidence() -> Oracle:
+    clf = digits_oracle_classifier()
+
+    def score(images, labels=None):
+        # log(p / (1 - p)) from the logits: the order of p, but log p saturates at 0 in float32 for a
+        # confident classifier, and tied scores would leave k% of samples no longer below tau
+        logits = np.asarray(clf.logits(images), np.float64)
+        rows = np.arange(len(logits))
+        own = logits.argmax(-1) if labels is None else np.asarray(labels, np.int64)
+        others = logits.copy()
+        others[rows, own] = -np.inf
+        top = others.max(-1)
+        return logits[rows, own] - (top + np.log(np.exp(others - top[:, None]).sum(-1)))
+
+    return Oracle("digits_confidence", score, {"oracle": "digits_confidence", "score": "log_odds",
+                                               "weights_sha256": clf.config["weights_sha256"]})
+
+
+def _clip_oracle(name: str, model: str, tokenizer: str | None, size: int | None, cache_dir: str | None,
+                 scale: str) -> Oracle:
+    from jdistill.convert import pretrained
+    from jdistill.models import clip_vision, tokenizers
+
+    loaded = pretrained.load_pretrained(model, cache_dir=cache_dir)
+    if loaded.family != "clip_model":
+        raise ValueError(f"{model}: the {name} oracle needs a CLIPModel folder (text and image towers), "
+                         f"found a {loaded.family!r} model")
+    tok = tokenizers.load_tokenizer(tokenizer or model)
+    module, params = loaded.module, loaded.params
+    crop = dict(module.vision)["image_size"]
+    size = size or crop
+
+    @jax.jit
+    def cosine(pixels, ids, mask):
+        return clip_vision.clip_score(module, params, pixels, ids, mask) / 100.0
+
+    def score(images, prompts):
+        if prompts is None:
+            raise ValueError(f"the {name} oracle scores images against their prompts; none given")
+        ids, mask = tokenizers.tokenize(tok, list(prompts))
+        cos = cosine(clip_vision.preprocess(images, size, crop), jnp.asarray(ids), jnp.asarray(mask))
+        return cos * (100.0 if scale == "clip" else jnp.exp(params["logit_scale"]))
+
+    return Oracle(name, score, {"oracle": name, "model": os.path.abspath(os.fspath(model)),
+                                "tokenizer": os.path.abspath(os.fspath(tokenizer or model)), "size": size})
+
+
+@register("clip_score")
+def clip_score(model: str, tokenizer: str | None = None, size: int | None = None, cache_dir: str | None = None):
+    return _clip_oracle("clip_score", model, tokenizer, size, cache_dir, "clip")
+
+
+@register("pickscore")
+def pickscore(model: str, tokenizer: str | None = None, size: int | None = None, cache_dir: str | None = None):
+    return _clip_oracle("pickscore", model, tokenizer, size, cache_dir, "logit_scale")
+
+
+def train_digits_oracle(directory=DIGITS_ORACLE_DIR) -> classifier_lib.DigitsClassifier:
+    """Train the second digits classifier and write its asset (deterministic from its seed)."""
+    clf = classifier_lib.train_digits_classifier(**DIGITS_ORACLE_TRAINING)
+    clf.config["role"] = "oracle for adaptive collaboration; not the FD network (jdistill/assets/digits_classifier)"
+    classifier_lib.save_classifier(clf, directory)
+    return clf
+
+
+if __name__ == "__main__":
+    print(json.dumps(train_digits_oracle().config, indent=1))

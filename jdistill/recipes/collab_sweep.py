@@ -1,0 +1,166 @@
+"""The collaboration's results: every strategy at budgets of average network evaluations, a sweep
+over k and sigma, a table, a plot of FD against evaluations, the paper's claims checked, and the
+best setting within a budget.
+
+    jdistill collab-sweep --student runs/digits_guided_small/steps_001 --student-steps 1 \
+        --teacher runs/digits_teacher --budgets 6 8 10 12 --out runs/collab
+    jdistill collab-pick runs/collab/results.json --budget 10
+
+At a budget B (average evaluations per sample; a CFG step is two), each strategy spends what the
+student leaves: the teacher alone takes B / 2 DDIM + CFG steps; refine-everything refines all
+samples with (B - s) / 2 steps; adaptive refinement and regeneration improve the k% the oracle
+scores lowest with (B - s) / (2 k / 100) steps (s: the student's evaluations). The evaluations
+reported are the ones the run spent (its selections), not the target.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from jdistill.errors import InvalidArgument
+from jdistill.metrics import oracles
+from jdistill.recipes import collab, collab_report, evaluation
+from jdistill.recipes import stitch as stitch_lib
+from jdistill.recipes.collab_report import best
+from jdistill.sampling.collaborate import Refinement, nominal_steps
+
+
+def refinement(form: str, sigma: float, run_steps: int, solver: str) -> Refinement:
+    """A refinement that runs ``run_steps`` teacher steps (img2img: the released code's nominal count)."""
+    if form == "img2img":
+        return Refinement(form, sigma, nominal_steps(run_steps, sigma), solver)
+    return Refinement(form, sigma, run_steps, solver)
+
+
+def teacher_steps(budget: float, spent: float, share: float, per_step: int) -> int:
+    return max(1, int(round((budget - spent) / (per_step * share))))
+
+
+def sweep(student_dir: str, teacher_dirs, *, student_steps: int = 1, guidance_scale: float = 1.5,
+          teacher_fractions=None, oracle: str = "digits_confidence", budgets=(6, 8, 10, 12), ks=(30, 50, 70),
+          sigmas=(0.4, 0.6, 0.8), form: str = "paper", solver: str = "ddim", reference_steps: int = 64,
+          num: int = 1000, calibration: str | None = None, calibration_num: int = 1000, out_dir: str,
+          seed: int = 0, buckets: int = 8, repeats: int = evaluation.TIMING_REPEATS, progress: bool = True) -> dict:
+    """All strategies at every budget, FD / class accuracy / wall time; table, plot and claims."""
+    student = collab.load_student(student_dir, steps=student_steps, guidance_scale=guidance_scale)
+    teacher, members = collab.load_teacher(teacher_dirs, guidance_scale=guidance_scale, fractions=teacher_fractions)
+    scorer = oracles.get(oracle)
+    calib = _calibration(student, scorer, calibration, calibration_num, out_dir)
+    per_step = max(teacher.passes)
+    rows, timed, grids = [], [], {}
+
+    def add(strategy, sampler, budget=None, **fields):
+        images, labels, seconds = sampler.run(num, seed=seed)
+        spent = sampler.plan.budget() if isinstance(sampler.plan, collab.CollabPlan) else fields.pop("spent")
+        row = {"strategy": strategy, "budget": budget, **fields, **spent, **evaluation.evaluate(images, labels),
+               "s_per_1000": seconds * 1000.0 / num, "sampler": sampler.description}
+        rows.append(row)
+        timed.append((row, sampler))
+        if progress:
+            print(f"{strategy:15s} budget {budget or '-':>4} {sampler.description:45s} evals {row['avg_evals']:5.2f} "
+                  f"FD {row['fd']:6.2f} acc {row['class_acc']:.3f} {row['s_per_1000']:7.2f} s/1000", flush=True)
+        if fields.get("k") in (None, 50):
+            grids[f"{strategy}_{budget or 'alone'}"] = images
+        return row
+
+    def collab_row(strategy, budget, k, sigma, steps):
+        r = (refinement(form, sigma, steps, solver) if strategy != "adaptive_regen"
+             else Refinement("regenerate", 1.0, steps, solver))
+        sampler = collab.collab_sampler(student, scorer, teacher, members, r, calib.tau(k), buckets=buckets,
+                                        description=f"k={k:g} {r.describe()}")
+        return add(strategy, sampler, budget, k=k, sigma=None if strategy == "adaptive_regen" else sigma,
+                   teacher_steps=steps)
+
+    def teacher_row(steps, budget):
+        sampler = stitch_lib.stitched_sampler(members, teacher.fractions, steps=steps, solver=solver)
+        sampler.description = f"teacher {solver} {steps} steps, CFG g={guidance_scale:g}" + (
+            f" (stitched {'/'.join(f'{f:g}' for f in teacher.fractions)})" if len(members) > 1 else "")
+        calls = sum(c * p for c, p in zip(sampler.plan.calls(), teacher.passes))
+        return add("teacher", sampler, budget, teacher_steps=steps,
+                   spent={"refined_share": 1.0, "avg_steps": steps, "avg_evals": calls, "padded_evals": calls})
+
+    add("student", student.sampler, spent={"refined_share": 0.0, "avg_steps": student.steps,
+                                           "avg_evals": student.evaluations, "padded_evals": student.evaluations})
+    reference = teacher_row(reference_steps, None)
+    for budget in budgets:
+        if budget <= student.evaluations:
+            raise InvalidArgument(f"budget {budget} leaves nothing for the teacher after the student's "
+                                  f"{student.evaluations} evaluations")
+        teacher_row(max(1, int(round(budget / per_step))), budget)
+        for sigma in sigmas:
+            collab_row("refine_all", budget, 100, sigma, teacher_steps(budget, student.evaluations, 1.0, per_step))
+        for k in ks:
+            steps = teacher_steps(budget, student.evaluations, k / 100, per_step)
+            for sigma in sigmas:
+                collab_row("adaptive_refine", budget, k, sigma, steps)
+            collab_row("adaptive_regen", budget, k, None, steps)
+    pair = timing_pair(rows, budgets)
+    if pair is not None:  # refine-everything with the same teacher run as the ~10-evaluation adaptive pick
+        pair["refine_all_same"] = collab_row("refine_all", None, 100, pair["adaptive"]["sigma"],
+                                             pair["adaptive"]["teacher_steps"])
+    evaluation.retime_round_robin(timed, num, repeats=repeats, seed=seed)
+    result = {"student": student.settings, "teacher": [os.path.abspath(w) for w in np.atleast_1d(teacher_dirs)],
+              "teacher_fractions": list(teacher.fractions), "oracle": scorer.provenance, "form": form,
+              "solver": solver, "num": num, "budgets": list(budgets), "reference_steps": reference_steps,
+              "calibration": calib.settings, "device": evaluation.device_name(), "rows": rows}
+    result["checks"] = claims(result, reference, pair)
+    evaluation.write_report(out_dir, result, collab_report.format_results(result), grids)
+    collab_report.plot(result, os.path.join(out_dir, "sweep.png"))
+    return result
+
+
+def _calibration(student, scorer, path, num, out_dir) -> collab.Calibration:
+    if path:
+        calib = collab.Calibration.load(path)
+        settings = collab.calibration_settings(student, scorer, len(calib.scores), calib.settings.get("seed"))
+        calib.check(settings)
+        return calib
+    calib = collab.calibrate(student, scorer, num=num)
+    calib.save(os.path.join(out_dir, "calibration.json"))
+    return calib
+
+
+def timing_pair(rows, budgets) -> dict | None:
+    """The adaptive refinement at k = 50 nearest 10 evaluations (its best sigma): whose time is compared
+    with refining everything with the same teacher run."""
+    near = min(budgets, key=lambda b: abs(b - 10))
+    fits = [r for r in rows if r["strategy"] == "adaptive_refine" and r["budget"] == near and r["k"] == 50]
+    return {"adaptive": min(fits, key=lambda r: r["fd"])} if fits else None
+
+
+def claims(result, reference, pair) -> list[dict]:
+    rows, out = result["rows"], []
+    student = next(r for r in rows if r["strategy"] == "student")
+    out.append({"claim": "the student's FD is at least 15% worse than the teacher's best",
+                "value": student["fd"] / reference["fd"], "target": ">= 1.15", "ok": student["fd"] >= 1.15 * reference["fd"]})
+    for b in result["budgets"]:
+        ad, ra, te = (best(rows, s, b) for s in ("adaptive_refine", "refine_all", "teacher"))
+        out += [{"claim": f"~{b} evaluations: adaptive refinement FD below refine-everything's", "budget": b,
+                 "value": ad["fd"] - ra["fd"], "target": "< 0", "ok": ad["fd"] < ra["fd"]},
+                {"claim": f"~{b} evaluations: adaptive refinement FD below the teacher alone's", "budget": b,
+                 "value": ad["fd"] - te["fd"], "target": "< 0", "ok": ad["fd"] < te["fd"]}]
+    near = min(result["budgets"], key=lambda b: abs(b - 10))
+    ad = best(rows, "adaptive_refine", near)
+    out.append({"claim": f"~{near} evaluations: adaptive refinement FD over the teacher's {reference['teacher_steps']}"
+                         "-step FD", "budget": near, "value": ad["fd"] / reference["fd"], "target": "<= 1.05",
+                "ok": ad["fd"] <= 1.05 * reference["fd"]})
+    if pair is not None:
+        a, full = pair["adaptive"], pair["refine_all_same"]
+        share = (a["s_per_1000"] - student["s_per_1000"]) / max(full["s_per_1000"] - student["s_per_1000"], 1e-9)
+        out.append({"claim": f"wall time follows evaluations: teacher time of k=50 ({a['refined_share']:.2f} refined) "
+                             "over refining everything with the same run", "value": share,
+                    "target": f"within 0.15 of {a['refined_share']:.2f}",
+                    "ok": abs(share - a["refined_share"]) <= 0.15})
+    return out
+
+
+def pick(result: dict, budget: float) -> dict:
+    """The lowest-FD row (any strategy and setting) whose measured average evaluations fit ``budget``."""
+    fits = [r for r in result["rows"] if r["avg_evals"] <= budget]
+    if not fits:
+        cheapest = min(result["rows"], key=lambda r: r["avg_evals"])
+        raise InvalidArgument(f"nothing fits {budget:g} evaluations; the cheapest row is {cheapest['sampler']} at "
+                              f"{cheapest['avg_evals']:.2f}")
+    return min(fits, key=lambda r: (r["fd"], r["avg_evals"]))
