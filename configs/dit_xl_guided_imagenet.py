@@ -7,10 +7,11 @@ guidance embedding. Data: TFDS ``imagenet2012`` prepared from a manual download 
 256 px and encoded with the SD VAE (ft-EMA) into 32x32x4 latents.
 
 Pod meshes (`jdistill plan --config configs/dit_xl_guided_imagenet.py --mesh ...`, figures in
-docs/pod-plans.md; one JAX device is one chip, so a v5p-64 slice is 32 devices):
+docs/pod-scale.md; one JAX device is one chip, so a v5p-64 slice is 32 devices):
 
 * TPU v5p-64 (32 chips, 95 GiB each): ``--config.mesh.data=8 --config.mesh.fsdp=4``; fp32 params
-  fit with room to spare (state 2.7 GiB / device), batch 256 = 8 per chip;
+  fit with room to spare (student, Adam moments and teacher: about 2.5 GiB / device by hand count),
+  batch 256 = 8 per chip;
 * 8x H100 80GB (one host): ``--config.mesh.data=2 --config.mesh.fsdp=4``, batch 256 = 32 per GPU
   (bf16 compute: ``--config.model.dtype=bfloat16``);
 * TPU v5e (16 GiB): shard wider (``fsdp=16``) and use bf16 compute; see the plan's advice.

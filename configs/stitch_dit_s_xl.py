@@ -8,7 +8,7 @@ DiT-S), DiT-XL-2-256x256.pt (facebookresearch/DiT) and the sd-vae-ft-ema diffuse
     jdistill sample --config configs/stitch_dit_s_xl.py --num 8 --out runs/stitch_dit/samples.npz
 
 Pod sampling (`jdistill plan --config configs/stitch_dit_s_xl.py --mesh data=32`, figures in
-docs/pod-plans.md): both networks fit every device whole (3.1 GiB in fp32), so the mesh is pure
+docs/pod-scale.md): both networks fit every device whole (708M params, 2.6 GiB in fp32), so the mesh is pure
 data parallel: TPU v5p-64 (32 chips) ``--mesh data=32``, 8x H100 ``--mesh data=8``; the batch
 (``plan.batch_size``) is split over the devices.
 """

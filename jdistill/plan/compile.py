@@ -15,7 +15,7 @@ that many accelerators, and the compiled per-device program is what is measured.
 * collectives, from the compiled HLO text: count and result bytes per op kind.
 
 The temp figure is the CPU compiler's buffer assignment; an accelerator's compiler fuses
-differently, so treat it as an estimate of the same order (docs/pod-plans.md says how it
+differently, so treat it as an estimate of the same order (docs/pod-scale.md says how it
 compares with a measured run). Argument and output sizes are exact.
 """
 
