@@ -30,7 +30,9 @@ def get_config():
     c.teacher = dict(checkpoint="dit-xl-2-256-original", models_dir="", cache_dir="")
     # set on the teacher and the student: compute / storage precision (and, once the models have them,
     # activation checkpointing: add e.g. remat=True here)
-    c.model = dict(dtype="float32", param_dtype="float32")
+    # depth: DiT-XL/2's 28 blocks as published; `jdistill plan --config.model.depth=1` (and 2) measures
+    # one block's cost where compiling all 28 for a pod mesh takes too long on a small machine
+    c.model = dict(dtype="float32", param_dtype="float32", depth=28)
     # DiT's diffusion: linear betas 1e-4..0.02 over 1000 steps, eps prediction (+ learned variance)
     c.diffusion = dict(kind="discrete", beta_schedule="linear", num_train_timesteps=1000, beta_start=1e-4,
                        beta_end=0.02, prediction="eps")

@@ -92,6 +92,20 @@ def test_mesh_argument_and_accelerators():
         fit_lib.get("v9")
 
 
+def test_plan_command_refuses_bad_input_in_one_line(tmp_path, capsys):
+    """Named errors before anything compiles: the CLI prints one line and exits 2."""
+    from jdistill import cli
+
+    for args, match in ((["--config", GUIDED, "--mesh", "data=4,fsdp=x"], "not an integer"),
+                        (["--config", GUIDED, "--model", "sdxl"], "not both"),
+                        (["--model", "sdxl"], "--model needs --batch"),
+                        (["--model", "no-such-model", "--batch", "8", "--mesh", "data=8"], "no such preset"),
+                        (["--config", GUIDED, "--target", "v9"], "unknown accelerator")):
+        assert cli.main(["plan", *args, "--out", str(tmp_path), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("jdistill plan: error:") and match in err and "\n" not in err, err
+
+
 def test_collectives_are_read_from_hlo_text():
     hlo = """
       %all-gather.1 = f32[1152,4608]{1,0} all-gather(f32[288,4608]{1,0} %p), channel_id=1, dimensions={0}
