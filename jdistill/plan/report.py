@@ -50,7 +50,7 @@ def fits_text(step: dict, target: str) -> str:
 def summary_table(plan: dict) -> str:
     t = plan["target"]
     head = ("| step | devices | mesh | batch / device | params | optimizer | averages | frozen | temp | peak | "
-            f"FLOPs / device | collectives (count, result bytes) | fits {t} |")
+            f"FLOPs / device | collectives (count, result bytes) | fits {t} | compile |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for run in plan["runs"]:
         for s in run["steps"]:
@@ -58,7 +58,8 @@ def summary_table(plan: dict) -> str:
             lines.append(f"| {s['name']} | {run['devices']} | {mesh_text(run['mesh'])} | {s['batch_per_device']:g} | "
                          f"{gib(b.get('params'))} | {gib(b.get('optimizer'))} | {gib(b.get('averages'))} | "
                          f"{gib(b.get('frozen'))} | {gib(s['memory']['temp'])} | {gib(s['memory']['peak'])} | "
-                         f"{flops(s['flops'])} | {collectives_text(s['collectives'])} | {fits_text(s, t)} |")
+                         f"{flops(s['flops'])} | {collectives_text(s['collectives'])} | {fits_text(s, t)} | "
+                         f"{s['compile_seconds']:.0f} s |")
     return "\n".join(lines)
 
 
