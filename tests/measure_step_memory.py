@@ -12,13 +12,20 @@ place). Also written: the bytes of the step's arguments (state, frozen tree, bat
 0 holds, counted over the live arrays' shards.
 """
 
+import ctypes
 import json
 import os
 import re
 import sys
 
-import jax
-import numpy as np
+# glibc raises its mmap threshold after large frees, and then serves the next step's buffers from
+# heap memory the previous one freed: RSS would not grow. A fixed threshold maps every large buffer
+# fresh (and unmaps it when freed), so the peak RSS over a call is what the call allocated.
+LIBC = ctypes.CDLL("libc.so.6")
+LIBC.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB, no dynamic adjustment
+
+import jax  # noqa: E402  (after mallopt: XLA's allocations follow it)
+import numpy as np  # noqa: E402
 
 from jdistill import config as config_lib
 from jdistill.plan.steps import abstract_value
@@ -62,6 +69,7 @@ def main(config, step_name, data, fsdp, out):
     fn = engine.jit(mesh, state, frozen)
     state, metrics = fn(state, frozen, batch)  # compiles, runs once
     jax.block_until_ready((state, metrics))
+    LIBC.malloc_trim(0)  # give back what the first call freed, so the second allocates afresh
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before, _ = rss_and_peak()
