@@ -6,6 +6,7 @@ import json
 import socket
 
 import numpy as np
+import pytest
 from cli_helpers import run_script
 
 from jdistill.data import pipeline
@@ -21,6 +22,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # 4 processes starting JAX: 26 s on the shared machine, over this branch's default-test budget
 def test_four_processes_read_disjoint_quarters_of_every_epoch(tmp_path):
     port = _free_port()
     outs = [tmp_path / f"process_{i}.json" for i in range(PROCESSES)]
