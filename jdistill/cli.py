@@ -16,6 +16,7 @@
     jdistill collab-sweep --student RUN --teacher RUN --budgets 6 8 10 12  (adaptive collaboration: table + plot)
     jdistill collab-pick runs/collab/results.json --budget 10         (best setting within an evaluation budget)
     jdistill convert SRC DST                                          (PyTorch checkpoints -> Orbax)
+    jdistill plan --config CONFIG --mesh data=4,fsdp=16 [--mesh ...] [--target v5p]  (pod memory / FLOPs, no pod)
 
 Every workdir a command writes (a teacher, a distillation, any one of its stages) can be
 sampled, evaluated and resumed. Multi-process runs (GPU clusters, TPU pods, or processes
@@ -239,6 +240,26 @@ def cmd_demo(args, overrides):
     parts.main(args.parts or None, workdir=args.workdir, num=args.num, quick=args.quick, full=args.full)
 
 
+def cmd_plan(args, overrides):
+    from jdistill.plan import report
+    from jdistill.plan import run as plan_run
+
+    if bool(args.config) == bool(args.model):
+        raise UserError("plan needs --config CONFIG (a recipe's steps) or --model PRESET (one sampler step), not both")
+    model = None
+    if args.model:
+        if not args.batch:
+            raise UserError("--model needs --batch (the global batch of the sampler step)")
+        model = dict(preset=args.model, batch_size=args.batch, guidance_scale=args.guidance, solver=args.solver,
+                     size=args.size, dtype=args.dtype)
+    name = os.path.splitext(os.path.basename(args.config))[0] if args.config else args.model.replace("/", "_")
+    out_dir = args.out or os.path.join("runs", "plans", name)
+    result = plan_run.plan(args.config, overrides, args.mesh or [""], model=model, devices=args.devices,
+                           target=args.target, only=args.step or (), out_dir=out_dir, progress=not args.quiet)
+    print(report.summary_table(result))
+    print(f"plan.json and plan.md (per step: bytes by kind, FLOPs, collectives, fit per accelerator, advice) in {out_dir}")
+
+
 def _add_sampling(p):
     p.add_argument("--steps", type=positive_int)
     p.add_argument("--solver")
@@ -353,6 +374,23 @@ def build_parser():
     mode.add_argument("--quick", action="store_true", help="a short run to check the pipeline, not the numbers")
     mode.add_argument("--full", action="store_true", help="train everything from the configs: the README's tables")
     d.set_defaults(fn=cmd_demo)
+
+    pl = sub.add_parser("plan", help="compile a config's steps for a pod mesh on host devices: memory, FLOPs, fit")
+    pl.add_argument("--config", help="a config: plan its recipe's steps (train steps, sampler steps)")
+    pl.add_argument("--model", help="a preset (sdxl, sd3-medium, dit-xl-2-256, ...): plan one sampler step of it")
+    pl.add_argument("--batch", type=positive_int, help="--model: global batch")
+    pl.add_argument("--guidance", type=finite_float, default=None, help="--model: CFG scale (none: no guidance)")
+    pl.add_argument("--solver", default="ddim", help="--model: the solver of the step")
+    pl.add_argument("--size", type=positive_int, help="--model: latent size (default: the preset's)")
+    pl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--model: params and compute")
+    pl.add_argument("--mesh", action="append", help="data=D,fsdp=F[,tensor=T]; repeat for several meshes "
+                    "(default: the config's mesh section)")
+    pl.add_argument("--devices", type=positive_int, help="device count (checks the mesh, or fills in data)")
+    pl.add_argument("--step", action="append", help="plan only this step (by name; repeatable)")
+    pl.add_argument("--target", default="v5p", help="accelerator the advice is for: v5e, v5p, h100, h200")
+    pl.add_argument("--out", help="folder for plan.json and plan.md (default runs/plans/CONFIG_NAME)")
+    pl.add_argument("--quiet", action="store_true")
+    pl.set_defaults(fn=cmd_plan)
 
     c = sub.add_parser("convert", help="PyTorch checkpoint (file, diffusers folder, pipeline) -> Orbax", add_help=False)
     c.set_defaults(fn=None)

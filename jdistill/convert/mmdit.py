@@ -28,10 +28,6 @@ from jdistill.convert import engine
 from jdistill.convert.engine import ConversionError
 from jdistill.models.mmdit import SD3Transformer2DModel
 
-# Text tokens of SD3's pipelines (77 CLIP + 256 T5); only shapes for init depend on inputs,
-# and no param shape depends on this length.
-TEXT_TOKENS = 333
-
 # diffusers' SD3Transformer2DModel.__init__ defaults: a config.json leaves out keys at their default.
 _DEFAULTS = {name: f.default for name, f in inspect.signature(SD3Transformer2DModel).parameters.items()
              if name not in ("dtype", "param_dtype", "parent", "name")}
@@ -72,13 +68,8 @@ def module_from_config(config: Mapping, dtype=jnp.float32, param_dtype=jnp.float
 
 
 def example_inputs(module: SD3Transformer2DModel, batch: int = 1):
-    """``(args, kwargs)`` of the right shapes and dtypes for ``module.init`` / ``abstract_params``:
-    latents at the config's ``sample_size``, model time, text states and pooled projections."""
-    s = module.sample_size
-    args = (jnp.zeros((batch, s, s, module.in_channels), module.dtype), jnp.zeros((batch,), jnp.float32))
-    kwargs = dict(encoder_hidden_states=jnp.zeros((batch, TEXT_TOKENS, module.joint_attention_dim), module.dtype),
-                  pooled_projections=jnp.zeros((batch, module.pooled_projection_dim), module.dtype))
-    return args, kwargs
+    """``(args, kwargs)`` of the right shapes and dtypes for ``module.init`` / ``abstract_params``."""
+    return module.example_inputs(batch)
 
 
 def export_rules(module: SD3Transformer2DModel) -> list:

@@ -166,6 +166,10 @@ SDXL_UNET = {
 LCM_SD15_UNET = {**SD15_UNET, "time_cond_proj_dim": 256}
 LCM_SDXL_UNET = {**SDXL_UNET, "time_cond_proj_dim": 256}
 SDXL_TURBO_UNET = {**SDXL_UNET, "sample_size": 64}  # ADD-distilled at 512 px
+SD3_MEDIUM_TRANSFORMER = {
+    "_class_name": "SD3Transformer2DModel", "attention_head_dim": 64, "caption_projection_dim": 1536,
+    "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 24, "out_channels": 16,
+    "patch_size": 2, "pooled_projection_dim": 2048, "pos_embed_max_size": 192, "sample_size": 128}
 SD35_LARGE_TRANSFORMER = {
     "_class_name": "SD3Transformer2DModel", "attention_head_dim": 64, "caption_projection_dim": 2432,
     "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 38, "num_layers": 38, "out_channels": 16,
@@ -288,7 +292,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         "sd15", "runwayml/stable-diffusion-v1-5", "Stable Diffusion 1.5 (512 px, epsilon prediction)",
         pipeline=("StableDiffusionPipeline",), components=_SD_CLASSES, default_component="unet",
         # runwayml's repo was withdrawn in 2024; the same files live on under this id
-        mirrors=("stable-diffusion-v1-5/stable-diffusion-v1-5",),
+        mirrors=("stable-diffusion-v1-5/stable-diffusion-v1-5",), configs={"unet": SD15_UNET},
         expect={
             "unet": {"sample_size": 64, "in_channels": 4, "cross_attention_dim": 768, "attention_head_dim": 8,
                      "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2},
@@ -309,7 +313,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         }),
     Preset(
         "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "Stable Diffusion XL base 1.0 (1024 px, epsilon)",
-        pipeline=("StableDiffusionXLPipeline",), default_component="unet",
+        pipeline=("StableDiffusionXLPipeline",), default_component="unet", configs={"unet": SDXL_UNET},
         components={**_SD_CLASSES, "text_encoder_2": ("CLIPTextModelWithProjection",),
                     "tokenizer_2": ("CLIPTokenizer",)},
         expect={
@@ -327,6 +331,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         "sd3-medium", "stabilityai/stable-diffusion-3-medium-diffusers",
         "Stable Diffusion 3 Medium (MMDiT, rectified flow, 1024 px)",
         pipeline=("StableDiffusion3Pipeline",), default_component="transformer",
+        configs={"transformer": SD3_MEDIUM_TRANSFORMER},
         components={"transformer": ("SD3Transformer2DModel",), "vae": ("AutoencoderKL",),
                     "text_encoder": ("CLIPTextModelWithProjection",),
                     "text_encoder_2": ("CLIPTextModelWithProjection",), "text_encoder_3": ("T5EncoderModel",),
@@ -347,21 +352,25 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         pipeline=("DiTPipeline",), default_component="transformer",
         components={"transformer": ("Transformer2DModel", "DiTTransformer2DModel"), "vae": ("AutoencoderKL",)},
         expect={"transformer": {**_DIT_TRANSFORMER, "sample_size": 32}, "vae": {"latent_channels": 4},
-                "scheduler": _DIT_SCHEDULER}),
+                "scheduler": _DIT_SCHEDULER},
+        configs={"transformer": {"_class_name": "DiTTransformer2DModel", **_DIT_TRANSFORMER, "sample_size": 32}}),
     Preset(
         "dit-xl-2-512", "facebook/DiT-XL-2-512", "DiT-XL/2, ImageNet 512 px (diffusers)",
         pipeline=("DiTPipeline",), default_component="transformer",
         components={"transformer": ("Transformer2DModel", "DiTTransformer2DModel"), "vae": ("AutoencoderKL",)},
         expect={"transformer": {**_DIT_TRANSFORMER, "sample_size": 64}, "vae": {"latent_channels": 4},
-                "scheduler": _DIT_SCHEDULER}),
+                "scheduler": _DIT_SCHEDULER},
+        configs={"transformer": {"_class_name": "DiTTransformer2DModel", **_DIT_TRANSFORMER, "sample_size": 64}}),
     Preset(
         "dit-xl-2-256-original", "", "DiT-XL/2, ImageNet 256 px (the original facebookresearch EMA weights)",
         filename="DiT-XL-2-256x256.pt", url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-256x256.pt",
-        expect={"": {**_DIT_ORIGINAL, "input_size": 32}}),
+        expect={"": {**_DIT_ORIGINAL, "input_size": 32}},
+        configs={"": {"_class_name": "DiT", **_DIT_ORIGINAL, "input_size": 32, "mlp_ratio": 4.0}}),
     Preset(
         "dit-xl-2-512-original", "", "DiT-XL/2, ImageNet 512 px (the original facebookresearch EMA weights)",
         filename="DiT-XL-2-512x512.pt", url="https://dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt",
-        expect={"": {**_DIT_ORIGINAL, "input_size": 64}}),
+        expect={"": {**_DIT_ORIGINAL, "input_size": 64}},
+        configs={"": {"_class_name": "DiT", **_DIT_ORIGINAL, "input_size": 64, "mlp_ratio": 4.0}}),
     Preset(
         "bk-sdm-tiny", "nota-ai/bk-sdm-tiny", "BK-SDM-Tiny: SD 1.4 with a block-removed, distilled UNet (512 px)",
         pipeline=("StableDiffusionPipeline",), components=_SD_CLASSES, default_component="unet",
@@ -402,6 +411,25 @@ def get(name: str) -> Preset:
     if preset is None:
         raise KeyError(f"no preset {name!r}; known: {', '.join(PRESETS)}")
     return preset
+
+
+class NoPublishedConfig(UserError, KeyError):
+    """A preset whose network's config is not written here (only checked against a local copy)."""
+
+
+def published_config(preset: Preset | str, component: str | None = None) -> dict:
+    """The published config of one network of a preset (its default component unless
+    ``component``; "" for a bare file), from :attr:`Preset.configs`: enough to build the
+    network without its weights (``pretrained.published_module``)."""
+    preset = get(preset) if isinstance(preset, str) else preset
+    component = preset.default_component or "" if component is None else component
+    config = preset.configs.get(component)
+    if config is None and preset.base and preset.replaces == component:  # a LoRA / UNet file of its base
+        return published_config(preset.base, component)
+    if config is None:
+        raise NoPublishedConfig(f"preset {preset.name!r} has no published config for {component or 'its file'!r} "
+                                f"here (written: {sorted(preset.configs) or 'none'})")
+    return dict(config)
 
 
 # ---------------------------------------------------------------- finding a local copy

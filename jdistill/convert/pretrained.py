@@ -398,6 +398,19 @@ def load_pretrained(path_or_preset, component: str | None = None, dtype=None, ca
     return load_converted(entry, component, dtype)
 
 
+def published_module(name: str, component: str | None = None, dtype=None, param_dtype=None, **fields):
+    """The Flax module of a preset's network, built from its published config alone (no weights
+    are looked for: what ``jdistill plan`` compiles). ``dtype`` / ``param_dtype`` (names or jnp
+    types, default float32) and ``fields`` (other module options) are set on it."""
+    config = presets.published_config(name, component)
+    family = registry.get("dit") if config.get("_class_name") == "DiT" else registry.family_for_config(config)
+    as_type = {k: DTYPES[v] if isinstance(v, str) else v for k, v in (("dtype", dtype), ("param_dtype", param_dtype))
+               if v is not None}
+    module = family.load().module_from_config(config, dtype=as_type.get("dtype", jnp.float32),
+                                              param_dtype=as_type.get("param_dtype", jnp.float32))
+    return module.clone(**fields) if fields else module
+
+
 def _lora_preset(preset, component, dtype, cache_dir, models_dir) -> Pretrained:
     """A LoRA preset: its base preset's model with the LoRA merged at the published scale (the
     base is converted and cached as itself; merging is cheap next to that)."""

@@ -214,7 +214,9 @@ class BatchSource:
             seed=_shuffle_seed(self.seed)).repeat(None)
         self._arrays = None
         if in_memory is None:
-            first = stream[0] if record_transform is None else record_transform(source[0])
+            # sized from a record this process reads anyway: a host never touches another's shard
+            own = int(self._indices[self.process_index * self.local_batch_size])
+            first = source[own] if record_transform is None else record_transform(source[own])
             in_memory = self.num_examples * sum(np.asarray(first[k]).nbytes for k in self.keys) <= IN_MEMORY_BYTES
         if in_memory:
             plain = grain.MapDataset.source(source)

@@ -231,6 +231,11 @@ class JointTransformerBlock(nn.Module):
         return x, context
 
 
+# Text tokens of SD3's pipelines (77 CLIP + 256 T5); only shapes for init depend on inputs,
+# and no param shape depends on this length.
+TEXT_TOKENS = 333
+
+
 class SD3Transformer2DModel(nn.Module):
     """The SD3 / SD3.5 MMDiT; fields are diffusers' config keys (and defaults); see the module
     docstring for the call. ``out_channels=None`` means ``in_channels``.
@@ -270,6 +275,15 @@ class SD3Transformer2DModel(nn.Module):
         bad = [i for i in self.dual_attention_layers if not 0 <= i < self.num_layers]
         if bad:
             raise ValueError(f"dual_attention_layers {bad} outside 0..{self.num_layers - 1}")
+
+    def example_inputs(self, batch: int = 1) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of the right shapes and dtypes for ``init`` / ``abstract_params``:
+        latents at the config's ``sample_size``, model time, text states and pooled projections."""
+        s = self.sample_size
+        args = (jnp.zeros((batch, s, s, self.in_channels), self.dtype), jnp.zeros((batch,), jnp.float32))
+        kwargs = dict(encoder_hidden_states=jnp.zeros((batch, TEXT_TOKENS, self.joint_attention_dim), self.dtype),
+                      pooled_projections=jnp.zeros((batch, self.pooled_projection_dim), self.dtype))
+        return args, kwargs
 
     @nn.compact
     def __call__(self, x, t, encoder_hidden_states, pooled_projections):

@@ -28,6 +28,9 @@ class Recipe:
     sampler: Callable | None = None  # (run, **options) -> evaluation.Sampler
     member: Callable | None = None  # (run, guidance_scale) -> members.Member, for composite samplers
     sample_config: Callable | None = None  # (cfg, out, *, num, seed) -> dict: sampling straight from a config
+    # (cfg) -> [jdistill.plan.steps.TrainStep | CallStep]: the jitted steps it runs, built without
+    # weights or data, for `jdistill plan`
+    plan: Callable | None = None
 
 
 class UnknownRecipe(UserError, ValueError):

@@ -123,6 +123,24 @@ def train(cfg, workdir: str, *, progress: bool = True, mesh=None) -> dict:
                                progress=progress)
 
 
+def plan_steps(cfg) -> list:
+    """Stage 1's step and a halving's (every halving compiles the same program), for `jdistill plan`:
+    the teacher's weights are never read, the batch is the config's."""
+    from jdistill.plan.steps import TrainStep, abstract_value, image_batch
+
+    task = tasks.plan_task(cfg)
+    batch = image_batch(cfg.data.batch_size, registry.image_shape(task.teacher.module))
+    first = stage1(cfg, task)
+    student = abstract_value(lambda: first.init()[PART])
+    n = rounds(cfg)[0]
+    modules = {"teacher": task.teacher.module, PART: student_template(task.teacher).module}
+    return [TrainStep.of_stage(first, batch, modules=modules, description="stage 1: the guidance-conditioned student "
+                               "learns the teacher's CFG output (teacher: 2 passes, student: 1 pass + backward)"),
+            TrainStep.of_stage(halving(cfg, task, n, student), batch, modules=modules,
+                               description=f"a halving round ({2 * n} -> {n} steps): two DDIM steps of the previous "
+                               "student (frozen) as the target of one student step")]
+
+
 def grid_sampler(cfg, task: tasks.Task, student: Denoiser, stage_name: str, num: int = 100):
     n = student_steps(stage_name) or int(cfg.sample.steps)
     grid = unit_grid(student.schedule, n)
@@ -195,4 +213,4 @@ def member(run: runs.Run, guidance_scale: float) -> Member:
 
 
 RECIPE = Recipe("guided", "Meng et al.'s guided distillation: stage 1, then progressive halvings", "distill",
-                train=train, sampler=make_sampler, member=member)
+                train=train, sampler=make_sampler, member=member, plan=plan_steps)

@@ -19,6 +19,7 @@ from jdistill import images as images_lib
 from jdistill.config import ConfigError
 from jdistill.denoiser import Denoiser
 from jdistill.diffusion.timesteps import make_grid
+from jdistill.models import registry
 from jdistill.paths import resolve_model
 from jdistill.recipes import Recipe
 from jdistill.recipes.members import Member
@@ -32,6 +33,38 @@ def _class_member(cfg, section, schedule) -> Member:
     den = Denoiser.for_module(loaded.module, schedule, cfg.diffusion.prediction, loaded.params,
                               guided_channels=cfg.sample.get("guided_channels") or None)
     return Member(den, float(cfg.sample.guidance_scale), {}, os.path.basename(section.checkpoint))
+
+
+def plan_steps(cfg) -> list:
+    """For `jdistill plan`: the stitched sampler over the config's grid at ``plan.batch_size``, and one
+    step of each model alone (XLA counts a loop body once: these give the FLOPs per step). Each
+    network is built from its section's ``model`` (the architecture of the file, which is not read)."""
+    from jdistill.diffusion import schedules as schedules_lib
+    from jdistill.plan.steps import module_params, sampler_call
+
+    if cfg.task != "class_to_image":
+        raise ConfigError(f"planning a {cfg.task!r} stitch is not supported yet (class_to_image configs are)")
+    schedule = schedules_lib.from_config(cfg.diffusion)
+    dens = []
+    for section in (cfg.small, cfg.large):
+        if not section.get("model"):
+            raise ConfigError("a plan builds each network from its section's `model` (e.g. dict(name='dit', "
+                              "preset='DiT-S/2', input_size=32)); this config has none")
+        module = registry.build_model(section.model)
+        dens.append(Denoiser.for_module(module, schedule, cfg.diffusion.prediction, module_params(module),
+                                        guided_channels=cfg.sample.get("guided_channels") or None))
+    r, g, b = float(cfg.fraction), float(cfg.sample.guidance_scale), int(cfg.plan.batch_size)
+    steps, solver = int(cfg.sample.steps), cfg.sample.solver
+    grid = make_grid(schedule, steps, solver)
+    names = [s.model.get("preset", s.model.name) for s in (cfg.small, cfg.large)]
+    out = [sampler_call("tstitch", dens, [r, 1 - r], grid, b, solver=solver, guidance_scales=[g, g], mode=cfg.mode,
+                        description=f"T-Stitch {names[0]} -> {names[1]}, {steps} {solver} steps, fraction {r:g} on "
+                        f"the small model, CFG {g:g}")]
+    one = make_grid(schedule, 1, solver)
+    for name, den in zip(names, dens):
+        out.append(sampler_call(f"{name} step", [den], [1.0], one, b, solver=solver, guidance_scales=[g],
+                                description=f"one {solver} step of {name} alone with CFG (2 passes)"))
+    return out
 
 
 def save_config_samples(cfg, out: str, *, num: int | None = None, seed: int = 0) -> dict:
@@ -97,4 +130,4 @@ def _no_training(cfg, workdir, **kw):
 
 
 RECIPE = Recipe("stitch", "T-Stitch of two pretrained networks (training-free)", "", train=_no_training,
-                sample_config=save_config_samples)
+                sample_config=save_config_samples, plan=plan_steps)

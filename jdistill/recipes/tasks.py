@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdistill.denoiser import Denoiser
-from jdistill.errors import MissingInput
+from jdistill.errors import InvalidArgument, MissingInput
 from jdistill.models import registry
 from jdistill.objectives.denoising import labels_cond
 from jdistill.paths import resolve_model
@@ -137,4 +137,38 @@ def text_task(cfg, with_data: bool = True) -> Task:
 
 
 def make_task(cfg, with_data: bool = True) -> Task:
+    if cfg.teacher.get("checkpoint"):
+        raise InvalidArgument(f"teacher.checkpoint={cfg.teacher.checkpoint!r}: distilling a pretrained "
+                              "class-conditional checkpoint on its own data set (ImageNet through the VAE) is planned "
+                              "(`jdistill plan`) but not trained yet; train from a jdistill teacher run "
+                              "(teacher.workdir) or a text-to-image pipeline (teacher.pipeline)")
     return text_task(cfg, with_data) if cfg.teacher.get("pipeline") else class_task(cfg, with_data)
+
+
+def model_fields(cfg) -> dict:
+    """The config's ``model`` section: options set on a pretrained network (``dtype``, ``param_dtype``
+    and whatever else the module has, e.g. activation checkpointing), passed through as given."""
+    return dict(cfg.get("model") or {})
+
+
+def plan_task(cfg) -> Task:
+    """The task with the teacher's params as ShapeDtypeStructs and no data: what ``jdistill plan``
+    compiles. The teacher's network comes from its preset's published config
+    (``teacher.checkpoint``) or from the teacher run's config (``teacher.config``)."""
+    from jdistill import config as config_lib
+    from jdistill.convert.pretrained import published_module
+    from jdistill.diffusion import schedules
+    from jdistill.plan.steps import module_params
+
+    if cfg.teacher.get("pipeline"):
+        raise InvalidArgument("planning a text-to-image distillation (teacher.pipeline) is not supported yet: its "
+                              "prompt-embedding table is built from the data; plan a class-conditional config")
+    if cfg.teacher.get("checkpoint"):
+        module = published_module(cfg.teacher.checkpoint, **model_fields(cfg))
+        den = Denoiser.for_module(module, schedules.from_config(cfg.diffusion), cfg.diffusion.prediction)
+    elif cfg.teacher.get("config"):
+        den = teacher_lib.template(config_lib.load_config(repo_path(cfg.teacher.config)))
+    else:
+        raise InvalidArgument("a plan needs the teacher's network: set teacher.checkpoint (a preset) or "
+                              "teacher.config (the teacher run's config)")
+    return from_teacher(den.replace(params=module_params(den.module)))

@@ -49,6 +49,16 @@ def stage(cfg) -> stages.Stage:
                         config_lib.to_dict(cfg), part=PART, sample_fn=grid_sampler(cfg, den))
 
 
+def plan_steps(cfg) -> list:
+    """The train step, for `jdistill plan`: the batch is the config's, the params never made."""
+    from jdistill.plan.steps import TrainStep, image_batch
+
+    den = template(cfg)
+    batch = image_batch(cfg.data.batch_size, registry.image_shape(den.module), label=bool(den.num_classes))
+    return [TrainStep.of_stage(stage(cfg), batch, description=f"teacher training of {cfg.model.name}",
+                               modules={"model": den.module})]
+
+
 def source(cfg, den: Denoiser):
     return common.make_source(cfg.data, "train", int(cfg.data.batch_size), int(cfg.seed),
                               registry.image_shape(den.module), what=f"model {cfg.model.name}")
@@ -131,4 +141,4 @@ def member(run: runs.Run, guidance_scale: float) -> Member:
 
 
 RECIPE = Recipe("teacher", "a diffusion model trained with the denoising loss", "train", train=train,
-                sampler=make_sampler, member=member)
+                sampler=make_sampler, member=member, plan=plan_steps)
