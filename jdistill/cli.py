@@ -26,13 +26,15 @@ exit status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 
-from jdistill.errors import UserError
+from jdistill.errors import DamagedCheckpointWarning, UserError
 
 
 # -- argument types: each names the accepted range --------------------------------------
@@ -116,7 +118,7 @@ def cmd_train(args, overrides, *, distill: bool = False):
         raise config_lib.ConfigError(f"{args.config} is a {recipe.name!r} config; `distill` runs distillation "
                                      f"recipes (use `jdistill {recipe.command or 'sample --config'}` for it)")
     workdir = _workdir(args)
-    state = recipe.train(cfg, workdir, progress=not args.quiet)
+    state = recipe.train(cfg, workdir, progress=not args.quiet, allow_inexact_resume=args.allow_inexact_resume)
     print(f"{'distilled' if distill else 'trained'}: {workdir}" + (" (already finished)" if state is None else ""))
 
 
@@ -220,6 +222,9 @@ def build_parser():
         t.add_argument("--config", required=True)
         t.add_argument("--workdir")
         t.add_argument("--quiet", action="store_true", help="no progress bar")
+        t.add_argument("--allow-inexact-resume", action="store_true",
+                       help="resume even though the config changes how the run proceeds (batch size, steps, optimizer, "
+                            "EMA, ...): exactness is given up; printed loudly and recorded in the checkpoints")
         _add_distributed(t)
         t.set_defaults(fn=fn)
 
@@ -298,11 +303,30 @@ def main(argv=None):
     if overrides and not getattr(args, "config", None):
         parser.error(f"--config.* overrides need a --config file, got {overrides}")
     try:
-        args.fn(args, overrides)
+        with _warnings_in_one_line(args.command):
+            args.fn(args, overrides)
     except UserError as e:
         print(f"jdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+@contextlib.contextmanager
+def _warnings_in_one_line(command: str):
+    """jdistill's own warnings (a damaged checkpoint skipped, ...) as one line each, like its errors."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DamagedCheckpointWarning):
+            print(f"jdistill {command}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

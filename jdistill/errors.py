@@ -56,3 +56,8 @@ def check_finite(name: str, value, *, allow_none: bool = False, minimum: float |
 
 class OutputExists(UserError, FileExistsError):
     """An output that would overwrite something already there."""
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """A damaged checkpoint step was passed over for an older intact one (the message names the
+    step and the damaged file)."""

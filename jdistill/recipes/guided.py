@@ -42,7 +42,13 @@ from jdistill.train import optim
 GUIDANCE_MODULE = "guidance_embedder"
 PART = "student"
 # what a stage's params depend on: resuming with other values is refused
-IDENTITY_SECTIONS = ("teacher", "guidance", "stage")
+IDENTITY_KEYS = ("teacher", "guidance", "stage.name")
+
+
+def exact_keys(section: str) -> tuple[str, ...]:
+    """What a stage's run depends on (``stage1`` or ``progressive``): changed only with --allow-inexact-resume."""
+    return ("seed", "data.name", "data.batch_size", "stage.steps", f"{section}.optim", f"{section}.weighting",
+            "train.ema_decay")
 
 
 def rounds(cfg) -> list[int]:
@@ -77,7 +83,8 @@ def _stage(cfg, name: str, steps: int, loss_fn, optim_cfg, init, frozen, task: t
         stored["teacher"]["workdir"] = os.path.abspath(stored["teacher"]["workdir"])
     engine = engine_lib.single(loss_fn, tx, lr, part=PART, ema_decay=float(cfg.train.ema_decay) or None)
     return stages.Stage(name, steps, engine, lambda: {PART: init()}, int(cfg.seed) + 7, stored, frozen,
-                        identity=IDENTITY_SECTIONS, part=PART, jit_init=False,
+                        identity=IDENTITY_KEYS, exact=exact_keys("stage1" if name == "stage1" else "progressive"),
+                        part=PART, jit_init=False,
                         sample_fn=grid_sampler(cfg, task, student, name))
 
 
@@ -113,14 +120,14 @@ def stage_sequence(cfg, task: tasks.Task):
         params = yield halving(cfg, task, n, params)
 
 
-def train(cfg, workdir: str, *, progress: bool = True, mesh=None) -> dict:
+def train(cfg, workdir: str, *, progress: bool = True, mesh=None, allow_inexact_resume: bool = False) -> dict:
     """Stage 1, then every halving; returns {stage name: final params}."""
     for name, steps in stage_steps(cfg):
         common.check_steps(steps, f"steps of stage {name}")
     tasks.ensure_teacher(cfg, progress)
     task = tasks.make_task(cfg)
     return stages.run_sequence(stage_sequence(cfg, task), workdir, cfg, lambda k: task.source.iterate(k), mesh=mesh,
-                               progress=progress)
+                               progress=progress, allow_inexact=allow_inexact_resume)
 
 
 def grid_sampler(cfg, task: tasks.Task, student: Denoiser, stage_name: str, num: int = 100):

@@ -61,12 +61,13 @@ def setup(cfg, workdir: str | None, mesh=None) -> tuple[stages.Setup, object]:
     return stages.setup(st, workdir, cfg.train, mesh), source(cfg, template(cfg))
 
 
-def train(cfg, workdir: str, *, progress: bool = True, mesh=None):
+def train(cfg, workdir: str, *, progress: bool = True, mesh=None, allow_inexact_resume: bool = False):
     """Train (or resume) the teacher in ``workdir``; returns the final TrainState."""
     common.check_steps(cfg.train.steps, "train.steps")
     st = stage(cfg)
     src = source(cfg, template(cfg))
-    return stages.run(st, workdir, cfg, lambda k: src.iterate(k), mesh=mesh, progress=progress)
+    return stages.run(st, workdir, cfg, lambda k: src.iterate(k), mesh=mesh, progress=progress,
+                      allow_inexact=allow_inexact_resume)
 
 
 def ensure_trained(config_path: str, workdir: str, overrides=(), progress: bool = True) -> str:
