@@ -73,6 +73,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seed(text: str) -> int:
+    value = int_at_least(0)(text)
+    if value >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {value}")
+    return value
+
+
+def fraction_step(text: str) -> float:
+    value = finite_float(text)
+    if not 0.01 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a step in [0.01, 1], got {value:g}")
+    return value
+
+
 def fraction(text: str) -> float:
     value = finite_float(text)
     if not 0.0 <= value <= 1.0:
@@ -209,7 +223,7 @@ def _add_sampling(p):
     p.add_argument("--solver")
     p.add_argument("--guidance", type=finite_float, help="guidance scale g (diffusers' convention; Meng's w = g - 1)")
     p.add_argument("--stochastic", action="store_true", help="distilled students: the N-step stochastic sampler")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
 
 
 def build_parser():
@@ -253,11 +267,11 @@ def build_parser():
     sw.add_argument("--large", required=True)
     sw.add_argument("--steps", nargs="+", type=positive_int, default=[16, 64])
     sw.add_argument("--fractions", nargs="+", type=fraction)
-    sw.add_argument("--fraction-step", type=positive_float, default=0.1)
+    sw.add_argument("--fraction-step", type=fraction_step, default=0.1)
     sw.add_argument("--num", type=positive_int, default=1000)
     sw.add_argument("--guidance", type=finite_float, default=1.5)
     sw.add_argument("--solver", default="ddim")
-    sw.add_argument("--seed", type=nonnegative_int, default=0)
+    sw.add_argument("--seed", type=seed, default=0)
     sw.add_argument("--out", default="runs/stitch")
     sw.set_defaults(fn=cmd_stitch_sweep)
 

@@ -37,6 +37,14 @@ def check_positive_int(name: str, value, *, allow_none: bool = False, minimum: i
     return value
 
 
+def check_seed(value, name: str = "seed") -> int:
+    """A PRNG seed: an integer in [0, 2**32) (what ``jax.random.key`` takes without wrapping)."""
+    value = check_positive_int(name, value, minimum=0)
+    if value >= 2 ** 32:
+        raise InvalidArgument(f"{name} must be below 2**32, got {value}")
+    return value
+
+
 def check_finite(name: str, value, *, allow_none: bool = False, minimum: float | None = None) -> float | None:
     """``value`` as a finite float (>= ``minimum`` when given), else InvalidArgument."""
     import math

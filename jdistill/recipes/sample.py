@@ -12,8 +12,9 @@ import os
 import numpy as np
 
 from jdistill import images as images_lib
-from jdistill import npz
-from jdistill.errors import InvalidArgument, MissingInput
+from jdistill import files
+from jdistill.errors import InvalidArgument, MissingInput, check_positive_int, check_seed
+from jdistill.files import check_output_file
 from jdistill.recipes import get_recipe, runs
 from jdistill.recipes.evaluation import Sampler
 
@@ -43,9 +44,13 @@ def sample_to_file(workdir: str, out: str | None = None, *, num: int = 1000, see
                    **options) -> dict:
     """Sample ``num`` images from ``workdir`` into an .npz with ``images`` uint8 NHWC and ``labels``,
     plus a PNG grid."""
+    check_positive_int("--num", num)
+    check_positive_int("--batch-size", batch_size)
+    check_seed(seed, "--seed")
+    out = out or os.path.join(workdir, "samples.npz")
+    check_output_file(out, ".npz")
     sampler = make_sampler(workdir, **options)
     images, labels, seconds = sampler.run(num, seed=seed, batch_size=batch_size, progress=True)
-    out = out or os.path.join(workdir, "samples.npz")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     arrays = {"images": images}
     if labels is not None:
@@ -57,7 +62,7 @@ def sample_to_file(workdir: str, out: str | None = None, *, num: int = 1000, see
 
 def _load_images(path: str, what: str = "samples file"):
     """(uint8 images (N, H, W, C), labels or None) of a samples .npz, each checked."""
-    arrays = npz.read(path, what)
+    arrays = files.read_npz(path, what)
     if "images" not in arrays:
         raise InvalidArgument(f"{path} has no 'images' array (it has {sorted(arrays)})")
     images, labels = arrays["images"], arrays.get("labels")
@@ -115,6 +120,8 @@ def evaluate_run(workdir: str, *, num: int = 1000, seed: int = 0, **options) -> 
     """Sample ``num`` images from the run at ``workdir`` and score them (digits: FD + class accuracy)."""
     from jdistill.recipes import evaluation
 
+    check_positive_int("--num", num)
+    check_seed(seed, "--seed")
     sampler = make_sampler(workdir, **options)
     if tuple(sampler.image_shape) != (8, 8, 1):
         raise InvalidArgument(f"{workdir} samples {tuple(sampler.image_shape)} images; scoring a run is defined "
@@ -128,6 +135,8 @@ def read_results(path: str) -> dict:
     """A results.json a sweep wrote."""
     import json
 
+    if os.path.isdir(path):
+        raise InvalidArgument(f"{path} is a directory; expected a sweep's results.json (e.g. {path}/results.json)")
     if not os.path.isfile(path):
         raise MissingInput(f"no results file at {path}")
     try:
@@ -135,6 +144,6 @@ def read_results(path: str) -> dict:
             result = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidArgument(f"{path} is not a results.json (not JSON: {e})") from None
-    if not isinstance(result, dict) or "rows" not in result:
-        raise InvalidArgument(f"{path} is JSON but not a sweep's results (no 'rows')")
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
+        raise InvalidArgument(f"{path} is JSON but not a sweep's results (no list of 'rows')")
     return result

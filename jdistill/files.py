@@ -1,9 +1,10 @@
-"""Reading a user's ``.npz`` safely, and saying what a file is when it is not one.
+"""Files a user hands in: saying what a file is when it is not what was expected, and reading
+``.npz`` archives safely.
 
 numpy's own errors mislead here: a text file renamed ``.npz`` is reported as "pickled data"
 with the advice to load it with ``allow_pickle`` (a wrong diagnosis, and unsafe advice), an
-empty file as an EOFError, a truncated archive as "not a zip file". :func:`read` looks at
-the file's first bytes first and names what it is; it never unpickles anything.
+empty file as an EOFError, a truncated archive as "not a zip file". :func:`read_npz` looks
+at the file's first bytes first and names what it is; it never unpickles anything.
 """
 
 from __future__ import annotations
@@ -20,38 +21,65 @@ ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with entries, an empty zip
 NPY_MAGIC = b"\x93NUMPY"
 
 
-def describe(head: bytes) -> str:
-    """What a file starting with ``head`` is, in words (for files that are not .npz archives)."""
-    if head.startswith(NPY_MAGIC):
+def head(path: str, n: int = 64) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def is_pickle(start: bytes) -> bool:
+    """A pickle stream of protocol 2..5 (torch's legacy format starts with one)."""
+    return start[:1] == b"\x80" and start[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+
+
+def describe(start: bytes) -> str:
+    """What a file whose first bytes are ``start`` is, in words (for a file that is not what was expected)."""
+    if not start:
+        return "empty (0 bytes)"
+    if start.startswith(ZIP_MAGICS):
+        return "a zip archive"
+    if start.startswith(NPY_MAGIC):
         return "a single .npy array, not an .npz archive (save with np.savez(path, images=...))"
-    if head[:1] == b"\x80" and len(head) > 1 and head[1:2] in bytes(range(2, 6)):
+    if is_pickle(start):
         return "a Python pickle (jdistill never unpickles files; save arrays with np.savez)"
-    if head.startswith(b"\x89PNG"):
+    if start.startswith(b"\x89PNG"):
         return "a PNG image"
-    if head.startswith(b"\x89HDF"):
+    if start.startswith(b"\x89HDF"):
         return "an HDF5 file"
     try:
-        text = head.decode("utf-8")
+        text = start.decode("utf-8")
     except UnicodeDecodeError:
-        return f"an unknown binary file (starts with {head[:8]!r})"
+        return f"an unknown binary file (starts with {start[:8]!r})"
     if text.lstrip().startswith(("{", "[")):
         return "a JSON / text file"
     return f"a text file (starts with {text[:40]!r})"
 
 
-def read(path: str, what: str = "samples file") -> dict[str, np.ndarray]:
+def check_output_file(path: str, suffix: str) -> None:
+    """An output file path: it names a ``suffix`` file, not a directory."""
+    if os.path.isdir(path):
+        raise InvalidArgument(f"{path} is a directory; give a file name ending in {suffix}")
+    if not path.endswith(suffix):
+        raise InvalidArgument(f"{path}: the output file must end in {suffix}")
+
+
+def check_output_dir(path: str) -> None:
+    """An output folder: it may exist, but not as a file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InvalidArgument(f"{path} is a file; expected a folder for the outputs")
+
+
+def read_npz(path: str, what: str = "samples file") -> dict[str, np.ndarray]:
     """Every array of the .npz at ``path``; a named error when it is missing, empty, not an .npz,
     damaged, or holds a pickled object array (which is never loaded)."""
     if os.path.isdir(path):
         raise InvalidArgument(f"{path} is a directory; expected a {what} (.npz)")
     if not os.path.isfile(path):
         raise MissingInput(f"no {what} at {path}")
-    with open(path, "rb") as f:
-        head = f.read(64)
-    if not head:
+    start = head(path)
+    if not start:
         raise InvalidArgument(f"{path} is empty (0 bytes); expected a {what} (.npz)")
-    if not head.startswith(ZIP_MAGICS):
-        raise InvalidArgument(f"{path} is not an .npz archive: it is {describe(head)}")
+    if not start.startswith(ZIP_MAGICS):
+        raise InvalidArgument(f"{path} is not an .npz archive: it is {describe(start)}")
     try:
         with np.load(path, allow_pickle=False) as f:
             names = list(f.files)
