@@ -24,6 +24,11 @@ class MissingInput(UserError, FileNotFoundError):
     """A file, folder or trained stage that should exist does not."""
 
 
+class NonFiniteOutput(UserError, FloatingPointError):
+    """A model gave NaN or inf (params trained with too high a learning rate, a damaged
+    conversion); nothing is written from it."""
+
+
 def check_positive_int(name: str, value, *, allow_none: bool = False, minimum: int = 1) -> int | None:
     """``value`` as an int >= ``minimum`` (None passes when ``allow_none``), else InvalidArgument."""
     if value is None and allow_none:

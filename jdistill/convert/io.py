@@ -176,13 +176,13 @@ def _refusal(path: Path, kind: str, e: Exception) -> str:
     """Why torch.load(weights_only=True) refused a file, without torch's advice to load it unsafely."""
     needs = re.search(r"GLOBAL ([\w.]+)", str(e))
     if needs:
-        return (f"{path} is {kind} whose pickle needs {needs.group(1)}, which is not a tensor or plain container; "
+        return (f"{path}: {kind} whose pickle needs {needs.group(1)}, which is not a tensor or plain container; "
                 "jdistill reads checkpoints with torch.load(weights_only=True) and never runs pickled code. "
                 "Save the weights alone from the code that made them (torch.save(model.state_dict(), ...) or "
                 "safetensors)")
     if isinstance(e, (EOFError, zipfile.BadZipFile)) or "central directory" in str(e) or "truncated" in str(e):
-        return f"{path} is {kind} that cannot be read ({_first_line(e)}); it may be truncated or still downloading"
-    return f"{path} is {kind} that torch.load(weights_only=True) cannot read ({_first_line(e)})"
+        return f"{path}: {kind} that cannot be read ({_first_line(e)}); it may be truncated or still downloading"
+    return f"{path}: {kind} that torch.load(weights_only=True) cannot read ({_first_line(e)})"
 
 
 def _first_line(e: Exception) -> str:

@@ -8,7 +8,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from jdistill.errors import InvalidArgument, check_positive_int, check_seed
+from jdistill.errors import InvalidArgument, NonFiniteOutput, check_positive_int, check_seed
 
 
 def generate(sample_fn: Callable, image_shape, labels: np.ndarray | None, *, num: int | None = None,
@@ -50,6 +50,11 @@ def generate(sample_fn: Callable, image_shape, labels: np.ndarray | None, *, num
             it = tqdm(it, desc="sampling", leave=False)
         for b in it:
             images, n = batch(b)
-            out.append(np.asarray(jax.device_get(images))[:n])
+            images = np.asarray(jax.device_get(images))[:n]
+            # NaN would become black (or saturated) pixels in a uint8 file: refuse instead
+            if not np.isfinite(images).all():
+                raise NonFiniteOutput(f"the model gave non-finite samples (NaN / inf) in batch {b}; its params are "
+                                      "not usable (trained with too high a learning rate?). Nothing was written")
+            out.append(images)
         best = min(best, time.perf_counter() - start)
     return np.concatenate(out, axis=0), best
