@@ -315,30 +315,31 @@ class Checkpointer:
         name, shape and dtype, None elsewhere; the names left None; the stored names not restored;
         the meta). For a resume that changes the state's structure on purpose (a new EMA, another
         optimizer chain)."""
-        stored = {integrity.array_name(kp): m for kp, m in jax.tree_util.tree_flatten_with_path(
-            self.stored_arrays(step))[0]}
         flat, treedef = jax.tree_util.tree_flatten_with_path(abstract_state)
-        want, missing = {}, []
-        for kp, leaf in flat:
-            name = integrity.array_name(kp)
-            m = stored.get(name)
-            if m is not None and tuple(m.shape) == tuple(leaf.shape) and m.dtype == leaf.dtype:
-                node = want
-                for key in ocp.tree.str_keypath(kp)[:-1]:
-                    node = node.setdefault(key, {})
-                node[ocp.tree.str_keypath(kp)[-1]] = leaf
-            else:
-                missing.append(name)
-        self.restored_step, (got, meta) = self._newest_intact(
-            step, lambda s: self._read_subset(s, want), lambda s, out: self._fingerprint_damage(s, out[0], out[1]))
-        values = []
-        for kp, _ in flat:
-            node = got
-            for key in ocp.tree.str_keypath(kp):
-                node = node.get(key) if isinstance(node, dict) else None
-            values.append(node)
-        taken = {integrity.array_name(kp) for kp, _ in flat} - set(missing)
-        return jax.tree_util.tree_unflatten(treedef, values), missing, sorted(set(stored) - taken), _strip(meta)
+        target = {integrity.array_name(kp): leaf for kp, leaf in flat}
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+        def wanted(kp, m):
+            # the read mirrors the stored tree (an optimizer's tuples are lists there, and a list
+            # cannot be read in part); what the target has no use for is read to one device, dropped
+            leaf = target.get(integrity.array_name(kp))
+            if leaf is not None and tuple(m.shape) == tuple(leaf.shape) and m.dtype == leaf.dtype:
+                return leaf
+            return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev)
+
+        def read(s):
+            want = jax.tree_util.tree_map_with_path(wanted, self.stored_arrays(s))
+            return want, self._read_subset(s, want)
+
+        self.restored_step, (want, (got, meta)) = self._newest_intact(
+            step, read, lambda s, out: self._fingerprint_damage(s, out[1][0], out[1][1]))
+        read_values = {integrity.array_name(kp): v for kp, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+        kept = {integrity.array_name(kp) for kp, leaf in jax.tree_util.tree_flatten_with_path(want)[0]
+                if leaf is target.get(integrity.array_name(kp))}
+        values = [read_values[name] if name in kept else None for name in target]
+        missing = [name for name in target if name not in kept]
+        return (jax.tree_util.tree_unflatten(treedef, values), missing, sorted(set(read_values) - kept),
+                _strip(meta))
 
     def wait(self):
         self.manager.wait_until_finished()

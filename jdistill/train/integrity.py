@@ -171,6 +171,17 @@ def _check_state(state_dir: str) -> None:
         raise _Broken("state/_METADATA", "missing") from None
     except (ValueError, KeyError, TypeError) as e:
         raise _Broken("state/_METADATA", f"not Orbax tree metadata ({_first_line(e)})") from None
+    # Orbax's other JSON records of the item (shardings, per-process array metadata)
+    records = [os.path.join(state_dir, "_sharding")]
+    if os.path.isdir(os.path.join(state_dir, "array_metadatas")):
+        records += [os.path.join(state_dir, "array_metadatas", f)
+                    for f in sorted(os.listdir(os.path.join(state_dir, "array_metadatas")))]
+    for path in records:
+        if os.path.isfile(path):
+            try:
+                _read_json(path)
+            except (OSError, ValueError) as e:
+                raise _Broken(f"state/{os.path.relpath(path, state_dir)}", f"not JSON ({_first_line(e)})") from None
     if not meta.get("use_ocdbt", False):
         return  # one folder per array: the read itself names what it cannot find
     if not os.path.isfile(os.path.join(state_dir, "manifest.ocdbt")):
