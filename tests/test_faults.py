@@ -106,11 +106,21 @@ TRAIN_CONFIG = [
     ("--config.sample.solver=rk9", r"--config.sample.solver='rk9'; expected one of"),
     ("--config.sample.steps=0", r"--config.sample.steps must be an integer >= 1"),
 ]
+GUIDED = os.path.join(REPO, "configs", "digits_guided.py")
+DISTILL_CONFIG = [
+    ("--config.progressive.end_steps=64", r"end_steps=64 is more than start_steps=32"),
+    ("--config.stage1.optim.lr=0.0", r"--config.stage1.optim.lr must be > 0"),
+    ("--config.progressive.optim.b1=1.5", r"--config.progressive.optim.b1 must be in \[0, 1\)"),
+    ("--config.train.log_every=0", r"--config.train.log_every must be an integer >= 1"),
+]
 
 
-@pytest.mark.parametrize("override,message", TRAIN_CONFIG, ids=[o for o, _ in TRAIN_CONFIG])
-def test_bad_training_config_is_named_before_anything_is_written(override, message, tmp_path, capsys):
-    err = refused(["train", "--config", TEACHER, "--workdir", str(tmp_path / "run"), "--quiet", override], capsys)
+CONFIG_CASES = [("train", TEACHER, *c) for c in TRAIN_CONFIG] + [("distill", GUIDED, *c) for c in DISTILL_CONFIG]
+
+
+@pytest.mark.parametrize("command,config,override,message", CONFIG_CASES, ids=[f"{c[0]} {c[2]}" for c in CONFIG_CASES])
+def test_bad_training_config_is_named_before_anything_is_written(command, config, override, message, tmp_path, capsys):
+    err = refused([command, "--config", config, "--workdir", str(tmp_path / "run"), "--quiet", override], capsys)
     assert re.search(message, err), err
     assert not (tmp_path / "run").exists(), "a refused training left a workdir behind"
 

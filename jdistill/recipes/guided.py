@@ -142,6 +142,8 @@ def train(cfg, workdir: str, *, progress: bool = True, mesh=None, allow_inexact_
     """Stage 1, then every halving; returns {stage name: final params}."""
     common.check_train_config(cfg, mesh)
     check_progressive(cfg)
+    for section in ("stage1", "progressive"):  # before a missing teacher is trained
+        optim.check_config(cfg[section].optim, f"{section}.optim")
     for name, steps in stage_steps(cfg):
         common.check_steps(steps, f"steps of stage {name}")
     tasks.ensure_teacher(cfg, progress)

@@ -58,9 +58,10 @@ def _in_range(name: str, value, low: float, high: float, *, high_open: bool = Fa
     return value
 
 
-def from_config(optim_cfg, steps: int, key: str = "optim"):
-    """(optimizer, lr schedule) from an ``optim`` config section (see the module docstring); every
-    value is checked and a bad one named as ``--config.<key>.<field>``."""
+def check_config(optim_cfg, key: str = "optim") -> dict:
+    """The keyword arguments of :func:`make_optimizer` an ``optim`` config section gives, each value
+    checked; a bad one is named as ``--config.<key>.<field>`` (so a recipe can check every section
+    before it trains anything)."""
     name = f"--config.{key}"
     lr = check_finite(f"{name}.lr", optim_cfg["lr"])
     if not lr > 0:
@@ -71,10 +72,17 @@ def from_config(optim_cfg, steps: int, key: str = "optim"):
     clip = optim_cfg.get("clip_norm", 1.0)
     if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip >= 0):
         raise InvalidArgument(f"{name}.clip_norm must be a number >= 0 (0 or None: no clipping), got {clip!r}")
-    return make_optimizer(
-        lr, steps, warmup=check_positive_int(f"{name}.warmup", optim_cfg.get("warmup", 0), minimum=0),
+    return dict(
+        lr=lr, warmup=check_positive_int(f"{name}.warmup", optim_cfg.get("warmup", 0), minimum=0),
         decay=decay, end_factor=_in_range(f"{name}.end_factor", optim_cfg.get("end_factor", 0.0), 0.0, 1.0),
         b1=_in_range(f"{name}.b1", optim_cfg.get("b1", 0.9), 0.0, 1.0, high_open=True),
         b2=_in_range(f"{name}.b2", optim_cfg.get("b2", 0.999), 0.0, 1.0, high_open=True),
         weight_decay=check_finite(f"{name}.weight_decay", optim_cfg.get("weight_decay", 0.0), minimum=0.0),
         clip_norm=clip)
+
+
+def from_config(optim_cfg, steps: int, key: str = "optim"):
+    """(optimizer, lr schedule) from an ``optim`` config section (see the module docstring), checked
+    by :func:`check_config`."""
+    kw = check_config(optim_cfg, key)
+    return make_optimizer(kw.pop("lr"), steps, **kw)
