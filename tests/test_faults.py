@@ -238,12 +238,10 @@ def test_nonfinite_training_stops_by_name_or_skips_and_never_saves_nan(tmp_path)
     with pytest.raises(NonFiniteError, match=r"at step 4 .* Last good checkpoint: step 2 in"):
         _run(_stage(6), stop, _cfg("stop"), scales)
     assert _all_checkpoints_finite(stop)[-1] == 2  # (and step 1: Orbax always saves a run's first)
-    skip = str(tmp_path / "skip")
-    state = _run(_stage(6), skip, _cfg("skip"), scales)
-    assert int(state.skipped) == 1 and int(state.step) == 6 and _all_checkpoints_finite(skip)[-2:] == [4, 6]
-    # resuming the stopped run from its last good checkpoint (skipping the bad step) ends where "skip" did
+    # resumed from that last good checkpoint with nonfinite=skip (a free key): the bad update is counted and refused
     state = _run(_stage(6), stop, _cfg("skip"), scales)
-    np.testing.assert_array_equal(_params(stop), _params(skip))
+    assert int(state.skipped) == 1 and int(state.step) == 6 and _all_checkpoints_finite(stop)[-2:] == [4, 6]
+    np.testing.assert_array_equal(np.asarray(state.parts["student"].params["w"]), _params(stop))
 
 
 def _damage(path, how):
@@ -284,7 +282,7 @@ def _largest_data_file(step_dir):
     return max(_files(step_dir), key=lambda f: os.path.getsize(os.path.join(step_dir, f)) if "/d/" in f else -1)
 
 
-@pytest.mark.parametrize("how", ["delete", "truncate"])
+@pytest.mark.parametrize("how", ["truncate"])  # deleting, and every other file: the slow test below
 def test_damaged_latest_checkpoint_falls_back_and_resumes_bit_identical(interrupted_and_full, tmp_path, how):
     interrupted, expected, scales = interrupted_and_full
     rel = _largest_data_file(os.path.join(interrupted, "checkpoints", "4"))
