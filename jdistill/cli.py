@@ -30,13 +30,15 @@ exit status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
+import warnings
 
 import numpy as np
 
-from jdistill.errors import UserError
+from jdistill.errors import DamagedCheckpointWarning, UserError
 
 
 # -- argument types: each names the accepted range --------------------------------------
@@ -72,6 +74,20 @@ def positive_float(text: str) -> float:
     value = finite_float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {value:g}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = int_at_least(0)(text)
+    if value >= 2 ** 32:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {value}")
+    return value
+
+
+def fraction_step(text: str) -> float:
+    value = finite_float(text)
+    if not 0.01 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a step in [0.01, 1], got {value:g}")
     return value
 
 
@@ -120,7 +136,7 @@ def cmd_train(args, overrides, *, distill: bool = False):
         raise config_lib.ConfigError(f"{args.config} is a {recipe.name!r} config; `distill` runs distillation "
                                      f"recipes (use `jdistill {recipe.command or 'sample --config'}` for it)")
     workdir = _workdir(args)
-    state = recipe.train(cfg, workdir, progress=not args.quiet)
+    state = recipe.train(cfg, workdir, progress=not args.quiet, allow_inexact_resume=args.allow_inexact_resume)
     print(f"{'distilled' if distill else 'trained'}: {workdir}" + (" (already finished)" if state is None else ""))
 
 
@@ -265,7 +281,7 @@ def _add_sampling(p):
     p.add_argument("--solver")
     p.add_argument("--guidance", type=finite_float, help="guidance scale g (diffusers' convention; Meng's w = g - 1)")
     p.add_argument("--stochastic", action="store_true", help="distilled students: the N-step stochastic sampler")
-    p.add_argument("--seed", type=nonnegative_int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
 
 
 def build_parser():
@@ -278,6 +294,9 @@ def build_parser():
         t.add_argument("--config", required=True)
         t.add_argument("--workdir")
         t.add_argument("--quiet", action="store_true", help="no progress bar")
+        t.add_argument("--allow-inexact-resume", action="store_true",
+                       help="resume even though the config changes how the run proceeds (batch size, steps, optimizer, "
+                            "EMA, ...): exactness is given up; printed loudly and recorded in the checkpoints")
         _add_distributed(t)
         t.set_defaults(fn=fn)
 
@@ -306,11 +325,11 @@ def build_parser():
     sw.add_argument("--large", required=True)
     sw.add_argument("--steps", nargs="+", type=positive_int, default=[16, 64])
     sw.add_argument("--fractions", nargs="+", type=fraction)
-    sw.add_argument("--fraction-step", type=positive_float, default=0.1)
+    sw.add_argument("--fraction-step", type=fraction_step, default=0.1)
     sw.add_argument("--num", type=positive_int, default=1000)
     sw.add_argument("--guidance", type=finite_float, default=1.5)
     sw.add_argument("--solver", default="ddim")
-    sw.add_argument("--seed", type=nonnegative_int, default=0)
+    sw.add_argument("--seed", type=seed, default=0)
     sw.add_argument("--out", default="runs/stitch")
     sw.set_defaults(fn=cmd_stitch_sweep)
 
@@ -409,11 +428,30 @@ def main(argv=None):
     if overrides and not getattr(args, "config", None):
         parser.error(f"--config.* overrides need a --config file, got {overrides}")
     try:
-        args.fn(args, overrides)
+        with _warnings_in_one_line(args.command):
+            args.fn(args, overrides)
     except UserError as e:
         print(f"jdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+@contextlib.contextmanager
+def _warnings_in_one_line(command: str):
+    """jdistill's own warnings (a damaged checkpoint skipped, ...) as one line each, like its errors."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DamagedCheckpointWarning):
+            print(f"jdistill {command}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 if __name__ == "__main__":

@@ -24,6 +24,11 @@ class MissingInput(UserError, FileNotFoundError):
     """A file, folder or trained stage that should exist does not."""
 
 
+class NonFiniteOutput(UserError, FloatingPointError):
+    """A model gave NaN or inf (params trained with too high a learning rate, a damaged
+    conversion); nothing is written from it."""
+
+
 def check_positive_int(name: str, value, *, allow_none: bool = False, minimum: int = 1) -> int | None:
     """``value`` as an int >= ``minimum`` (None passes when ``allow_none``), else InvalidArgument."""
     if value is None and allow_none:
@@ -34,6 +39,14 @@ def check_positive_int(name: str, value, *, allow_none: bool = False, minimum: i
     value = int(value)
     if value < minimum:
         raise InvalidArgument(f"{name} must be an integer >= {minimum}, got {value}")
+    return value
+
+
+def check_seed(value, name: str = "seed") -> int:
+    """A PRNG seed: an integer in [0, 2**32) (what ``jax.random.key`` takes without wrapping)."""
+    value = check_positive_int(name, value, minimum=0)
+    if value >= 2 ** 32:
+        raise InvalidArgument(f"{name} must be below 2**32, got {value}")
     return value
 
 
@@ -56,3 +69,8 @@ def check_finite(name: str, value, *, allow_none: bool = False, minimum: float |
 
 class OutputExists(UserError, FileExistsError):
     """An output that would overwrite something already there."""
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """A damaged checkpoint step was passed over for an older intact one (the message names the
+    step and the damaged file)."""

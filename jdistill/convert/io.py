@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -145,29 +146,43 @@ class _TorchFile:
 
 
 def _torch_load(path: Path):
+    from jdistill import files
+
+    start = files.head(os.fspath(path))
+    is_zip = start.startswith(files.ZIP_MAGICS)
+    if not start:
+        raise CheckpointReadError(f"{path} is empty (0 bytes); it may be truncated or still downloading")
+    if not (is_zip or files.is_pickle(start)):
+        raise CheckpointReadError(f"{path} is not a PyTorch checkpoint: it is {files.describe(start)}")
+    kind = "a PyTorch zip checkpoint" if is_zip else "a legacy (non-zip) PyTorch pickle"
     try:
         import torch
     except ImportError as e:
-        raise CheckpointReadError(f"{path}: reading a PyTorch pickle needs torch installed "
+        raise CheckpointReadError(f"{path}: reading {kind} needs torch installed "
                                   "(safetensors files do not)") from e
     import argparse
 
     # argparse.Namespace: the training args the original DiT (and many repos) save beside the
-    # weights; it holds plain values, so allowing it keeps weights_only's guarantee.
+    # weights; it holds plain values, so allowing it keeps weights_only's guarantee. A legacy
+    # pickle cannot be memory-mapped: it is read whole, once.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap can only be used" not in str(e):
-                raise CheckpointReadError(f"{path}: cannot be read by torch.load ({_first_line(e)}); the file may be "
-                                          "truncated or not a PyTorch checkpoint") from e
-        except Exception as e:  # UnpicklingError for objects weights_only refuses, EOFError, zip errors
-            raise CheckpointReadError(
-                f"{path}: torch.load(weights_only=True) refused it ({_first_line(e)}). jdistill only reads "
-                "checkpoints whose pickles hold tensors and plain containers; re-save the state dict with "
-                "torch.save(state_dict) or safetensors if you trust the file") from e
-        # a legacy (pre-zip) pickle cannot be mapped: it is read whole, once
-        return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+        except Exception as e:  # UnpicklingError for what weights_only refuses, EOFError, zip errors
+            raise CheckpointReadError(_refusal(path, kind, e)) from None
+
+
+def _refusal(path: Path, kind: str, e: Exception) -> str:
+    """Why torch.load(weights_only=True) refused a file, without torch's advice to load it unsafely."""
+    needs = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if needs:
+        return (f"{path}: {kind} whose pickle needs {needs.group(1)}, which is not a tensor or plain container; "
+                "jdistill reads checkpoints with torch.load(weights_only=True) and never runs pickled code. "
+                "Save the weights alone from the code that made them (torch.save(model.state_dict(), ...) or "
+                "safetensors)")
+    if isinstance(e, (EOFError, zipfile.BadZipFile)) or "central directory" in str(e) or "truncated" in str(e):
+        return f"{path}: {kind} that cannot be read ({_first_line(e)}); it may be truncated or still downloading"
+    return f"{path}: {kind} that torch.load(weights_only=True) cannot read ({_first_line(e)})"
 
 
 def _first_line(e: Exception) -> str:

@@ -24,7 +24,7 @@ class Recipe:
     name: str
     summary: str
     command: str  # the command that trains it: "train", "distill", or "" (training-free)
-    train: Callable | None = None  # (cfg, workdir, *, progress, mesh) -> ...
+    train: Callable | None = None  # (cfg, workdir, *, progress, mesh, allow_inexact_resume) -> ...
     sampler: Callable | None = None  # (run, **options) -> evaluation.Sampler
     member: Callable | None = None  # (run, guidance_scale) -> members.Member, for composite samplers
     sample_config: Callable | None = None  # (cfg, out, *, num, seed) -> dict: sampling straight from a config

@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdistill.errors import InvalidArgument, check_positive_int
+from jdistill.errors import InvalidArgument, check_finite, check_positive_int
 from jdistill.models import registry
 from jdistill.train import mesh as mesh_lib
 
-__all__ = ["InvalidArgument", "as_float", "check_steps", "class_labels_for", "init_params", "make_mesh",
-           "make_source", "refuse_options"]
+__all__ = ["InvalidArgument", "as_float", "check_sampling", "check_steps", "check_train_config", "class_labels_for",
+           "init_params", "make_mesh", "make_source", "refuse_options"]
 
 
 def init_params(module, seed: int):
@@ -37,6 +37,44 @@ def make_source(data_cfg, split: str, batch_size: int, seed: int, expected_shape
 def check_steps(value, key: str) -> int:
     """A step count from a config (``train.steps``, ``stage1.steps``): an integer >= 1."""
     return check_positive_int(f"--config.{key}", value)
+
+
+def check_train_config(cfg, mesh=None) -> None:
+    """The sections every training recipe reads: each value named when out of range. ``mesh``:
+    the one training will use (default: the config's)."""
+    check_positive_int("--config.seed", cfg.seed, minimum=0)
+    batch = check_positive_int("--config.data.batch_size", cfg.data.batch_size)
+    t = cfg.train
+    decay = check_finite("--config.train.ema_decay", t.ema_decay, minimum=0.0)
+    if decay >= 1.0:
+        raise InvalidArgument(f"--config.train.ema_decay must be in [0, 1) (0: no EMA), got {decay:g}")
+    for key in ("log_every", "ckpt_every", "keep"):
+        check_positive_int(f"--config.train.{key}", t[key])
+    check_positive_int("--config.train.sample_every", t.get("sample_every", 0), minimum=0)
+    from jdistill.train.loop import NONFINITE_POLICIES
+
+    if t.get("nonfinite", "stop") not in NONFINITE_POLICIES:
+        raise InvalidArgument(f"--config.train.nonfinite={t.nonfinite!r}; expected one of {NONFINITE_POLICIES}")
+    if "loss" in cfg and "cond_drop_prob" in cfg.loss:
+        p = check_finite("--config.loss.cond_drop_prob", cfg.loss.cond_drop_prob, minimum=0.0)
+        if p > 1.0:
+            raise InvalidArgument(f"--config.loss.cond_drop_prob must be in [0, 1], got {p:g}")
+    check_sampling(cfg.sample.steps, cfg.sample.get("solver"), cfg.sample.guidance_scale, prefix="--config.sample.")
+    mesh = mesh if mesh is not None else make_mesh(cfg)
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % rows:
+        raise InvalidArgument(f"--config.data.batch_size={batch} does not split over the {rows} data-parallel "
+                              f"devices of the mesh (data x fsdp); use a multiple of {rows}")
+
+
+def check_sampling(steps=None, solver=None, guidance_scale=None, *, prefix: str = "--") -> None:
+    """Sampling options as a user gives them (None: the run's default)."""
+    from jdistill.sampling.samplers import SOLVERS
+
+    check_positive_int(f"{prefix}steps", steps, allow_none=True)
+    if solver is not None and solver not in SOLVERS:
+        raise InvalidArgument(f"{prefix}solver={solver!r}; expected one of {', '.join(SOLVERS)}")
+    check_finite(f"{prefix}guidance{'_scale' if prefix != '--' else ''}", guidance_scale, allow_none=True)
 
 
 def refuse_options(options: dict, what: str) -> None:

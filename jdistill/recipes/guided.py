@@ -28,7 +28,7 @@ from jdistill import config as config_lib
 from jdistill.convert.engine import graft, init_parts
 from jdistill.denoiser import Denoiser
 from jdistill.diffusion.timesteps import unit_grid
-from jdistill.errors import InvalidArgument
+from jdistill.errors import InvalidArgument, check_finite, check_positive_int
 from jdistill.models import registry
 from jdistill.objectives.guided import guided_loss
 from jdistill.objectives.progressive import progressive_loss
@@ -42,7 +42,30 @@ from jdistill.train import optim
 GUIDANCE_MODULE = "guidance_embedder"
 PART = "student"
 # what a stage's params depend on: resuming with other values is refused
-IDENTITY_SECTIONS = ("teacher", "guidance", "stage")
+IDENTITY_KEYS = ("teacher", "guidance", "stage.name")
+
+
+def exact_keys(section: str) -> tuple[str, ...]:
+    """What a stage's run depends on (``stage1`` or ``progressive``): changed only with --allow-inexact-resume."""
+    return ("seed", "data.name", "data.batch_size", "stage.steps", f"{section}.optim", f"{section}.weighting",
+            "train.ema_decay")
+
+
+def check_progressive(cfg) -> None:
+    """The halvings and the guidance range a config asks for make sense."""
+    start = check_positive_int("--config.progressive.start_steps", cfg.progressive.start_steps)
+    end = check_positive_int("--config.progressive.end_steps", cfg.progressive.end_steps)
+    if end > start:
+        raise InvalidArgument(f"--config.progressive.end_steps={end} is more than start_steps={start}")
+    scale_range = tuple(cfg.guidance.scale_range)
+    if len(scale_range) != 2:
+        raise InvalidArgument(f"--config.guidance.scale_range must be (low, high), got {scale_range}")
+    low, high = (check_finite("--config.guidance.scale_range", g) for g in scale_range)
+    if low > high:
+        raise InvalidArgument(f"--config.guidance.scale_range=({low:g}, {high:g}): low is above high")
+    if "default" not in dict(cfg.progressive.train_steps):
+        raise InvalidArgument("--config.progressive.train_steps needs a 'default' entry (steps of a round not "
+                              "listed by its step count)")
 
 
 def rounds(cfg) -> list[int]:
@@ -70,14 +93,16 @@ def student_template(teacher: Denoiser) -> Denoiser:
 
 
 def _stage(cfg, name: str, steps: int, loss_fn, optim_cfg, init, frozen, task: tasks.Task, student) -> stages.Stage:
-    tx, lr = optim.from_config(optim_cfg, steps)
+    section = "stage1" if name == "stage1" else "progressive"
+    tx, lr = optim.from_config(optim_cfg, steps, key=f"{section}.optim")
     stored = config_lib.to_dict(cfg)
     stored["stage"] = {"name": name, "steps": steps}
     if stored.get("teacher", {}).get("workdir"):  # so a table finds the teacher from any folder
         stored["teacher"]["workdir"] = os.path.abspath(stored["teacher"]["workdir"])
     engine = engine_lib.single(loss_fn, tx, lr, part=PART, ema_decay=float(cfg.train.ema_decay) or None)
     return stages.Stage(name, steps, engine, lambda: {PART: init()}, int(cfg.seed) + 7, stored, frozen,
-                        identity=IDENTITY_SECTIONS, part=PART, jit_init=False,
+                        identity=IDENTITY_KEYS, exact=exact_keys(section),
+                        part=PART, jit_init=False,
                         sample_fn=grid_sampler(cfg, task, student, name))
 
 
@@ -113,14 +138,18 @@ def stage_sequence(cfg, task: tasks.Task):
         params = yield halving(cfg, task, n, params)
 
 
-def train(cfg, workdir: str, *, progress: bool = True, mesh=None) -> dict:
+def train(cfg, workdir: str, *, progress: bool = True, mesh=None, allow_inexact_resume: bool = False) -> dict:
     """Stage 1, then every halving; returns {stage name: final params}."""
+    common.check_train_config(cfg, mesh)
+    check_progressive(cfg)
+    for section in ("stage1", "progressive"):  # before a missing teacher is trained
+        optim.check_config(cfg[section].optim, f"{section}.optim")
     for name, steps in stage_steps(cfg):
         common.check_steps(steps, f"steps of stage {name}")
     tasks.ensure_teacher(cfg, progress)
     task = tasks.make_task(cfg)
     return stages.run_sequence(stage_sequence(cfg, task), workdir, cfg, lambda k: task.source.iterate(k), mesh=mesh,
-                               progress=progress)
+                               progress=progress, allow_inexact=allow_inexact_resume)
 
 
 def plan_steps(cfg) -> list:
@@ -179,6 +208,7 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
     """The distilled student for ``steps`` sampling steps, DDIM or (``stochastic``) Meng et al.'s N-step
     stochastic sampler. One model call per step: guidance is an input, not CFG."""
     common.refuse_options(unused, "a guided-distillation student")
+    common.check_sampling(steps, solver, guidance_scale)
     if solver not in (None, "ddim"):
         raise InvalidArgument(f"a distilled student samples with ddim (or --stochastic), not {solver!r}")
     if "stage1" not in run.stages and not run.stage:

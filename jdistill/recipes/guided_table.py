@@ -6,7 +6,8 @@ FD / class accuracy / wall time, with Meng et al.'s claims checked on the number
 
 from __future__ import annotations
 
-from jdistill.errors import InvalidArgument
+from jdistill.errors import InvalidArgument, check_finite, check_positive_int
+from jdistill.files import check_output_dir
 from jdistill.recipes import evaluation, guided, runs
 from jdistill.recipes import teacher as teacher_lib
 
@@ -20,6 +21,12 @@ def results_table(workdir: str, *, guidance_scales=(1.5, 2.0), num: int = 1000, 
                   progress: bool = True) -> dict:
     """FD, class accuracy and wall time per 1000 samples for the teacher at ``teacher_steps`` and the
     students at ``student_steps`` (DDIM and, with ``stochastic``, the stochastic sampler), per scale."""
+    guidance_scales = [check_finite("--guidance", g) for g in guidance_scales]
+    if not guidance_scales:
+        raise InvalidArgument("--guidance: give at least one guidance scale")
+    check_positive_int("--num", num)
+    if out_dir:
+        check_output_dir(out_dir)
     run = runs.open_run(workdir)
     if run.recipe != "guided":
         raise InvalidArgument(f"{workdir} is a {run.recipe!r} run; guided-table reads a guided distillation's workdir")

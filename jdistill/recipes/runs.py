@@ -20,6 +20,7 @@ import ml_collections
 from jdistill import config as config_lib
 from jdistill.errors import MissingInput
 from jdistill.train import checkpoint as ckpt_lib
+from jdistill.train import integrity
 
 
 def checkpoint_dir(workdir: str, stage: str = "") -> str:
@@ -41,8 +42,11 @@ def latest_step(workdir: str, stage: str = "") -> int | None:
 
 
 def is_finished(workdir: str, stage: str, steps: int) -> bool:
-    """Whether the stage's latest checkpoint is its last step."""
-    return latest_step(workdir, stage) == int(steps)
+    """Whether the stage's latest checkpoint is its last step, and intact (see ``train/integrity.py``;
+    a damaged last step is not finished: a resume falls back to the newest intact one)."""
+    if latest_step(workdir, stage) != int(steps):
+        return False
+    return integrity.inspect(os.path.join(checkpoint_dir(workdir, stage), str(int(steps))), int(steps)) is None
 
 
 def read_config(workdir: str, stage: str = "") -> ml_collections.ConfigDict:
@@ -50,7 +54,8 @@ def read_config(workdir: str, stage: str = "") -> ml_collections.ConfigDict:
 
 
 def read_params(workdir: str, stage: str = "", *, part: str, average: str | None = "ema", step: int | None = None):
-    """The params a stage samples with: its ``average`` (e.g. the EMA) when it keeps one, else the part's."""
+    """The params a stage samples with: its ``average`` (e.g. the EMA) when it keeps one, else the part's;
+    of ``step``, or by default of the newest intact step (a damaged newer one is named in a warning)."""
     return ckpt_lib.read_only(checkpoint_dir(workdir, stage)).read_params(part, average, step)
 
 

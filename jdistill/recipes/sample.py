@@ -12,9 +12,13 @@ import os
 import numpy as np
 
 from jdistill import images as images_lib
-from jdistill.errors import InvalidArgument, MissingInput
+from jdistill import files
+from jdistill.errors import InvalidArgument, MissingInput, check_positive_int, check_seed
+from jdistill.files import check_output_file
 from jdistill.recipes import get_recipe, runs
 from jdistill.recipes.evaluation import Sampler
+
+DIGIT_CLASSES = 10
 
 
 def make_sampler(workdir: str, *, stitch=None, fractions=None, stitch_mode: str = "timestep", **options) -> Sampler:
@@ -40,9 +44,13 @@ def sample_to_file(workdir: str, out: str | None = None, *, num: int = 1000, see
                    **options) -> dict:
     """Sample ``num`` images from ``workdir`` into an .npz with ``images`` uint8 NHWC and ``labels``,
     plus a PNG grid."""
+    check_positive_int("--num", num)
+    check_positive_int("--batch-size", batch_size)
+    check_seed(seed, "--seed")
+    out = out or os.path.join(workdir, "samples.npz")
+    check_output_file(out, ".npz")
     sampler = make_sampler(workdir, **options)
     images, labels, seconds = sampler.run(num, seed=seed, batch_size=batch_size, progress=True)
-    out = out or os.path.join(workdir, "samples.npz")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     arrays = {"images": images}
     if labels is not None:
@@ -52,27 +60,43 @@ def sample_to_file(workdir: str, out: str | None = None, *, num: int = 1000, see
     return {"npz": out, "png": png, "num": len(images), "seconds": seconds, "description": sampler.description}
 
 
-def _load_images(path: str):
-    if not os.path.isfile(path):
-        raise MissingInput(f"no samples file at {path}")
-    with np.load(path) as f:
-        if "images" not in f:
-            raise InvalidArgument(f"{path} has no 'images' array (it has {sorted(f.files)})")
-        images = f["images"]
-        labels = f["labels"] if "labels" in f else None
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise InvalidArgument(f"{path}: 'images' must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+def _load_images(path: str, what: str = "samples file"):
+    """(uint8 images (N, H, W, C), labels or None) of a samples .npz, each checked."""
+    arrays = files.read_npz(path, what)
+    if "images" not in arrays:
+        raise InvalidArgument(f"{path} has no 'images' array (it has {sorted(arrays)})")
+    images, labels = arrays["images"], arrays.get("labels")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise InvalidArgument(f"{path}: 'images' must be (N, H, W, C) with C = 1, 3 or 4, got shape {images.shape}")
+    if images.dtype != np.uint8:
+        hint = ""
+        if np.issubdtype(images.dtype, np.floating):
+            finite = images[np.isfinite(images)]
+            span = f"values in [{finite.min():g}, {finite.max():g}]" if finite.size else "no finite values"
+            hint = (f" ({span}{', NaN / inf' if finite.size < images.size else ''}; "
+                    "jdistill.images.to_uint8 maps [-1, 1] floats to uint8)")
+        raise InvalidArgument(f"{path}: 'images' must be uint8 in 0..255, got {images.dtype}{hint}")
+    if len(images) == 0:
+        raise InvalidArgument(f"{path}: 'images' holds no samples")
+    if labels is not None:
+        if labels.ndim != 1 or len(labels) != len(images):
+            raise InvalidArgument(f"{path}: 'labels' must be one integer per image, shape ({len(images)},); got "
+                                  f"shape {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise InvalidArgument(f"{path}: 'labels' must be integers (class ids), got {labels.dtype}")
     return images, labels
 
 
 def evaluate_file(path: str, *, reference: str = "test", target: str | None = None) -> dict:
     """Digits: FD against the held-out (or train) set in the shipped classifier's features and the
     share of samples classified as their label. Paired tasks (``target``): mean PSNR / SSIM."""
+    if reference not in ("test", "train"):
+        raise InvalidArgument(f"reference must be 'test' or 'train', got {reference!r}")
     images, labels = _load_images(path)
     if target is not None:
         from jdistill.metrics.image import psnr, ssim
 
-        ref, _ = _load_images(target)
+        ref, _ = _load_images(target, "target file")
         if ref.shape != images.shape:
             raise InvalidArgument(f"prediction {images.shape} and target {ref.shape} differ in shape")
         return {"num": len(images), "psnr": float(np.mean(psnr(images, ref))),
@@ -82,6 +106,9 @@ def evaluate_file(path: str, *, reference: str = "test", target: str | None = No
                               f"{images.shape[1:]} images (use --target for paired PSNR / SSIM)")
     from jdistill.metrics.classifier import digits_fd, load_digits_classifier
 
+    if labels is not None and not (labels.min() >= 0 and labels.max() < DIGIT_CLASSES):
+        raise InvalidArgument(f"{path}: digit 'labels' must be in 0..{DIGIT_CLASSES - 1}, got "
+                              f"{labels.min()}..{labels.max()}")
     out = {"num": len(images), "fd": float(digits_fd(images, reference=reference))}
     if labels is not None:
         clf = load_digits_classifier()
@@ -93,6 +120,8 @@ def evaluate_run(workdir: str, *, num: int = 1000, seed: int = 0, **options) -> 
     """Sample ``num`` images from the run at ``workdir`` and score them (digits: FD + class accuracy)."""
     from jdistill.recipes import evaluation
 
+    check_positive_int("--num", num)
+    check_seed(seed, "--seed")
     sampler = make_sampler(workdir, **options)
     if tuple(sampler.image_shape) != (8, 8, 1):
         raise InvalidArgument(f"{workdir} samples {tuple(sampler.image_shape)} images; scoring a run is defined "
@@ -106,6 +135,8 @@ def read_results(path: str) -> dict:
     """A results.json a sweep wrote."""
     import json
 
+    if os.path.isdir(path):
+        raise InvalidArgument(f"{path} is a directory; expected a sweep's results.json (e.g. {path}/results.json)")
     if not os.path.isfile(path):
         raise MissingInput(f"no results file at {path}")
     try:
@@ -113,6 +144,6 @@ def read_results(path: str) -> dict:
             result = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidArgument(f"{path} is not a results.json (not JSON: {e})") from None
-    if not isinstance(result, dict) or "rows" not in result:
-        raise InvalidArgument(f"{path} is JSON but not a sweep's results (no 'rows')")
+    if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
+        raise InvalidArgument(f"{path} is JSON but not a sweep's results (no list of 'rows')")
     return result

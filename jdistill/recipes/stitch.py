@@ -17,12 +17,25 @@ import os
 import numpy as np
 
 from jdistill.diffusion.timesteps import make_grid
-from jdistill.errors import InvalidArgument
+from jdistill.errors import InvalidArgument, check_finite, check_positive_int, check_seed
+from jdistill.files import check_output_dir
 from jdistill.models import registry
 from jdistill.recipes import evaluation
 from jdistill.recipes import members as members_lib
+from jdistill.recipes.common import check_sampling
 from jdistill.recipes.evaluation import Sampler
 from jdistill.sampling import stitch
+
+
+def check_fractions(fractions) -> list[float]:
+    """Fractions of the trajectory, each a finite number in [0, 1]."""
+    out = []
+    for f in fractions:
+        f = check_finite("fraction", f)
+        if not 0.0 <= f <= 1.0:
+            raise InvalidArgument(f"a fraction must be in [0, 1], got {f:g}")
+        out.append(f)
+    return out
 
 
 def stitched_sampler(members: list[members_lib.Member], fractions, *, steps: int, solver: str = "ddim",
@@ -48,9 +61,13 @@ def stitched_sampler(members: list[members_lib.Member], fractions, *, steps: int
 def make_sampler(large_workdir: str, small_workdirs, fractions, *, steps: int, solver: str = "ddim",
                  guidance_scale: float = 1.5, mode: str = "timestep") -> Sampler:
     """``fractions`` for the small models (in order); the large one serves the rest."""
-    fractions = list(fractions)
+    fractions = check_fractions(fractions)
     if len(fractions) != len(small_workdirs):
         raise InvalidArgument(f"{len(small_workdirs)} small models but {len(fractions)} fractions")
+    if sum(fractions) > 1.0 + 1e-9:
+        raise InvalidArgument(f"the fractions {fractions} add up to {sum(fractions):g}; the small models can take "
+                              "at most the whole trajectory (1)")
+    check_sampling(steps, solver, guidance_scale)
     nets = [members_lib.load(w, guidance_scale) for w in list(small_workdirs) + [large_workdir]]
     return stitched_sampler(nets, fractions + [1.0 - sum(fractions)], steps=steps, solver=solver, mode=mode)
 
@@ -59,7 +76,14 @@ def sweep(small: str, large: str, *, steps_list=(16, 64), fractions=None, num: i
           guidance_scale: float = 1.5, solver: str = "ddim", seed: int = 0, batch_size: int = 500,
           progress: bool = True, repeats: int = 3) -> dict:
     """FD, class accuracy and wall time per 1000 samples for every (steps, fraction); table + plot."""
-    fractions = [round(f, 4) for f in (fractions if fractions is not None else np.linspace(0, 1, 11))]
+    fractions = [round(f, 4) for f in check_fractions(fractions if fractions is not None else np.linspace(0, 1, 11))]
+    steps_list = [check_positive_int("--steps", n) for n in steps_list]
+    if not steps_list:
+        raise InvalidArgument("--steps: give at least one step count")
+    check_sampling(None, solver, guidance_scale)
+    check_positive_int("--num", num)
+    check_seed(seed, "--seed")
+    check_output_dir(out_dir)
     nets = [members_lib.load(w, guidance_scale) for w in (small, large)]
     rows, timed, grids = [], [], {}
     for steps in steps_list:
@@ -139,7 +163,17 @@ def pick(result: dict, *, budget: float | None = None, seconds: float | None = N
     the same step count, or ``seconds`` per 1000 samples. Raises if nothing fits."""
     if (budget is None) == (seconds is None):
         raise InvalidArgument("give exactly one of budget (relative time) or seconds (per 1000 samples)")
+    for name, value in (("budget", budget), ("seconds", seconds)):
+        if value is not None and not check_finite(name, value) > 0:
+            raise InvalidArgument(f"{name} must be > 0, got {value:g}")
+    needed = ("steps", "fraction", "fd", "s_per_1000", "time_vs_large")
+    broken = [i for i, r in enumerate(result["rows"]) if not isinstance(r, dict) or any(k not in r for k in needed)]
+    if broken or not result["rows"]:
+        raise InvalidArgument(f"the results hold no sweep rows with {', '.join(needed)} (row {broken[:1]} lacks some)"
+                              if broken else "the results hold no rows")
     rows = [r for r in result["rows"] if steps is None or r["steps"] == steps]
+    if not rows:
+        raise InvalidArgument(f"the sweep has no rows at {steps} steps; it has {sorted({r['steps'] for r in result['rows']})}")
     fits = [r for r in rows if (r["time_vs_large"] <= budget if budget is not None else r["s_per_1000"] <= seconds)]
     if not fits:
         fastest = min(rows, key=lambda r: r["s_per_1000"])

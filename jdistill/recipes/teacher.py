@@ -42,7 +42,7 @@ def stage(cfg) -> stages.Stage:
                              min_snr_gamma=float(cfg.loss.get("min_snr_gamma", 5.0)),
                              time_sampling=cfg.loss.get("time_sampling", "uniform"))
     steps = int(cfg.train.steps)
-    tx, lr = optim.from_config(cfg.optim, steps)
+    tx, lr = optim.from_config(cfg.optim, steps, key="optim")
     engine = engine_lib.single(loss_fn, tx, lr, part=PART, ema_decay=float(cfg.train.ema_decay) or None)
     seed = int(cfg.seed)
     return stages.Stage("", steps, engine, lambda: {PART: common.init_params(den.module, seed)}, seed + 1,
@@ -71,12 +71,14 @@ def setup(cfg, workdir: str | None, mesh=None) -> tuple[stages.Setup, object]:
     return stages.setup(st, workdir, cfg.train, mesh), source(cfg, template(cfg))
 
 
-def train(cfg, workdir: str, *, progress: bool = True, mesh=None):
+def train(cfg, workdir: str, *, progress: bool = True, mesh=None, allow_inexact_resume: bool = False):
     """Train (or resume) the teacher in ``workdir``; returns the final TrainState."""
     common.check_steps(cfg.train.steps, "train.steps")
+    common.check_train_config(cfg, mesh)
     st = stage(cfg)
     src = source(cfg, template(cfg))
-    return stages.run(st, workdir, cfg, lambda k: src.iterate(k), mesh=mesh, progress=progress)
+    return stages.run(st, workdir, cfg, lambda k: src.iterate(k), mesh=mesh, progress=progress,
+                      allow_inexact=allow_inexact_resume)
 
 
 def ensure_trained(config_path: str, workdir: str, overrides=(), progress: bool = True) -> str:
@@ -121,6 +123,7 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
                  use_ema=True, **unused) -> Sampler:
     """A Sampler for the teacher run; unset options take the config's ``sample`` defaults."""
     common.refuse_options(unused, "a teacher")
+    common.check_sampling(steps, solver, guidance_scale)
     if stochastic:
         raise common.InvalidArgument("--stochastic is the sampler of distilled students; a teacher samples "
                                      "with --solver ddim / ddpm / dpmpp_2m")

@@ -8,6 +8,8 @@ from typing import Callable
 import jax
 import numpy as np
 
+from jdistill.errors import InvalidArgument, NonFiniteOutput, check_positive_int, check_seed
+
 
 def generate(sample_fn: Callable, image_shape, labels: np.ndarray | None, *, num: int | None = None,
              batch_size: int = 500, seed: int = 0, progress: bool = False, repeats: int = 1):
@@ -20,7 +22,12 @@ def generate(sample_fn: Callable, image_shape, labels: np.ndarray | None, *, num
     kept (the usual guard against a busy machine; the images are the same each time).
     Returns (images float32 [-1, 1] (N, H, W, C), seconds for all N).
     """
-    num = len(labels) if num is None else num
+    num = len(labels) if num is None and labels is not None else num
+    num = check_positive_int("num (samples)", num)
+    batch_size = check_positive_int("batch_size", batch_size)
+    seed = check_seed(seed)
+    if labels is not None and len(labels) < num:
+        raise InvalidArgument(f"{len(labels)} labels for {num} samples")
     root = jax.random.key(seed)
 
     def batch(b):
@@ -43,6 +50,11 @@ def generate(sample_fn: Callable, image_shape, labels: np.ndarray | None, *, num
             it = tqdm(it, desc="sampling", leave=False)
         for b in it:
             images, n = batch(b)
-            out.append(np.asarray(jax.device_get(images))[:n])
+            images = np.asarray(jax.device_get(images))[:n]
+            # NaN would become black (or saturated) pixels in a uint8 file: refuse instead
+            if not np.isfinite(images).all():
+                raise NonFiniteOutput(f"the model gave non-finite samples (NaN / inf) in batch {b}; its params are "
+                                      "not usable (trained with too high a learning rate?). Nothing was written")
+            out.append(images)
         best = min(best, time.perf_counter() - start)
     return np.concatenate(out, axis=0), best

@@ -127,12 +127,15 @@ def run(*, step_fn: Callable, state, frozen, batches: Callable[[int], Iterator[d
                 if now_skipped > skipped:
                     where = (f"between steps {last + 1} and {done}" if done > last + 1 else f"at step {done}")
                     if nonfinite == "stop":
+                        if checkpointer is not None:
+                            checkpointer.wait()  # a save in flight is then complete: the one named below
                         good = checkpointer.latest_step() if checkpointer is not None else None
+                        where_good = (f"step {good} in {checkpointer.directory}" if good is not None else "none")
                         raise NonFiniteError(
                             f"{desc}: {now_skipped - skipped} update(s) {where} had a non-finite loss, gradient "
                             f"or param and were not applied; stopping (train.nonfinite='stop'). Last good "
-                            f"checkpoint: {good if good is not None else 'none'}. Lower the learning rate or "
-                            "set --config.train.nonfinite=skip to train on")
+                            f"checkpoint: {where_good}. Lower the learning rate (resuming with another optim "
+                            "config needs --allow-inexact-resume) or set --config.train.nonfinite=skip to train on")
                     print(f"{desc}: skipped {now_skipped - skipped} non-finite update(s) {where}", flush=True)
                     skipped = now_skipped
                 if done % log_every == 0 or final:

@@ -13,9 +13,11 @@ get neither gradients nor optimizer moments.
 
 from __future__ import annotations
 
+import math
+
 import optax
 
-from jdistill.errors import UserError
+from jdistill.errors import InvalidArgument, UserError, check_finite, check_positive_int
 
 DECAYS = ("constant", "linear", "cosine")
 
@@ -49,10 +51,38 @@ def make_optimizer(lr: float, steps: int, *, warmup: int = 0, decay: str = "cons
     return optax.chain(*chain), schedule
 
 
-def from_config(optim_cfg, steps: int):
-    """(optimizer, lr schedule) from an ``optim`` config section (see the module docstring)."""
-    return make_optimizer(
-        float(optim_cfg["lr"]), steps, warmup=int(optim_cfg.get("warmup", 0)),
-        decay=optim_cfg.get("decay", "constant"), end_factor=float(optim_cfg.get("end_factor", 0.0)),
-        b1=float(optim_cfg.get("b1", 0.9)), b2=float(optim_cfg.get("b2", 0.999)),
-        weight_decay=float(optim_cfg.get("weight_decay", 0.0)), clip_norm=optim_cfg.get("clip_norm", 1.0))
+def _in_range(name: str, value, low: float, high: float, *, high_open: bool = False) -> float:
+    value = check_finite(name, value)
+    if not (low <= value < high if high_open else low <= value <= high):
+        raise InvalidArgument(f"{name} must be in [{low:g}, {high:g}{')' if high_open else ']'}, got {value:g}")
+    return value
+
+
+def check_config(optim_cfg, key: str = "optim") -> dict:
+    """The keyword arguments of :func:`make_optimizer` an ``optim`` config section gives, each value
+    checked; a bad one is named as ``--config.<key>.<field>`` (so a recipe can check every section
+    before it trains anything)."""
+    name = f"--config.{key}"
+    lr = check_finite(f"{name}.lr", optim_cfg["lr"])
+    if not lr > 0:
+        raise InvalidArgument(f"{name}.lr must be > 0, got {lr:g}")
+    decay = optim_cfg.get("decay", "constant")
+    if decay not in DECAYS:
+        raise InvalidArgument(f"{name}.decay={decay!r}; expected one of {DECAYS}")
+    clip = optim_cfg.get("clip_norm", 1.0)
+    if clip is not None and not (isinstance(clip, (int, float)) and math.isfinite(clip) and clip >= 0):
+        raise InvalidArgument(f"{name}.clip_norm must be a number >= 0 (0 or None: no clipping), got {clip!r}")
+    return dict(
+        lr=lr, warmup=check_positive_int(f"{name}.warmup", optim_cfg.get("warmup", 0), minimum=0),
+        decay=decay, end_factor=_in_range(f"{name}.end_factor", optim_cfg.get("end_factor", 0.0), 0.0, 1.0),
+        b1=_in_range(f"{name}.b1", optim_cfg.get("b1", 0.9), 0.0, 1.0, high_open=True),
+        b2=_in_range(f"{name}.b2", optim_cfg.get("b2", 0.999), 0.0, 1.0, high_open=True),
+        weight_decay=check_finite(f"{name}.weight_decay", optim_cfg.get("weight_decay", 0.0), minimum=0.0),
+        clip_norm=clip)
+
+
+def from_config(optim_cfg, steps: int, key: str = "optim"):
+    """(optimizer, lr schedule) from an ``optim`` config section (see the module docstring), checked
+    by :func:`check_config`."""
+    kw = check_config(optim_cfg, key)
+    return make_optimizer(kw.pop("lr"), steps, **kw)
