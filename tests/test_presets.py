@@ -22,6 +22,9 @@ same initial latents (1e-4; 2e-4 where LCM's w embedding enters):
   SDXL-Turbo: 4 trailing Euler ancestral steps. Both schedulers draw fresh noise at each step:
   diffusers' scheduler is fed the noise jdistill draws (step i's from fold_in(key, i)).
 * Hyper-SDXL 1-step UNet: one LCMScheduler step at the published timestep 800.
+
+LCM-SDXL, the Hyper-SDXL UNet and the Lightning LoRA sample in the slow suite (a whole SDXL
+pipeline each); the default suite loads them.
 * SDXL-Lightning UNet and LoRA (4 steps, trailing Euler), Hyper-SDXL 4-step LoRA (trailing DDIM),
   SD3.5 Large Turbo (4 flow Euler steps): the whole trajectory.
 
@@ -284,7 +287,7 @@ def test_lcm_pipeline_preset(models, tmp_path, monkeypatch):
 
 def test_sdxl_turbo_pipeline_preset(models, tmp_path, monkeypatch, capsys, request):
     """SDXL-Turbo: its pipeline folder by preset name, 4 steps equal to diffusers'; and `jdistill
-    sample` writing its published one-step images from the folder (a real process) and the preset."""
+    sample` writing those images from the folder (a real process) and from the preset."""
     root, register = models
     config = tiny_unet_config(presets.SDXL_TURBO_UNET)
     pipe = sdxl_pipeline(root / "sdxl-turbo", config,
@@ -294,26 +297,31 @@ def test_sdxl_turbo_pipeline_preset(models, tmp_path, monkeypatch, capsys, reque
     # the real command, from the folder (the preset is a tiny stand-in only this process registers),
     # running beside the checks below; it finds the folder's models converted in the cache
     png = tmp_path / "cli" / "turbo.png"
-    cli_run = run_cli(["sample", "--pretrained", str(root / "sdxl-turbo"), "--prompt", *PROMPTS, "--steps", "1",
-                       "--guidance", "0", "--out", str(png)], extra_env={"JDISTILL_CACHE": str(tmp_path / "cache")})
+    cli_run = run_cli(["sample", "--pretrained", str(root / "sdxl-turbo"), "--prompt", *PROMPTS, "--steps", "4",
+                       "--guidance", "0", "--seed", "3", "--out", str(png)],
+                      extra_env={"JDISTILL_CACHE": str(tmp_path / "cache")})
     request.addfinalizer(lambda: cli_run.poll() is None and cli_run.kill())
     assert t2i.family == "sdxl" and t2i.scheduler_config["_class_name"] == "EulerAncestralDiscreteScheduler"
     assert t2i.scheduler_config["timestep_spacing"] == "trailing"
     assert_unet_equal(t2i.network, t2i.params["network"], pipe.unet, what="SDXL-Turbo UNet with time ids")
     unet = pretrained.load_pretrained("sdxl-turbo", cache_dir=tmp_path / "cache")  # the preset's default component
     assert unet.component == "unet" and unet.module == t2i.network
-    # its longest published sampler, 4 trailing Euler ancestral steps, diffusers fed jdistill's step noise
-    g = presets.get("sdxl-turbo").sampler.guidance_scale
-    z = np.random.default_rng(3).standard_normal((2, 8, 8, 4)).astype(np.float32)
-    ours = t2i(PROMPTS, num_steps=4, guidance_scale=g, latents=z, output_type="latent", seed=3)
-    feed_step_noise(monkeypatch, pipe, z.shape, 4, seed=3)
-    assert_close(ours, diffusers_latents(pipe, z, 4, guidance_scale=g), TOL, "SDXL-Turbo, 4 Euler ancestral steps")
+    # its longest published sampler, 4 trailing Euler ancestral steps, diffusers fed jdistill's step
+    # noise; the initial latents are those `seed` draws, so the commands below give these images
+    g, steps, seed = presets.get("sdxl-turbo").sampler.guidance_scale, 4, 3
+    key_noise, _ = jax.random.split(jax.random.key(seed))  # as TextToImage.generate splits its seed
+    z = np.asarray(jax.random.normal(key_noise, (2, 8, 8, 4), jnp.float32))
+    out = t2i.generate(PROMPTS, num_steps=steps, guidance_scale=g, seed=seed)
+    feed_step_noise(monkeypatch, pipe, z.shape, steps, seed=seed)
+    assert_close(out.latents, diffusers_latents(pipe, z, steps, guidance_scale=g), TOL,
+                 "SDXL-Turbo, 4 Euler ancestral steps")
+    expected = images_lib.to_uint8(np.asarray(out.images))
 
-    expected = t2i(PROMPTS, num_steps=1, guidance_scale=g, seed=0)  # the command's defaults for this preset
     monkeypatch.setenv("JDISTILL_CACHE", str(tmp_path / "cache"))
     npz = tmp_path / "cli" / "turbo.npz"
-    assert cli.main(["sample", "--config", "sdxl-turbo", "--prompt", *PROMPTS, "--out", str(npz)]) == 0
-    assert "sdxl-turbo: 1 step of euler_ancestral, guidance 0" in capsys.readouterr().out
+    assert cli.main(["sample", "--config", "sdxl-turbo", "--prompt", *PROMPTS, "--steps", "4", "--seed", "3",
+                     "--out", str(npz)]) == 0
+    assert "sdxl-turbo: 4 steps of euler_ancestral, guidance 0" in capsys.readouterr().out  # the published g
     with np.load(npz) as f:
         np.testing.assert_array_equal(f["images"], expected)
         assert f["prompts"].tolist() == PROMPTS
@@ -323,12 +331,18 @@ def test_sdxl_turbo_pipeline_preset(models, tmp_path, monkeypatch, capsys, reque
     assert "is neither a pipeline folder (no model_index.json) nor a preset" in capsys.readouterr().err
     output, _ = cli_run.communicate(timeout=600)
     assert cli_run.returncode == 0, output
-    assert "1 step of euler_ancestral, guidance 0" in output and png.is_file()
+    assert "4 steps of euler_ancestral, guidance 0" in output and png.is_file()
     np.testing.assert_array_equal(np.asarray(Image.open(png)), images_lib.grid(expected, upscale=1))
 
 
+# sampling a whole SDXL pipeline costs a minute here: the default suite loads, the slow one samples too
+SAMPLED = pytest.mark.parametrize("sample", [False, pytest.param(True, marks=pytest.mark.slow)],
+                                  ids=["loaded", "sampled"])
+
+
+@SAMPLED
 @pytest.mark.parametrize("name", ["hyper-sdxl-1step-unet"])
-def test_unet_file_preset(name, tiny_sdxl, models, tmp_path):
+def test_unet_file_preset(name, sample, tiny_sdxl, models, tmp_path):
     """A bare diffusers-layout UNet file with the published (scaled) SDXL UNet config: converted
     alone, and put into its base pipeline with the preset's scheduler."""
     root, register = models
@@ -348,6 +362,8 @@ def test_unet_file_preset(name, tiny_sdxl, models, tmp_path):
     for key, value in preset.sampler.options.items():
         assert t2i.scheduler_config[key] == value
     assert_unet_equal(t2i.network, t2i.params["network"], student, what=f"{name} in its base pipeline")
+    if not sample:
+        return
     # sampled as published: one LCMScheduler step from unit noise at the published timestep (800)
     s = preset.sampler
     z = np.random.default_rng(5).standard_normal((2, 8, 8, 4)).astype(np.float32)
@@ -359,7 +375,8 @@ def test_unet_file_preset(name, tiny_sdxl, models, tmp_path):
     assert_close(ours, ref, TOL, f"{name}, one {s.scheduler} step at {s.timesteps}")
 
 
-def test_unet_folder_preset(tiny_sdxl, models, tmp_path, monkeypatch):
+@SAMPLED
+def test_unet_folder_preset(sample, tiny_sdxl, models, tmp_path, monkeypatch):
     """LCM-SDXL: a UNet model folder (config.json + weights), w-conditioned; one LCM step in its
     base pipeline gives diffusers' latents."""
     root, register = models
@@ -371,6 +388,12 @@ def test_unet_folder_preset(tiny_sdxl, models, tmp_path, monkeypatch):
     unet = pretrained.load_pretrained("lcm-sdxl", cache_dir=tmp_path / "cache")
     emb = np.asarray(layers.guidance_scale_embedding(jnp.full((2,), 8.0), 256))
     assert_unet_equal(unet.module, unet.params, student, emb, "LCM-SDXL UNet with timestep_cond")
+    register("lcm-sdxl", expect={"": {"time_cond_proj_dim": 512}})
+    with pytest.raises(presets.PresetMismatch, match="time_cond_proj_dim is 256, expected 512"):
+        pretrained.load_pretrained("lcm-sdxl", cache_dir=tmp_path / "cache")
+    if not sample:
+        return
+    register("lcm-sdxl", expect={})
     # the published 4 steps at w in its base pipeline, diffusers fed jdistill's noise between steps
     base_pipe, _ = tiny_sdxl
     sampler = presets.get("lcm-sdxl").sampler
@@ -383,9 +406,6 @@ def test_unet_folder_preset(tiny_sdxl, models, tmp_path, monkeypatch):
     feed_step_noise(monkeypatch, base_pipe, z.shape, steps)
     # 2e-4: the w embedding's phases (test_lcm_pipeline_preset)
     assert_close(ours, diffusers_latents(base_pipe, z, steps, guidance_scale=w), 2e-4, f"LCM-SDXL, {steps} steps")
-    register("lcm-sdxl", expect={"": {"time_cond_proj_dim": 512}})
-    with pytest.raises(presets.PresetMismatch, match="time_cond_proj_dim is 256, expected 512"):
-        pretrained.load_pretrained("lcm-sdxl", cache_dir=tmp_path / "cache")
 
 
 def test_lora_preset(tiny_sdxl, models, tmp_path, monkeypatch):
