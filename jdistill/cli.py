@@ -4,6 +4,8 @@
     jdistill distill --config configs/digits_guided.py [--workdir DIR] [--config.KEY=VALUE ...]
     jdistill sample  --workdir DIR [--num 1000] [--steps 64] [--solver ddim] [--guidance 2.0] [--out FILE.npz]
     jdistill sample  --config configs/stitch_dit_s_xl.py [--num 8] [--out FILE.npz]   (pretrained pairs)
+    jdistill sample  --pretrained sdxl-turbo --prompt "a cat" [--steps 1] [--guidance 0] [--out cat.png]
+                     (text-to-image: a preset, a diffusers pipeline folder or a converted one)
     jdistill eval    FILE.npz [--reference test]          (FD + class accuracy on digits)
     jdistill eval    PRED.npz --target TARGET.npz         (PSNR / SSIM for paired tasks)
     jdistill eval    RUN_DIR [--steps 4 ...]              (sample a run, then score it)
@@ -157,9 +159,38 @@ def _sampling_options(args) -> dict:
     return dict(steps=args.steps, solver=args.solver, guidance_scale=args.guidance, stochastic=args.stochastic)
 
 
+def _pretrained_source(args) -> str | None:
+    """The pipeline to sample text-to-image: --pretrained, or --config naming a folder or a preset
+    rather than a config file."""
+    if args.pretrained or not args.config or os.path.isfile(args.config):
+        return args.pretrained
+    from jdistill.convert import presets
+
+    return args.config if os.path.isdir(args.config) or presets.find(args.config) else None
+
+
 def cmd_sample(args, overrides):
     from jdistill.recipes import sample as sample_lib
 
+    source = _pretrained_source(args)
+    text_only = {"--prompt": args.prompt, "--negative-prompt": args.negative_prompt, "--height": args.height,
+                 "--width": args.width}
+    if source is not None or any(text_only.values()):
+        if source is None or args.workdir or (args.pretrained and args.config) or overrides:
+            given = ", ".join(k for k, v in text_only.items() if v)
+            raise UserError(f"text-to-image{f' ({given})' if given else ''} takes --pretrained (a preset, or a "
+                            "pipeline folder), not --workdir or a config file")
+        other = {"--stitch": args.stitch, "--fractions": args.fractions, "--stochastic": args.stochastic}
+        if any(other.values()):
+            raise UserError(f"{', '.join(k for k, v in other.items() if v)}: not for text-to-image")
+        if not args.prompt:
+            raise UserError(f"sampling {source} needs --prompt")
+        out = sample_lib.text_to_image_to_file(source, args.prompt, args.out or "samples.png",
+                                               negative_prompt=args.negative_prompt, num=args.num or 1,
+                                               steps=args.steps, guidance_scale=args.guidance, solver=args.solver,
+                                               seed=args.seed, height=args.height, width=args.width)
+        print(f"{out['description']}: wrote {out['npz'] or out['png']} ({out['num']} images, {out['seconds']:.1f} s)")
+        return
     if args.config:
         from jdistill import config as config_lib
         from jdistill.recipes import get_recipe
@@ -309,9 +340,17 @@ def build_parser():
 
     s = sub.add_parser("sample", help="sample from a trained run into .npz (+ a PNG grid)")
     s.add_argument("--workdir", help="a trained run: a teacher, a distillation, or one of its stages")
-    s.add_argument("--config", help="a pretrained-pair config (configs/stitch_*.py); takes --config.KEY=VALUE")
-    s.add_argument("--out")
-    s.add_argument("--num", type=positive_int, help="how many samples (default 1000; a stitch config: its labels)")
+    s.add_argument("--config", help="a pretrained-pair config (configs/stitch_*.py); takes --config.KEY=VALUE; "
+                   "a preset or pipeline folder: as --pretrained")
+    s.add_argument("--pretrained", help="text-to-image: a preset (sdxl-turbo, lcm-dreamshaper-v7, ...), a diffusers "
+                   "pipeline folder or one `jdistill convert` wrote")
+    s.add_argument("--prompt", nargs="+", help="text-to-image: one image per prompt (times --num)")
+    s.add_argument("--negative-prompt")
+    s.add_argument("--height", type=positive_int, help="text-to-image: pixels (default: the network's size)")
+    s.add_argument("--width", type=positive_int)
+    s.add_argument("--out", help="FILE.npz (+ a PNG grid); text-to-image also FILE.png")
+    s.add_argument("--num", type=positive_int, help="how many samples (default 1000; a stitch config: its labels; "
+                   "text-to-image: per prompt, default 1)")
     _add_sampling(s)
     s.add_argument("--batch-size", type=positive_int, default=500)
     s.add_argument("--stitch", nargs="+", metavar="WORKDIR",

@@ -13,34 +13,55 @@ kind of preset loaded from a tiny local copy built with its published config's s
   weights (<= 1e-4 relative, with LCM's timestep_cond and SDXL's time ids), and the pipeline
   gets the preset's scheduler.
 
-Three students' samplers are ones jdistill has (trailing Euler for SDXL-Lightning, flow Euler for
-SD3.5 Large Turbo, trailing DDIM for Hyper-SD's multi-step LoRAs): their latents equal
-diffusers' pipelines' (1e-4). Sampling the others (LCM,
-Euler ancestral, TCD, custom timesteps) against diffusers' pipelines is for when
-jdistill.sampling has those solvers.
+Every published sampler plans onto the timesteps diffusers' scheduler steps through, except
+TCD (Hyper-SD's one-step LoRAs), which jdistill has no solver for and refuses by name. Each kind
+of student is sampled as published and equals the diffusers pipeline's final latents for the
+same initial latents (1e-4; 2e-4 where LCM's w embedding enters):
+
+* LCM Dreamshaper v7 (pipeline), LCM-SDXL (UNet folder), LCM-LoRA SDXL: 4 LCM steps, and
+  SDXL-Turbo: 4 trailing Euler ancestral steps. Both schedulers draw fresh noise at each step:
+  diffusers' scheduler is fed the noise jdistill draws (step i's from fold_in(key, i)).
+* Hyper-SDXL 1-step UNet: one LCMScheduler step at the published timestep 800.
+
+LCM-SDXL, the Hyper-SDXL UNet and the Lightning LoRA sample in the slow suite (a whole SDXL
+pipeline each); the default suite loads them.
+* SDXL-Lightning UNet and LoRA (4 steps, trailing Euler), Hyper-SDXL 4-step LoRA (trailing DDIM),
+  SD3.5 Large Turbo (4 flow Euler steps): the whole trajectory.
+
+Not sampled here: LCM-LoRA SD 1.5 (the LCM-LoRA SDXL route on the SD 1.5 pipeline, whose LCM
+sampling test_lcm_pipeline_preset covers), Hyper-SD3's CFG LoRAs (their LoRA scale is tested;
+flow Euler with guidance is tests/test_text_to_image.py's SD3 test).
 """
 
 import dataclasses
 import json
 
 import diffusers
+import jax
 import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
 import safetensors.torch
 import torch
+from cli_helpers import run_cli
+from PIL import Image
 from test_lora import peft_config
+from test_schedulers_parity import _RANDN_MODULES as RANDN_MODULES
 from test_text_to_image import clip_tower, t5_tokenizer, vae, write_clip_tokenizer
 from test_unet_cond import randomize_
 
+from jdistill import cli
+from jdistill import images as images_lib
 from jdistill.convert import lora, pretrained, presets
 from jdistill.models import layers
-from jdistill.pipelines import TextToImage
+from jdistill.pipelines import TextToImage, scheduling
 from jdistill.testing import assert_close, nchw, nhwc
 
 TOL = 1e-4
 STUDENTS = [p for p in presets.PRESETS.values() if p.sampler is not None]
+# published samplers jdistill has no solver for (Hyper-SD's one-step LoRAs: TCD), refused by name
+REFUSED_SCHEDULERS = ("TCDScheduler",)
 
 
 # ------------------------------------------------------------------------------- published data
@@ -107,6 +128,15 @@ def test_published_samplers_are_diffusers_schedulers(preset):
         assert len(ts) == n and ts == sorted(ts, reverse=True), (preset.name, ts)
         if (preset.name, n) in PUBLISHED_TIMESTEPS:
             assert ts == PUBLISHED_TIMESTEPS[preset.name, n]
+        config = s.scheduler_config(base)
+        if s.scheduler in REFUSED_SCHEDULERS:
+            with pytest.raises(scheduling.UnsupportedSchedulerOption, match=f"{s.scheduler} config sets _class_name"):
+                scheduling.plan(config, n, timesteps=s.timesteps)
+            continue
+        # the grid jdistill samples the preset on is the one diffusers' scheduler steps through
+        grid_t = np.asarray(scheduling.plan(config, n, timesteps=s.timesteps).grid.t, np.float64)
+        scale = 1000.0 if scheduling.is_flow(config) else 1.0  # flow grids run over t in [0, 1]
+        np.testing.assert_allclose(grid_t * scale, scheduler.timesteps.numpy(), rtol=1e-6, err_msg=preset.name)
     if s.lora_scale is not None:
         assert preset.lora and 0 < s.lora_scale <= 1
 
@@ -216,7 +246,7 @@ def tiny_sdxl(models, tmp_path):
     return pipe, config
 
 
-def test_lcm_pipeline_preset(models, tmp_path):
+def test_lcm_pipeline_preset(models, tmp_path, monkeypatch):
     """LCM Dreamshaper v7 (a pipeline with LCMScheduler): the w-conditioned UNet with LCM's
     guidance embedding as timestep_cond equals diffusers' LatentConsistencyModelPipeline's."""
     root, register = models
@@ -242,33 +272,77 @@ def test_lcm_pipeline_preset(models, tmp_path):
     small = pipe.get_guidance_scale_embedding(torch.full((1,), 0.5), embedding_dim=256)
     assert_close(layers.guidance_scale_embedding(jnp.full((1,), 1.5), 256), small.numpy(), 1e-4, "at w = 0.5")
     assert_unet_equal(t2i.network, t2i.params["network"], pipe.unet, np.asarray(ours), "LCM UNet with timestep_cond")
-    # one LCM step (no fresh noise, so no RNG to share with torch): the pipeline's denoised latents
+    # the published 4 LCM steps, diffusers fed jdistill's fresh noise between them
+    steps = preset.sampler.steps[0]
     size = config["sample_size"]
     z = np.random.default_rng(0).standard_normal((1, size, size, config["in_channels"])).astype(np.float32)
     pixels = size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    feed_step_noise(monkeypatch, pipe, z.shape, steps)
     with torch.no_grad():
-        ref = pipe(prompt=["a photo of a cat"], num_inference_steps=1, guidance_scale=w, height=pixels,
+        ref = pipe(prompt=["a photo of a cat"], num_inference_steps=steps, guidance_scale=w, height=pixels,
                    width=pixels, latents=torch.from_numpy(nchw(z)), output_type="latent").images
-    ours = t2i(["a photo of a cat"], num_steps=1, guidance_scale=w, latents=z, output_type="latent")
-    assert_close(ours, nhwc(ref.numpy()), 2e-4, "LCM pipeline, one step")
+    ours = t2i(["a photo of a cat"], num_steps=steps, guidance_scale=w, latents=z, output_type="latent")
+    assert_close(ours, nhwc(ref.numpy()), 2e-4, f"LCM pipeline, {steps} steps")
 
 
-def test_sdxl_turbo_pipeline_preset(models, tmp_path):
+def test_sdxl_turbo_pipeline_preset(models, tmp_path, monkeypatch, capsys, request):
+    """SDXL-Turbo: its pipeline folder by preset name, 4 steps equal to diffusers'; and `jdistill
+    sample` writing those images from the folder (a real process) and from the preset."""
     root, register = models
     config = tiny_unet_config(presets.SDXL_TURBO_UNET)
     pipe = sdxl_pipeline(root / "sdxl-turbo", config,
                          diffusers.EulerAncestralDiscreteScheduler.from_config(presets.SDXL_TURBO_SCHEDULER))
     register("sdxl-turbo", expect={"unet": {"cross_attention_dim": 48}, "scheduler": {"timestep_spacing": "trailing"}})
     t2i = TextToImage.from_preset("sdxl-turbo", cache_dir=tmp_path / "cache")
+    # the real command, from the folder (the preset is a tiny stand-in only this process registers),
+    # running beside the checks below; it finds the folder's models converted in the cache
+    png = tmp_path / "cli" / "turbo.png"
+    cli_run = run_cli(["sample", "--pretrained", str(root / "sdxl-turbo"), "--prompt", *PROMPTS, "--steps", "4",
+                       "--guidance", "0", "--seed", "3", "--out", str(png)],
+                      extra_env={"JDISTILL_CACHE": str(tmp_path / "cache")})
+    request.addfinalizer(lambda: cli_run.poll() is None and cli_run.kill())
     assert t2i.family == "sdxl" and t2i.scheduler_config["_class_name"] == "EulerAncestralDiscreteScheduler"
     assert t2i.scheduler_config["timestep_spacing"] == "trailing"
     assert_unet_equal(t2i.network, t2i.params["network"], pipe.unet, what="SDXL-Turbo UNet with time ids")
     unet = pretrained.load_pretrained("sdxl-turbo", cache_dir=tmp_path / "cache")  # the preset's default component
     assert unet.component == "unet" and unet.module == t2i.network
+    # its longest published sampler, 4 trailing Euler ancestral steps, diffusers fed jdistill's step
+    # noise; the initial latents are those `seed` draws, so the commands below give these images
+    g, steps, seed = presets.get("sdxl-turbo").sampler.guidance_scale, 4, 3
+    key_noise, _ = jax.random.split(jax.random.key(seed))  # as TextToImage.generate splits its seed
+    z = np.asarray(jax.random.normal(key_noise, (2, 8, 8, 4), jnp.float32))
+    out = t2i.generate(PROMPTS, num_steps=steps, guidance_scale=g, seed=seed)
+    feed_step_noise(monkeypatch, pipe, z.shape, steps, seed=seed)
+    assert_close(out.latents, diffusers_latents(pipe, z, steps, guidance_scale=g), TOL,
+                 "SDXL-Turbo, 4 Euler ancestral steps")
+    expected = images_lib.to_uint8(np.asarray(out.images))
+
+    monkeypatch.setenv("JDISTILL_CACHE", str(tmp_path / "cache"))
+    npz = tmp_path / "cli" / "turbo.npz"
+    assert cli.main(["sample", "--config", "sdxl-turbo", "--prompt", *PROMPTS, "--steps", "4", "--seed", "3",
+                     "--out", str(npz)]) == 0
+    assert "sdxl-turbo: 4 steps of euler_ancestral, guidance 0" in capsys.readouterr().out  # the published g
+    with np.load(npz) as f:
+        np.testing.assert_array_equal(f["images"], expected)
+        assert f["prompts"].tolist() == PROMPTS
+    assert cli.main(["sample", "--pretrained", "sdxl-turbo", "--out", str(npz)]) == 2
+    assert capsys.readouterr().err.strip() == "jdistill sample: error: sampling sdxl-turbo needs --prompt"
+    assert cli.main(["sample", "--pretrained", str(tmp_path / "nothing"), "--prompt", "a cat"]) == 2
+    assert "is neither a pipeline folder (no model_index.json) nor a preset" in capsys.readouterr().err
+    output, _ = cli_run.communicate(timeout=600)
+    assert cli_run.returncode == 0, output
+    assert "4 steps of euler_ancestral, guidance 0" in output and png.is_file()
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), images_lib.grid(expected, upscale=1))
 
 
+# sampling a whole SDXL pipeline costs a minute here: the default suite loads, the slow one samples too
+SAMPLED = pytest.mark.parametrize("sample", [False, pytest.param(True, marks=pytest.mark.slow)],
+                                  ids=["loaded", "sampled"])
+
+
+@SAMPLED
 @pytest.mark.parametrize("name", ["hyper-sdxl-1step-unet"])
-def test_unet_file_preset(name, tiny_sdxl, models, tmp_path):
+def test_unet_file_preset(name, sample, tiny_sdxl, models, tmp_path):
     """A bare diffusers-layout UNet file with the published (scaled) SDXL UNet config: converted
     alone, and put into its base pipeline with the preset's scheduler."""
     root, register = models
@@ -288,10 +362,23 @@ def test_unet_file_preset(name, tiny_sdxl, models, tmp_path):
     for key, value in preset.sampler.options.items():
         assert t2i.scheduler_config[key] == value
     assert_unet_equal(t2i.network, t2i.params["network"], student, what=f"{name} in its base pipeline")
+    if not sample:
+        return
+    # sampled as published: one LCMScheduler step from unit noise at the published timestep (800)
+    s = preset.sampler
+    z = np.random.default_rng(5).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ours = t2i(PROMPTS, num_steps=1, guidance_scale=s.guidance_scale, latents=z, output_type="latent",
+               timesteps=list(s.timesteps))
+    base_pipe.unet = student
+    base_pipe.scheduler = base_scheduler(root, s)
+    ref = diffusers_latents(base_pipe, z, 1, guidance_scale=s.guidance_scale, timesteps=list(s.timesteps))
+    assert_close(ours, ref, TOL, f"{name}, one {s.scheduler} step at {s.timesteps}")
 
 
-def test_unet_folder_preset(models, tmp_path):
-    """LCM-SDXL: a UNet model folder (config.json + weights), w-conditioned."""
+@SAMPLED
+def test_unet_folder_preset(sample, tiny_sdxl, models, tmp_path, monkeypatch):
+    """LCM-SDXL: a UNet model folder (config.json + weights), w-conditioned; one LCM step in its
+    base pipeline gives diffusers' latents."""
     root, register = models
     config = tiny_unet_config(presets.LCM_SDXL_UNET)
     torch.manual_seed(0)
@@ -304,9 +391,24 @@ def test_unet_folder_preset(models, tmp_path):
     register("lcm-sdxl", expect={"": {"time_cond_proj_dim": 512}})
     with pytest.raises(presets.PresetMismatch, match="time_cond_proj_dim is 256, expected 512"):
         pretrained.load_pretrained("lcm-sdxl", cache_dir=tmp_path / "cache")
+    if not sample:
+        return
+    register("lcm-sdxl", expect={})
+    # the published 4 steps at w in its base pipeline, diffusers fed jdistill's noise between steps
+    base_pipe, _ = tiny_sdxl
+    sampler = presets.get("lcm-sdxl").sampler
+    steps, w = sampler.steps[0], sampler.guidance_scale
+    t2i = TextToImage.from_preset("lcm-sdxl", cache_dir=tmp_path / "cache")
+    z = np.random.default_rng(4).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ours = t2i(PROMPTS, num_steps=steps, guidance_scale=w, latents=z, output_type="latent")
+    base_pipe.unet = student
+    base_pipe.scheduler = base_scheduler(models[0], sampler)
+    feed_step_noise(monkeypatch, base_pipe, z.shape, steps)
+    # 2e-4: the w embedding's phases (test_lcm_pipeline_preset)
+    assert_close(ours, diffusers_latents(base_pipe, z, steps, guidance_scale=w), 2e-4, f"LCM-SDXL, {steps} steps")
 
 
-def test_lora_preset(tiny_sdxl, models, tmp_path):
+def test_lora_preset(tiny_sdxl, models, tmp_path, monkeypatch):
     """LCM-LoRA for SDXL: loading the preset gives the base UNet with the LoRA merged, equal to
     diffusers' fuse_lora; the pipeline gets it and LCMScheduler."""
     root, register = models
@@ -330,6 +432,14 @@ def test_lora_preset(tiny_sdxl, models, tmp_path):
     np.testing.assert_array_equal(np.asarray(t2i.params["network"]["conv_in"]["kernel"]),
                                   np.asarray(direct["conv_in"]["kernel"]))
     assert_unet_equal(t2i.network, t2i.params["network"], theirs.unet, what="LCM-LoRA pipeline's UNet")
+    # the published 4 steps at guidance 1 (none), diffusers fed jdistill's noise between steps
+    sampler = presets.get("lcm-lora-sdxl").sampler
+    steps, g = sampler.steps[0], sampler.guidance_scale
+    z = np.random.default_rng(6).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ours = t2i(PROMPTS, num_steps=steps, guidance_scale=g, latents=z, output_type="latent")
+    theirs.scheduler = diffusers.LCMScheduler.from_config(theirs.scheduler.config)
+    feed_step_noise(monkeypatch, theirs, z.shape, steps)
+    assert_close(ours, diffusers_latents(theirs, z, steps, guidance_scale=g), TOL, f"LCM-LoRA SDXL, {steps} steps")
 
 
 @pytest.fixture
@@ -426,6 +536,22 @@ def test_preset_not_found_names_the_repo_file(models):
 PROMPTS = ["a photo of a cat", "a red dog"]
 
 
+def base_scheduler(root, sampler):
+    """The student's scheduler on its base pipeline's scheduler_config.json, as a diffusers user loads
+    it (from the folder: an in-memory config lists its class defaults in ``_use_default_values``,
+    and ``from_config`` then swaps them for the new class's defaults, LCM's scaled_linear betas)."""
+    return getattr(diffusers, sampler.scheduler).from_pretrained(root / "sdxl", subfolder="scheduler", **sampler.options)
+
+
+def feed_step_noise(monkeypatch, pipe, shape, steps, seed=0):
+    """Give the pipeline's scheduler, where it draws fresh noise (LCM, Euler ancestral), the noise
+    TextToImage(seed=seed) draws at each step: step i's from fold_in(the sampler key, i)."""
+    _, key_steps = jax.random.split(jax.random.key(seed))  # as TextToImage.generate splits its seed
+    noises = (np.asarray(jax.random.normal(jax.random.fold_in(key_steps, i), shape, jnp.float32)) for i in range(steps))
+    monkeypatch.setattr(RANDN_MODULES[type(pipe.scheduler)], "randn_tensor",
+                        lambda shape, **kw: torch.from_numpy(nchw(next(noises))))
+
+
 def diffusers_latents(pipe, latents, steps, **kw):
     final = {}
 
@@ -473,12 +599,15 @@ def test_sd35_turbo_sampled_as_published(tiny_sd3, models, tmp_path):
     assert_close(ours, ref, TOL, "SD3.5 Large Turbo 4 steps, flow Euler")
 
 
-def test_hyper_sd_lora_sampled_as_published(tiny_sdxl, models, tmp_path):
-    """Hyper-SDXL's 4-step LoRA: merged into the base pipeline, sampled with trailing DDIM at
-    guidance 0, equal to diffusers' pipeline with the LoRA fused and that scheduler."""
+@pytest.mark.parametrize("name", ["hyper-sdxl-4step-lora",
+                                  pytest.param("sdxl-lightning-4step-lora", marks=pytest.mark.slow)])
+def test_sdxl_lora_sampled_as_published(name, tiny_sdxl, models, tmp_path):
+    """Hyper-SDXL's 4-step LoRA (trailing DDIM) and SDXL-Lightning's (trailing Euler): merged into
+    the base pipeline, sampled at guidance 0, equal to diffusers' pipeline with the LoRA fused and
+    that scheduler."""
     root, register = models
     base_pipe, _ = tiny_sdxl
-    preset = presets.get("hyper-sdxl-4step-lora")
+    preset = presets.get(name)
     unet = diffusers.UNet2DConditionModel.from_pretrained(root / "sdxl" / "unet")
     torch.manual_seed(5)
     unet.add_adapter(peft_config(["to_q", "to_k", "to_v", "to_out.0", "ff.net.2"]))
@@ -486,13 +615,14 @@ def test_hyper_sd_lora_sampled_as_published(tiny_sdxl, models, tmp_path):
     diffusers.StableDiffusionXLPipeline.save_lora_weights(root / preset.name, weight_name=preset.filename,
                                                           unet_lora_layers=peft.get_peft_model_state_dict(unet))
     t2i = TextToImage.from_preset(preset.name, cache_dir=tmp_path / "cache")
-    assert t2i.scheduler_config["_class_name"] == "DDIMScheduler" and t2i.plan(4).solver == "ddim"
+    assert t2i.scheduler_config["_class_name"] == preset.sampler.scheduler and t2i.plan(4).solver == "ddim"
     z = np.random.default_rng(2).standard_normal((2, 8, 8, 4)).astype(np.float32)
     steps, g = preset.sampler.steps[0], preset.sampler.guidance_scale
     ours = t2i(PROMPTS, num_steps=steps, guidance_scale=g, latents=z, output_type="latent")
     theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(root / "sdxl")
     theirs.load_lora_weights(root / preset.name / preset.filename)
     theirs.fuse_lora(components=["unet"])
-    theirs.scheduler = diffusers.DDIMScheduler.from_config(theirs.scheduler.config, **preset.sampler.options)
+    theirs.scheduler = getattr(diffusers, preset.sampler.scheduler).from_config(theirs.scheduler.config,
+                                                                                 **preset.sampler.options)
     ref = diffusers_latents(theirs, z, steps, guidance_scale=g)
-    assert_close(ours, ref, TOL, "Hyper-SDXL 4-step LoRA, trailing DDIM")
+    assert_close(ours, ref, TOL, f"{name}, {preset.sampler.scheduler} (trailing)")

@@ -71,8 +71,9 @@ class Sampler:
     ``guidance_scale`` (0 / 1: no classifier-free guidance; LCM: the w of its guidance
     embedding, w - 1 = guidance_scale - 1), a stochastic sampler's ``eta`` and the LoRA scale.
 
-    jdistill samples these once ``jdistill.sampling`` has the solver (LCM, Euler ancestral,
-    TCD, custom timesteps); until then a pipeline given this scheduler names what it lacks."""
+    jdistill samples each with the solver of ``jdistill.pipelines.scheduling`` that reproduces its
+    scheduler (tests/test_presets.py), except TCD (Hyper-SD's one-step LoRAs), which has none
+    and is refused by name (``UnsupportedSchedulerOption``)."""
 
     scheduler: str
     options: Mapping[str, Any] = field(default_factory=dict)

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 
+from jdistill.errors import InvalidArgument
 
-class UnsupportedSchedulerOption(ValueError):
-    """A scheduler config option jdistill would not reproduce exactly; ``options`` names them."""
+
+class UnsupportedSchedulerOption(InvalidArgument):
+    """A scheduler config option jdistill would not reproduce exactly; ``options`` names them
+    (a ValueError, and a UserError: the CLI reports it in one line)."""
 
     def __init__(self, scheduler: str, options: dict, reason: str):
         self.options = dict(options)

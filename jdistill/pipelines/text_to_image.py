@@ -210,8 +210,8 @@ class TextToImage:
         """A preset as its authors sample it (:mod:`jdistill.convert.presets`): a pipeline preset's
         folder; a UNet file / folder preset put into its base preset's pipeline; a LoRA preset
         merged into its base pipeline at the published scale. The scheduler config is the
-        preset's :class:`~jdistill.convert.presets.Sampler` on the base's config (its solver runs
-        once ``jdistill.sampling`` has it)."""
+        preset's :class:`~jdistill.convert.presets.Sampler` on the base's config; a published
+        timestep list (``preset.sampler.timesteps``) is passed as ``timesteps=`` when sampling."""
         from jdistill.convert import presets
 
         preset = presets.get(name)

@@ -147,3 +147,59 @@ def read_results(path: str) -> dict:
     if not isinstance(result, dict) or not isinstance(result.get("rows"), list):
         raise InvalidArgument(f"{path} is JSON but not a sweep's results (no list of 'rows')")
     return result
+
+
+# diffusers' pipelines' own defaults (num_inference_steps, guidance_scale), used where a
+# pipeline folder carries no published sampler
+PIPELINE_DEFAULTS = {"sd": (50, 7.5), "sdxl": (50, 5.0), "sd3": (28, 7.0)}
+
+
+def text_to_image_to_file(source: str, prompts, out: str, *, negative_prompt: str | None = None, num: int = 1,
+                          steps: int | None = None, guidance_scale: float | None = None, solver: str | None = None,
+                          seed: int = 0, height: int | None = None, width: int | None = None) -> dict:
+    """Images for ``prompts`` (``num`` each) from ``source``: a preset name (sampled as its authors
+    publish unless ``steps`` / ``guidance_scale`` / ``solver`` say otherwise), a diffusers pipeline
+    folder or one ``jdistill convert`` wrote. ``out``: a .png (a grid, or the image when there is
+    one) or an .npz (``images`` uint8 NHWC and ``prompts``, plus the grid as .png)."""
+    import time
+
+    from jdistill.convert import presets
+    from jdistill.pipelines import TextToImage
+
+    prompts = [p for p in prompts for _ in range(num)]
+    if not prompts:
+        raise InvalidArgument("text-to-image needs at least one --prompt")
+    preset = presets.find(source) if not os.path.exists(source) else None
+    if preset is None and not os.path.isfile(os.path.join(source, "model_index.json")):
+        raise MissingInput(f"{source} is neither a pipeline folder (no model_index.json) nor a preset (known: "
+                           f"{', '.join(presets.PRESETS)}); a single-file checkpoint is converted first: "
+                           "jdistill convert FILE OUT --config PIPELINE_FOLDER")
+    t2i = TextToImage.from_preset(preset.name) if preset is not None else TextToImage.from_pretrained(source)
+    published = preset.sampler if preset is not None else None
+    if published is not None:
+        default_steps, default_guidance = published.steps[0], published.guidance_scale
+    else:
+        default_steps, default_guidance = PIPELINE_DEFAULTS[t2i.family]
+    steps = default_steps if steps is None else steps
+    guidance_scale = default_guidance if guidance_scale is None else guidance_scale
+    timesteps = None
+    # a published timestep list (Hyper-SD's one step at 800) goes with its step count and scheduler
+    if published is not None and published.timesteps is not None and steps == len(published.timesteps) \
+            and solver is None:
+        timesteps = list(published.timesteps)
+    plan = t2i.plan(steps, solver, timesteps=timesteps)  # a refused scheduler option fails before any sampling
+    negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    start = time.perf_counter()
+    images = t2i(prompts, negative, num_steps=steps, guidance_scale=guidance_scale, solver=solver, seed=seed,
+                 height=height, width=width, timesteps=timesteps)
+    seconds = time.perf_counter() - start
+    description = (f"{preset.name if preset else source}: {steps} step{'s' * (steps != 1)} of {plan.solver}, guidance {guidance_scale:g}"
+                   + (f", timesteps {timesteps}" if timesteps else ""))
+    if out.endswith(".npz"):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        np.savez(out, images=images, prompts=np.array(prompts))
+        png = images_lib.save_grid(os.path.splitext(out)[0] + ".png", images, upscale=1)
+    else:
+        png = images_lib.save_grid(out, images, upscale=1)
+    return {"npz": out if out.endswith(".npz") else None, "png": png, "num": len(images), "seconds": seconds,
+            "description": description}
