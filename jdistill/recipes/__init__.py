@@ -39,6 +39,7 @@ RECIPES = {
     "teacher": "jdistill.recipes.teacher",
     "guided": "jdistill.recipes.guided",
     "stitch": "jdistill.recipes.stitch_pretrained",
+    "ladd": "jdistill.recipes.ladd",
 }
 
 
