@@ -105,3 +105,62 @@ def test_distill_killed_then_resumed_is_bit_identical_and_the_table_reads_it(mad
     # a LADD student samples unguided
     with pytest.raises(InvalidArgument, match="unguided"):
         ladd.make_sampler(runs.open_run(str(tmp_path / "full")), guidance_scale=2.0)
+
+
+@pytest.mark.slow
+def test_sd3_config_trains_a_few_steps_on_a_tiny_converted_sd3_pipeline(tmp_path):
+    """configs/sd3_ladd.py on a tiny SD3 pipeline (diffusers, random weights, converted): synthetic
+    latents for a prompt list, the MMDiT's image tokens at the tapped blocks (B, (H/p)(W/p), D) on the
+    heads' grid, pooled-text-conditioned heads, finite losses on both parts, the student sampling."""
+    import diffusers
+    import transformers
+    from test_mmdit import randomise as randomise_mmdit
+    from test_text_to_image import IMAGE, clip_tower, save_and_convert, t5_tokenizer, vae, write_clip_tokenizer
+
+    from jdistill.train import mesh as mesh_lib
+
+    tok1, n1 = write_clip_tokenizer(tmp_path / "tok1")
+    tok2, n2 = write_clip_tokenizer(tmp_path / "tok2", pad="!")
+    tok3, n3 = t5_tokenizer(tmp_path / "tok3")
+    t5 = transformers.T5EncoderModel(transformers.T5Config(vocab_size=n3, d_model=48, d_kv=8, d_ff=64, num_layers=2,
+                                                           num_heads=3, feed_forward_proj="gated-gelu"))
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=randomise_mmdit(diffusers.SD3Transformer2DModel(
+            sample_size=IMAGE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=48, caption_projection_dim=16, pooled_projection_dim=16 + 24,
+            pos_embed_max_size=12).eval(), std=0.05, seed=30),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae(31, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609),
+        text_encoder=clip_tower(n1, 32, 16, projection=16), tokenizer=tok1,
+        text_encoder_2=clip_tower(n2, 33, 24, "gelu", projection=24), tokenizer_2=tok2,
+        text_encoder_3=t5.eval(), tokenizer_3=tok3)
+    save_and_convert(pipe, tmp_path)
+    cfg = config_lib.load_config(os.path.join(REPO, "configs", "sd3_ladd.py"), [
+        f"--config.teacher.pipeline={tmp_path / 'jdistill'}", f"--config.synth.dir={tmp_path / 'synth'}",
+        "--config.synth.num=8", "--config.synth.shard_size=4", "--config.synth.batch_size=4", "--config.synth.steps=2",
+        "--config.synth.prompts=('a photo of a cat', 'a red dog', 'a dog')", "--config.data.batch_size=4",
+        "--config.discriminator.blocks=(0, 1)", "--config.discriminator.width=8", "--config.train.steps=2",
+        "--config.sample.prompts=('a cat',)"])
+    synth.generate(cfg, progress=False)
+    m = synth.manifest(cfg)
+    images, captions = synth.load(synth.synth_dir(cfg), m)
+    assert images.shape == (8, 8, 8, 4) and m["condition"] == "caption"
+    np.testing.assert_array_equal(captions, np.arange(8) % 3)
+
+    mesh = mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])
+    s, task = ladd.setup(cfg, None, mesh)
+    obj = ladd.objective(cfg, task)
+    batch = task.source[0]
+    cond = task.cond_fn(batch)
+    feats = task.teacher.features(batch["image"], np.full((4,), 0.5, np.float32), cond, blocks=obj.blocks)
+    assert {k: v.shape for k, v in feats.items()} == {"block_0": (4, 16, 16), "block_1": (4, 16, 16)}
+    assert obj.discriminator.grid == (4, 4) and obj.discriminator.pooled_dim == 40
+    state = s.state
+    for k in range(2):
+        state, metrics = s.step_fn(state, task.teacher.params, mesh_lib.global_batch(task.source[k], mesh))
+        metrics = jax.device_get(metrics)
+        assert np.isfinite(metrics["discriminator/loss"]) and np.isfinite(metrics["student/loss"]), metrics
+    assert int(state.count("student")) == 2 and int(state.skipped) == 0
+    student = task.teacher.replace(params=state.params("student"))
+    out = ladd.sample_fn(task, student, 2)(jax.random.normal(jax.random.key(0), (2, 8, 8, 4)), None, jax.random.key(1))
+    assert np.isfinite(np.asarray(out)).all()
