@@ -191,6 +191,7 @@ def test_engine_step_ratio_separation_and_a_bit_identical_teacher(setup):
                                                         jax.tree.leaves(teacher_before)))
 
 
+@pytest.mark.slow  # two meshes compiled: minutes on 2 cores
 def test_8_devices_equal_1_device(setup):
     cfg, task, _, _ = setup
     out = {}

@@ -16,6 +16,9 @@ from jdistill.recipes import ladd, ladd_table, runs, synth, teacher
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train.loop import read_metrics
 
+# every test here trains a teacher, generates data or runs the CLI: minutes on 2 cores
+pytestmark = pytest.mark.slow
+
 
 def ladd_args(teacher_dir, synth_dir, extra=()):
     return [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config=", f"--config.synth.dir={synth_dir}",
@@ -107,7 +110,6 @@ def test_distill_killed_then_resumed_is_bit_identical_and_the_table_reads_it(mad
         ladd.make_sampler(runs.open_run(str(tmp_path / "full")), guidance_scale=2.0)
 
 
-@pytest.mark.slow
 def test_sd3_config_trains_a_few_steps_on_a_tiny_converted_sd3_pipeline(tmp_path):
     """configs/sd3_ladd.py on a tiny SD3 pipeline (diffusers, random weights, converted): synthetic
     latents for a prompt list, the MMDiT's image tokens at the tapped blocks (B, (H/p)(W/p), D) on the

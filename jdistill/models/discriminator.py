@@ -47,7 +47,9 @@ class ConvHead(nn.Module):
         gh, gw = self.grid
         if gh * gw != n:
             raise ValueError(f"{n} tokens do not fill the {gh}x{gw} patch grid")
-        h = nn.Conv(self.width, (3, 3), name="conv_in")(tokens.reshape(b, gh, gw, d))
+        # no bias before a GroupNorm: the norm cancels it, its gradient is rounding noise that Adam
+        # would amplify into a drift (and 8 devices would drift apart from 1)
+        h = nn.Conv(self.width, (3, 3), use_bias=False, name="conv_in")(tokens.reshape(b, gh, gw, d))
         h = nn.silu(nn.GroupNorm(_groups(self.width), name="norm")(h))
         scale, shift = jnp.split(nn.Dense(2 * self.width, kernel_init=nn.initializers.zeros, name="film")(c), 2, -1)
         h = h * (1.0 + scale[:, None, None]) + shift[:, None, None]
@@ -64,7 +66,7 @@ class TokenHead(nn.Module):
     width: int
 
     def _block(self, x, kernel: int, name: str):
-        x = nn.Conv(self.width, (kernel,), padding="CIRCULAR", name=f"{name}_conv")(x)
+        x = nn.Conv(self.width, (kernel,), padding="CIRCULAR", use_bias=False, name=f"{name}_conv")(x)  # normed next
         x = nn.GroupNorm(_groups(self.width), name=f"{name}_norm")(x)
         return nn.leaky_relu(x, 0.2)
 
