@@ -10,6 +10,8 @@
     jdistill eval    PRED.npz --target TARGET.npz         (PSNR / SSIM for paired tasks)
     jdistill eval    RUN_DIR [--steps 4 ...]              (sample a run, then score it)
     jdistill guided-table --workdir runs/digits_guided   (teacher vs students, Meng et al.'s claims checked)
+    jdistill synth --config configs/digits_ladd.py       (a teacher's CFG samples as a dataset, resumable)
+    jdistill ladd-table --workdir RUN [RUN ...] [--compare NAME=RUN ...]  (one teacher, every method)
     jdistill demo [PART ...] [--full | --quick]          (the README's main job)
     jdistill sample --workdir LARGE --stitch SMALL --fractions 0.4     (T-Stitch)
     jdistill stitch-sweep --small SMALL --large LARGE [--steps 16 64]  (table + plot over the fraction)
@@ -151,6 +153,37 @@ def cmd_guided_table(args, overrides):
 
     result = guided_table.results_table(args.workdir, guidance_scales=args.guidance, num=args.num, out_dir=args.out)
     print(guided_table.format_results(result))
+    if args.out:
+        print(f"table and grids in {args.out}")
+
+
+def cmd_synth(args, overrides):
+    from jdistill import config as config_lib
+    from jdistill.recipes import synth
+
+    cfg = config_lib.load_config(args.config, overrides)
+    if "synth" not in cfg:
+        raise config_lib.ConfigError(f"{args.config} has no `synth` section (the teacher samples a recipe trains on)")
+    out = synth.generate(cfg, progress=not args.quiet)
+    print(f"synthetic data: {out} ({int(cfg.synth.num)} samples)")
+
+
+def _compare_runs(items) -> dict:
+    out = {}
+    for item in items or ():
+        name, sep, workdir = item.partition("=")
+        if not sep or not name or not workdir:
+            raise UserError(f"--compare takes NAME=WORKDIR (e.g. progressive=runs/digits_flow_guided), got {item!r}")
+        out[name] = workdir
+    return out
+
+
+def cmd_ladd_table(args, overrides):
+    from jdistill.recipes import ladd_table
+
+    result = ladd_table.results_table(args.workdir, compare=_compare_runs(args.compare), num=args.num,
+                                      out_dir=args.out, guidance_scale=args.guidance)
+    print(ladd_table.format_results(result))
     if args.out:
         print(f"table and grids in {args.out}")
 
@@ -337,6 +370,20 @@ def build_parser():
     gt.add_argument("--num", type=positive_int, default=1000)
     gt.add_argument("--out")
     gt.set_defaults(fn=cmd_guided_table)
+
+    sy = sub.add_parser("synth", help="a teacher's samples (with CFG) written once as sharded training data")
+    sy.add_argument("--config", required=True, help="a config with `teacher` and `synth` sections (configs/*_ladd.py)")
+    sy.add_argument("--quiet", action="store_true", help="no progress bar")
+    sy.set_defaults(fn=cmd_synth)
+
+    lt = sub.add_parser("ladd-table", help="one flow teacher vs its LADD (per seed) and other students: FD / time")
+    lt.add_argument("--workdir", required=True, nargs="+", help="LADD runs of one teacher, one per training seed")
+    lt.add_argument("--compare", nargs="+", metavar="NAME=WORKDIR",
+                    help="students of other recipes distilled from the same teacher (progressive, consistency)")
+    lt.add_argument("--guidance", type=finite_float, help="the teacher's CFG scale (default: its config's)")
+    lt.add_argument("--num", type=positive_int, default=1000)
+    lt.add_argument("--out")
+    lt.set_defaults(fn=cmd_ladd_table)
 
     s = sub.add_parser("sample", help="sample from a trained run into .npz (+ a PNG grid)")
     s.add_argument("--workdir", help="a trained run: a teacher, a distillation, or one of its stages")

@@ -24,7 +24,8 @@ def code_cells(path):
 
 
 def test_the_notebooks_exist():
-    assert {p.name for p in NOTEBOOKS} == {"adaptive_collaboration.ipynb", "guided_distillation.ipynb", "t_stitch.ipynb"}
+    assert {p.name for p in NOTEBOOKS} == {"adaptive_collaboration.ipynb", "guided_distillation.ipynb", "ladd.ipynb",
+                                               "t_stitch.ipynb"}
     assert set(CHECKS) == {p.name for p in NOTEBOOKS}  # every notebook's printed numbers are checked
 
 
@@ -36,7 +37,7 @@ def test_code_cells_compile(path):
         compile(src, f"{path.name}[cell {i}]", "exec")
 
 
-HEADERS = ("model", "steps", "g", "budget")  # first cells of the tables' header rows
+HEADERS = ("model", "steps", "g", "budget", "claim")  # first cells of the tables' header rows
 
 
 def printed_rows(stdout: str, columns: int) -> list[list[str]]:
@@ -101,7 +102,20 @@ def check_collab(stdout: str, work: pathlib.Path):
     assert float(line[3]) == round(best["avg_evals"], 2)
 
 
-CHECKS = {"guided_distillation.ipynb": check_guided, "t_stitch.ipynb": check_stitch,
+def check_ladd(stdout: str, work: pathlib.Path):
+    with open(work / "runs" / "colab_ladd" / "table" / "results.json") as f:
+        result = json.load(f)
+    printed = printed_rows(stdout, 6)
+    assert len(printed) == len(result["rows"]) == 5  # teacher at 1, 4, 64 steps; the LADD student at 1, 4
+    for cells, row in zip(printed, result["rows"]):
+        assert cells[:3] == [row["model"], row["mode"], str(row["steps"])]
+        assert float(cells[3]) == round(row["fd"], 2) and float(cells[4]) == round(row["class_acc"], 3)
+        assert sane_fd(row["fd"]) and 0.0 <= row["class_acc"] <= 1.0 and row["s_per_1000"] > 0
+    claims = printed_rows(stdout, 4)
+    assert [c[0] for c in claims] == [c["claim"] for c in result["checks"]]
+
+
+CHECKS = {"ladd.ipynb": check_ladd, "guided_distillation.ipynb": check_guided, "t_stitch.ipynb": check_stitch,
           "adaptive_collaboration.ipynb": check_collab}
 
 

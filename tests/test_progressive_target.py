@@ -21,7 +21,9 @@ class NonlinearV(nn.Module):
 
 
 def make_teacher(schedule):
-    return Denoiser(params={}, schedule=schedule, module=NonlinearV(), prediction="v")
+    """v-prediction on VP schedules; on a flow schedule the same net's output read as a velocity."""
+    prediction = "flow" if isinstance(schedule, schedules.RectifiedFlow) else "v"
+    return Denoiser(params={}, schedule=schedule, module=NonlinearV(), prediction=prediction)
 
 
 def exact_two_ddim_steps(teacher, z, t0, t1, t2, cond):
@@ -33,8 +35,9 @@ def exact_two_ddim_steps(teacher, z, t0, t1, t2, cond):
     return z
 
 
-@pytest.mark.parametrize("schedule", [schedules.CosineVP(), schedules.DiscreteVP.from_betas("scaled_linear", 1000, 0.00085, 0.012)],
-                         ids=["cosine", "discrete"])
+@pytest.mark.parametrize("schedule", [schedules.CosineVP(), schedules.DiscreteVP.from_betas("scaled_linear", 1000, 0.00085, 0.012),
+                                      schedules.RectifiedFlow(shift=3.0)],
+                         ids=["cosine", "discrete", "flow"])
 def test_target_is_one_ddim_step_onto_the_teachers_two(schedule):
     teacher = make_teacher(schedule)
     n_student = 4
@@ -58,8 +61,8 @@ def test_target_is_one_ddim_step_onto_the_teachers_two(schedule):
     assert float(jnp.max(jnp.abs(miss - z_end))) > 1e-2
 
 
-def test_last_step_target_is_the_teachers_x_at_the_midpoint():
-    schedule = schedules.CosineVP()
+@pytest.mark.parametrize("schedule", [schedules.CosineVP(), schedules.RectifiedFlow(shift=3.0)], ids=["cosine", "flow"])
+def test_last_step_target_is_the_teachers_x_at_the_midpoint(schedule):
     teacher = make_teacher(schedule)
     z = jax.random.normal(jax.random.key(1), (3, 4, 4, 1))
     i = jnp.array([1, 1, 1])
@@ -81,3 +84,6 @@ def test_step_times_halve_the_grid():
     d = schedules.DiscreteVP.from_betas("linear")
     t, tm, te = step_times(d, jnp.array([4]), 4)
     np.testing.assert_allclose(np.stack([t, tm, te]).ravel(), [999.0, 874.0, 749.0])
+    # a flow student's grid is sigma = i / N: the unshifted unit grid, which its sampler (unit_grid) runs
+    t, tm, te = step_times(schedules.RectifiedFlow(shift=3.0), jnp.array([4, 1]), 4)
+    np.testing.assert_allclose(np.stack([t, tm, te]), [[1.0, 0.25], [0.875, 0.125], [0.75, 0.0]], atol=1e-7)

@@ -57,6 +57,11 @@ def x_space_weight(weighting: str, kind: str, snr, s, gamma: float = 5.0):
     raise ValueError(f"unknown loss weighting {weighting!r}; expected one of {WEIGHTINGS}")
 
 
+def logit_normal(key, n: int, mean: float = 0.0, std: float = 1.0):
+    """t = sigmoid(m + s N(0, 1)) in (0, 1): SD3's training times, LADD's re-noising levels."""
+    return jax.nn.sigmoid(mean + std * jax.random.normal(key, (n,)))
+
+
 def sample_times(key, schedule, n: int, sampling: str = "uniform", logit_mean: float = 0.0,
                  logit_std: float = 1.0):
     """Training times in the schedule's units: integers for discrete schedules, (0, 1) otherwise.
@@ -67,7 +72,7 @@ def sample_times(key, schedule, n: int, sampling: str = "uniform", logit_mean: f
     if sampling == "uniform":
         t = jax.random.uniform(key, (n,), minval=1e-5, maxval=1.0 - 1e-5)
     elif sampling == "logit_normal":
-        t = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(key, (n,)))
+        t = logit_normal(key, n, logit_mean, logit_std)
     else:
         raise ValueError(f"unknown time sampling {sampling!r}; expected uniform or logit_normal")
     if isinstance(schedule, RectifiedFlow) and schedule.shift != 1.0:
@@ -133,5 +138,5 @@ def denoising_loss(template: Denoiser, *, weighting: str = "constant", min_snr_g
     return loss_fn
 
 
-__all__ = ["denoising_loss", "drop_condition", "labels_cond", "per_example_mse", "sample_times", "target_scale",
+__all__ = ["denoising_loss", "drop_condition", "labels_cond", "logit_normal", "per_example_mse", "sample_times", "target_scale",
            "x_space_weight", "WEIGHTINGS"]

@@ -42,7 +42,11 @@ RECIPES = {
     "teacher": "jdistill.recipes.teacher",
     "guided": "jdistill.recipes.guided",
     "stitch": "jdistill.recipes.stitch_pretrained",
+<<<<<<< HEAD
     "collab": "jdistill.recipes.collab",
+=======
+    "ladd": "jdistill.recipes.ladd",
+>>>>>>> ladd
 }
 
 

@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 QUICK = {
     "digits_teacher": ["--config.train.steps=60", "--config.train.ckpt_every=30"],
     "digits_teacher_small": ["--config.train.steps=60", "--config.train.ckpt_every=30"],
+    "digits_flow_teacher": ["--config.train.steps=60", "--config.train.ckpt_every=30"],
 }
 
 

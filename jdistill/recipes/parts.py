@@ -4,8 +4,13 @@
 * ``guided``: Meng et al.'s guided distillation of it (stage 1, then halvings), the
   teacher-vs-student table and the paper's claims;
 * ``stitch``: T-Stitch of the small digits teacher before the large one;
+<<<<<<< HEAD
 * ``collab``: adaptive teacher-student collaboration: the guided part's 1-step student, an oracle,
   the teacher refining the lowest-scoring half.
+=======
+* ``ladd``: LADD of the digits flow teacher (synthetic data, then the adversarial stage), its
+  unguided 1- / 4-step students against the teacher's Euler + CFG, and the paper's claims.
+>>>>>>> ladd
 
 A new method adds its part here (a function of a :class:`~jdistill.recipes.demo.Demo`
 returning ``{"claims": [...], ...}``) and registers it in :data:`PARTS`.
@@ -18,7 +23,11 @@ import os
 import jax
 
 from jdistill import images as images_lib
+<<<<<<< HEAD
 from jdistill.recipes import collab_report, collab_sweep, evaluation, guided, guided_table, runs, stitch
+=======
+from jdistill.recipes import evaluation, guided, guided_table, ladd, ladd_table, runs, stitch
+>>>>>>> ladd
 from jdistill.recipes import teacher as teacher_lib
 from jdistill.recipes.demo import Demo, Part, claim, run
 from jdistill.train.loop import training_seconds
@@ -94,6 +103,7 @@ def stitch_part(demo: Demo) -> dict:
     return {"rows": sweep["rows"], "claims": claims, "device": f"{jax.devices()[0].platform}"}
 
 
+<<<<<<< HEAD
 def collab_part(demo: Demo) -> dict:
     teacher_dir = demo.teacher("digits_teacher")
     _, workdir = guided_run(demo)  # after the guided part: its finished run, nothing trained here
@@ -105,13 +115,50 @@ def collab_part(demo: Demo) -> dict:
     print(collab_report.summary_table(result))
     claims = [claim(c["claim"], c["value"], c["target"], c["ok"]) for c in result["checks"]]
     return {"rows": result["rows"], "claims": claims}
+=======
+# The demo's LADD: one seed on fewer synthetic samples and steps (``--full``: configs/digits_ladd.py as
+# is, three seeds, and the progressive students of the same teacher in the table).
+LADD_DEMO = ["--config.synth.num=3000", "--config.train.steps=400"]
+LADD_QUICK = ["--config.synth.num=200", "--config.synth.shard_size=100", "--config.synth.steps=8",
+              "--config.train.steps=10", "--config.data.batch_size=32"]
+LADD_SEEDS = (0, 1, 2)
+
+
+def ladd_part(demo: Demo) -> dict:
+    teacher_dir = demo.teacher("digits_flow_teacher")
+    budget = LADD_QUICK if demo.quick else [] if demo.full else LADD_DEMO
+    tag = "" if demo.full else "_demo"
+    workdirs = []
+    for seed in LADD_SEEDS if demo.full else LADD_SEEDS[:1]:
+        cfg = demo.config("digits_ladd", [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config=",
+                                          f"--config.synth.dir={demo.run_dir('digits_flow_synth' + tag)}",
+                                          f"--config.seed={seed}", *budget])
+        workdirs.append(demo.run_dir(f"digits_ladd_seed{seed}{tag}"))
+        ladd.train(cfg, workdirs[-1])
+    compare = {}
+    if demo.full:
+        cfg = demo.config("digits_flow_guided", [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config="])
+        compare["progressive"] = demo.run_dir("digits_flow_guided")
+        guided.train(cfg, compare["progressive"])
+    kw = {} if demo.full else dict(teacher_steps=(1, 4, 64), student_steps=(1, 4))
+    table = ladd_table.results_table(workdirs, compare=compare, num=demo.num, out_dir=demo.out("ladd"),
+                                     progress=False, **kw)
+    print(ladd_table.format_results(table))
+    claims = [claim(c["claim"], c["value"], c["target"], c["ok"]) for c in table["checks"]]
+    return {"rows": table["rows"], "seeds": table["seeds"], "claims": claims,
+            "train_minutes": sum(training_seconds(w) or 0 for w in workdirs) / 60}
+>>>>>>> ladd
 
 
 PARTS = {p.name: p for p in (
     Part("teacher", "the digits teacher (64-step DDIM + CFG)", teacher_part),
     Part("guided", "guided distillation (Meng et al.)", guided_part),
     Part("stitch", "T-Stitch: the small teacher for the early steps", stitch_part),
+<<<<<<< HEAD
     Part("collab", "adaptive teacher-student collaboration (Starodubcev et al.)", collab_part),
+=======
+    Part("ladd", "LADD: adversarial distillation of the flow teacher (Sauer et al.)", ladd_part),
+>>>>>>> ladd
 )}
 
 

@@ -96,46 +96,50 @@ def caption_records(data_cfg):
     return np.stack(images), captions
 
 
-def text_task(cfg, with_data: bool = True) -> Task:
+def text_task(cfg, with_data: bool = True, captions=None) -> Task:
+    """``captions``: the prompts a batch's ``caption`` ids index (synthetic data made from a prompt
+    list); by default the data's own captions (``with_data``)."""
     from jdistill.pipelines.text_to_image import TextToImage
 
     t2i = TextToImage.from_pretrained(resolve_model(cfg.teacher.pipeline, cfg.teacher.get("models_dir")),
                                       cache_dir=cfg.teacher.get("cache_dir") or None)
     den = t2i.denoiser()
     prompts = list(cfg.sample.prompts)
-    table_prompts = list(prompts)
+    table_prompts = list(captions or []) + prompts
     source = None
     if with_data:
         from jdistill.data.pipeline import BatchSource
 
-        images, captions = caption_records(cfg.data)
+        images, data_captions = caption_records(cfg.data)
         size = int(cfg.data.resolution)
         pixels = jax.image.resize(jnp.asarray(images, jnp.float32) / 127.5 - 1.0,
                                   (len(images), size, size, images.shape[-1]), "bilinear")
         encode = jax.jit(lambda x: t2i.vae.apply({"params": t2i.params["vae"]}, x, method="latents_from_images"))
         latents = np.concatenate([np.asarray(encode(pixels[i:i + 64])) for i in range(0, len(pixels), 64)])
-        unique = sorted(set(captions))
+        unique = sorted(set(data_captions))
         table_prompts = unique + prompts
-        ids = np.asarray([unique.index(c) for c in captions], np.int32)
+        ids = np.asarray([unique.index(c) for c in data_captions], np.int32)
         records = [{"image": latents[i], "caption": ids[i]} for i in range(len(ids))]
         source = BatchSource(records, global_batch_size=int(cfg.data.batch_size), seed=int(cfg.seed),
                              image_shape=latents.shape[1:], keys=("image", "caption"), name=f"{cfg.data.name} latents")
-    cond, uncond = t2i.encode_prompt(table_prompts, None)
-    table, null = cond["encoder_hidden_states"], uncond["encoder_hidden_states"][:1]
+    # every input the network reads (SD3 adds pooled_projections), one row per prompt
+    table, null = t2i.encode_prompt(table_prompts, None)
     offset = len(table_prompts) - len(prompts)
 
     def cond_fn(batch):
-        return {"encoder_hidden_states": table[batch["caption"]]}
+        return {k: v[batch["caption"]] for k, v in table.items()}
 
     def uncond_fn(batch):
-        return {"encoder_hidden_states": jnp.broadcast_to(null, (batch["caption"].shape[0],) + null.shape[1:])}
+        n = batch["caption"].shape[0]
+        return {k: jnp.broadcast_to(v[:1], (n,) + v.shape[1:]) for k, v in null.items()}
 
     def sample_cond(n):
-        return {"encoder_hidden_states": table[offset + np.arange(n) % len(prompts)]}
+        return {k: v[offset + np.arange(n) % len(prompts)] for k, v in table.items()}
 
     return Task(den, source, cond_fn, uncond_fn, sample_cond, t2i.decode)
 
 
+<<<<<<< HEAD
 def make_task(cfg, with_data: bool = True) -> Task:
     if cfg.teacher.get("checkpoint"):
         raise InvalidArgument(f"teacher.checkpoint={cfg.teacher.checkpoint!r}: distilling a pretrained "
@@ -172,3 +176,8 @@ def plan_task(cfg) -> Task:
         raise InvalidArgument("a plan needs the teacher's network: set teacher.checkpoint (a preset) or "
                               "teacher.config (the teacher run's config)")
     return from_teacher(den.replace(params=module_params(den.module)))
+=======
+def make_task(cfg, with_data: bool = True, captions=None) -> Task:
+    """The task a config names; ``captions``: the prompt list of a text task's synthetic data."""
+    return text_task(cfg, with_data, captions) if cfg.teacher.get("pipeline") else class_task(cfg, with_data)
+>>>>>>> ladd

@@ -40,7 +40,9 @@ def stage(cfg) -> stages.Stage:
     den = template(cfg)
     loss_fn = denoising_loss(den, weighting=cfg.loss.weighting, cond_drop_prob=float(cfg.loss.cond_drop_prob),
                              min_snr_gamma=float(cfg.loss.get("min_snr_gamma", 5.0)),
-                             time_sampling=cfg.loss.get("time_sampling", "uniform"))
+                             time_sampling=cfg.loss.get("time_sampling", "uniform"),
+                             logit_mean=float(cfg.loss.get("logit_mean", 0.0)),
+                             logit_std=float(cfg.loss.get("logit_std", 1.0)))
     steps = int(cfg.train.steps)
     tx, lr = optim.from_config(cfg.optim, steps, key="optim")
     engine = engine_lib.single(loss_fn, tx, lr, part=PART, ema_decay=float(cfg.train.ema_decay) or None)

@@ -11,8 +11,9 @@ diffusers does), "euler" (rectified flow) and "stochastic" (Meng et al.'s
 N-step sampler for distilled students: a deterministic step twice as long,
 then re-noise to the next grid time; the last step is deterministic).
 Added in ``steps.py``: "dpmpp_sde" (sde-dpmsolver++), "euler_ancestral", "heun" (two model
-calls a step), "unipc", "lcm" (LCMScheduler: fresh noise between steps) and "codi" (CoDi's
-deterministic consistency sampler). Grids with their own sigmas (``TimeGrid.sigma``: Karras,
+calls a step), "unipc", "lcm" (LCMScheduler: fresh noise between steps), "codi" (CoDi's
+deterministic consistency sampler) and "renoise" (LADD / ADD: x0, re-noised with fresh noise to the
+next time). Grids with their own sigmas (``TimeGrid.sigma``: Karras,
 interpolated) run with "ddim", "dpmpp_2m", "dpmpp_sde", "euler_ancestral", "heun" and "unipc".
 
 The loop is split into :func:`run_steps` over a range of grid indices with
@@ -34,7 +35,7 @@ from jdistill.diffusion.timesteps import TimeGrid
 from jdistill.sampling import steps
 
 SOLVERS = ("ddim", "ddpm", "dpmpp_2m", "euler", "stochastic", "dpmpp_sde", "euler_ancestral", "heun", "unipc",
-           "lcm", "codi")
+           "lcm", "codi", "renoise")
 SIGMA_GRID_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_sde", "euler_ancestral", "heun", "unipc")
 
 
@@ -85,6 +86,8 @@ def _new_step(step: steps.Step, state, solver, eta, solver_order, solver_type, l
         return steps.lcm(step, state, timestep_scaling)
     if solver == "codi":
         return steps.codi(step, state, timestep_scaling)
+    if solver == "renoise":
+        return steps.renoise(step, state)
     raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
 
 

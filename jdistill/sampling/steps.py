@@ -187,3 +187,13 @@ def codi(step: Step, state, timestep_scaling=10.0):
     a_s, s_s = step.levels(True)
     z = solvers.codi_step(state.z, pred.x0, pred.eps, c_skip, c_out, a_s, s_s)
     return state.replace(z=z, x0_prev=pred.x0)
+
+
+def renoise(step: Step, state):
+    """LADD's (and ADD's) few-step sampler: the model's x0, re-noised with fresh noise to t_next, the
+    last step landing on x0. It is LCM's step with the identity in place of the consistency
+    scalings (c_skip = 0, c_out = 1)."""
+    x0 = step.predict(state.z).x0
+    a_s, s_s = step.levels(True)
+    z = solvers.lcm_step(state.z, x0, 0.0, 1.0, a_s, s_s, step.noise(state.z), step.is_last)
+    return state.replace(z=z, x0_prev=x0)

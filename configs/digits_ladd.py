@@ -1,0 +1,37 @@
+"""LADD on digits (Sauer et al., 2024): the flow teacher's 4-block DiT distilled adversarially into a
+few-step, unguided student, trained on 64-step Euler + CFG samples of the teacher (synthetic data).
+
+The discriminator taps the frozen teacher's blocks (its tokens back on the 4x4 patch grid, conv
+heads conditioned on the re-noising level and the class); real and fake are re-noised to
+t ~ logit-normal(1, 1); hinge loss; the student's times {1, 0.75, 0.5, 0.25} with
+probabilities [0.7, 0.1, 0.1, 0.1]. The teacher (configs/digits_flow_teacher.py) is trained
+first if its workdir holds no finished run, and the synthetic data generated if missing.
+
+    jdistill distill --config configs/digits_ladd.py --workdir runs/digits_ladd
+    jdistill ladd-table --workdir runs/digits_ladd --out runs/ladd_table
+"""
+
+import ml_collections
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.recipe = "ladd"
+    c.seed = 0
+    c.teacher = dict(workdir="runs/digits_flow_teacher", config="configs/digits_flow_teacher.py")
+    # the teacher's samples LADD trains on: generated once (`jdistill synth`), resumable shards
+    c.synth = dict(dir="", num=10000, shard_size=1000, batch_size=500, steps=64, solver="euler", guidance_scale=1.5,
+                   seed=0, prompts=())
+    c.data = dict(batch_size=128)
+    c.ladd = dict(loss="hinge", times=(1.0, 0.75, 0.5, 0.25), time_probs=(0.7, 0.1, 0.1, 0.1), renoise_mean=1.0,
+                  renoise_std=1.0, r1_weight=0.0, r1_sigma=0.1, distill_weight=0.0, distill_guidance=1.5,
+                  d_every=1, g_every=1)
+    c.student = dict(optim=dict(lr=5e-5, warmup=50, decay="constant", b1=0.0, b2=0.99, weight_decay=0.0,
+                                clip_norm=1.0))
+    c.discriminator = dict(blocks=(1, 3), width=128, head="conv",
+                           optim=dict(lr=2e-4, warmup=0, decay="constant", b1=0.0, b2=0.99, weight_decay=0.0,
+                                      clip_norm=1.0))
+    c.train = dict(steps=1000, ema_decay=0.99, log_every=50, ckpt_every=250, keep=2, sample_every=0)
+    c.mesh = dict(data=-1, fsdp=1)
+    c.sample = dict(steps=4)
+    return c

@@ -1,0 +1,39 @@
+"""LADD of Stable Diffusion 3 Medium (Sauer et al., 2024, the paper's setting): the MMDiT student
+starts as the teacher, trains on the teacher's own latents (28-step Euler, CFG 7) for a prompt
+list, and the discriminator's heads read the frozen teacher's image tokens at four of its 24
+blocks, conditioned on the re-noising level and the pooled text embedding.
+
+The teacher is a diffusers (or converted jdistill) SD3 pipeline folder, by path or under
+$JDISTILL_MODELS. Prompts: ``synth.prompts_file`` (one per line) or ``synth.prompts``. On TPU pods /
+GPU clusters raise ``mesh.fsdp`` to shard the 2B-parameter student, the frozen teacher and the
+optimizer state. configs/sd35_large_ladd.py is the same recipe for SD3.5 Large.
+
+    jdistill synth   --config configs/sd3_ladd.py --config.synth.prompts_file=prompts.txt
+    jdistill distill --config configs/sd3_ladd.py --workdir runs/sd3_ladd
+    jdistill sample  --workdir runs/sd3_ladd --steps 4
+"""
+
+import importlib.util
+import os
+
+
+def get_config():
+    """configs/digits_ladd.py's recipe (losses, student times, re-noising, D:G ratio) at SD3's scale."""
+    spec = importlib.util.spec_from_file_location(
+        "digits_ladd", os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_ladd.py"))
+    base = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(base)
+    c = base.get_config()
+    c.teacher = dict(pipeline="stable-diffusion-3-medium-diffusers", models_dir="", cache_dir="")
+    c.synth = dict(dir="", num=100000, shard_size=1000, batch_size=16, steps=28, solver="euler", guidance_scale=7.0,
+                   seed=0, prompts=("a photo of a cat", "an astronaut riding a horse"), prompts_file="")
+    c.data.batch_size = 64
+    c.ladd.distill_guidance = 7.0
+    c.student.optim.lr = 5e-6
+    c.student.optim.warmup = 500
+    c.discriminator.blocks = (5, 11, 17, 23)
+    c.discriminator.width = 256
+    c.discriminator.optim.lr = 2e-5
+    c.train = dict(steps=10000, ema_decay=0.999, log_every=50, ckpt_every=500, keep=2, sample_every=0)
+    c.sample = dict(steps=4, prompts=("a photo of astronaut", "a photo of coffee"))
+    return c

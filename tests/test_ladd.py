@@ -1,0 +1,217 @@
+"""LADD: the losses against their closed forms, the re-noising draws against their distribution,
+where gradients go (the generator's through the frozen teacher into x_hat, none between D and G,
+none into the teacher), the D:G ratio, 8 devices == 1 device, and the few-step sampler."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import special
+
+from jdistill import config as config_lib
+from jdistill.denoiser import Denoiser
+from jdistill.diffusion import schedules
+from jdistill.diffusion.timesteps import unit_grid
+from jdistill.models.dit import DiT
+from jdistill.objectives import ladd as ladd_obj
+from jdistill.objectives.denoising import logit_normal
+from jdistill.recipes import common, ladd, stages, tasks
+from jdistill.sampling import samplers
+from jdistill.testing import assert_close
+from jdistill.train import mesh as mesh_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 16
+# a tiny LADD setup: 2-block DiT teacher, heads on both blocks, G every 3rd step
+TINY = ["--config.discriminator.blocks=(0, 1)", "--config.discriminator.width=16", "--config.ladd.g_every=3",
+        f"--config.data.batch_size={BATCH}", "--config.train.steps=6", "--config.train.ema_decay=0.9",
+        "--config.student.optim.warmup=0"]  # warmup's lr is 0 on the first update: the student would not move
+
+
+def tiny_config(extra=()):
+    return config_lib.load_config(os.path.join(REPO, "configs", "digits_ladd.py"), [*TINY, *extra])
+
+
+def tiny_teacher(seed=0):
+    """A random 2-block flow DiT, every weight perturbed so that its blocks are not the identity
+    (adaLN-Zero starts them so) and its tokens depend on t, the class and z."""
+    module = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=2, num_heads=2, num_classes=10)
+    params = common.init_params(module, seed)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    return Denoiser.for_module(module, schedules.RectifiedFlow(shift=3.0), "flow", params)
+
+
+def batch_of(step, n=BATCH):
+    rng = np.random.default_rng([step, 3])
+    return {"image": rng.uniform(-1, 1, (n, 8, 8, 1)).astype(np.float32),
+            "label": rng.integers(0, 10, n).astype(np.int32)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = tiny_config()
+    task = tasks.from_teacher(tiny_teacher())
+    obj = ladd.objective(cfg, task)
+    params = ladd.init_discriminator(obj.discriminator, task, 0)
+    return cfg, task, obj, params
+
+
+# -- the losses and draws ----------------------------------------------------------------
+
+
+def test_losses_equal_their_closed_forms():
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(0, 2, (8, 16)).astype(np.float32), rng.normal(0, 2, (8, 16)).astype(np.float32)
+    hinge_d = np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake))
+    ns_d = np.mean(np.log1p(np.exp(-real))) + np.mean(np.log1p(np.exp(fake)))
+    np.testing.assert_allclose(ladd_obj.discriminator_loss(real, fake, "hinge"), hinge_d, rtol=1e-6)
+    np.testing.assert_allclose(ladd_obj.discriminator_loss(real, fake, "non_saturating"), ns_d, rtol=1e-6)
+    np.testing.assert_allclose(ladd_obj.generator_loss(fake, "hinge"), -np.mean(fake), rtol=1e-6)
+    np.testing.assert_allclose(ladd_obj.generator_loss(fake, "non_saturating"), np.mean(np.log1p(np.exp(-fake))),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="unknown adversarial loss 'wasserstein'"):
+        ladd_obj.generator_loss(fake, "wasserstein")
+
+
+def test_logit_normal_draws_match_their_mean_and_std():
+    n, m, s = 200_000, 1.0, 1.0
+    t = np.asarray(logit_normal(jax.random.key(0), n, m, s), np.float64)
+    logit = special.logit(t)
+    # the logits are N(m, s): their mean within 4 standard errors, their std within 1%
+    assert abs(logit.mean() - m) < 4 * s / np.sqrt(n)
+    assert abs(logit.std() - s) < 0.01
+    # E[t] = E[sigmoid(m + s Z)] by Gauss-Hermite quadrature
+    x, w = np.polynomial.hermite_e.hermegauss(80)
+    mean = np.sum(w * special.expit(m + s * x)) / np.sqrt(2 * np.pi)
+    second = np.sum(w * special.expit(m + s * x) ** 2) / np.sqrt(2 * np.pi)
+    assert abs(t.mean() - mean) < 4 * np.sqrt(second - mean**2) / np.sqrt(n)
+    assert abs(t.std() - np.sqrt(second - mean**2)) < 0.005
+
+
+def test_real_and_fake_are_renoised_independently_and_student_times_follow_their_probabilities(setup):
+    _, _, obj, _ = setup
+    x = jnp.zeros((4000, 2, 2, 1))
+    k_real, k_fake = jax.random.split(jax.random.key(1))
+    _, t_real = obj.renoise(x, k_real)
+    _, t_fake = obj.renoise(x, k_fake)
+    assert abs(np.corrcoef(t_real, t_fake)[0, 1]) < 0.05
+    times = np.asarray(ladd_obj.student_times(jax.random.key(2), 40_000, obj.times, obj.time_probs))
+    freq = np.array([np.mean(times == t) for t in obj.times])
+    np.testing.assert_allclose(freq, obj.time_probs, atol=0.01)
+    assert np.isin(times, obj.times).all()
+
+
+# -- where the gradients go -----------------------------------------------------------------
+
+
+def test_generator_gradient_reaches_x_hat_through_the_frozen_teacher(setup):
+    _, task, obj, d_params = setup
+    teacher_params, student_params = task.teacher.params, task.teacher.params
+    batch = {k: jnp.asarray(v) for k, v in batch_of(0).items()}
+    rng = jax.random.key(5)
+    k_fake, k_renoise, _ = jax.random.split(rng, 3)
+    cond = obj.cond_fn(batch)
+    x_hat, _ = obj.fake(student_params, batch["image"], cond, k_fake)
+
+    def adversarial(x):  # the generator's loss as a function of x_hat alone
+        z, t = obj.renoise(x, k_renoise)
+        return ladd_obj.generator_loss(obj.logits(d_params, teacher_params, z, t, cond), obj.loss)
+
+    grad_x = jax.grad(adversarial)(x_hat)
+    assert float(jnp.abs(grad_x).max()) > 0
+    # the directional derivative along the gradient (its largest), so that float32 central
+    # differences resolve it: a random direction's is ~sqrt(size) times smaller, lost in rounding
+    v = grad_x / jnp.linalg.norm(grad_x)
+    h = 1e-2
+    numeric = (adversarial(x_hat + h * v) - adversarial(x_hat - h * v)) / (2 * h)
+    np.testing.assert_allclose(numeric, jnp.vdot(grad_x, v), rtol=2e-2)
+    # the student's gradient is that x_hat gradient pulled back through the student's step
+    _, pull = jax.vjp(lambda p: obj.fake(p, batch["image"], cond, k_fake)[0], student_params)
+    want = pull(grad_x)[0]
+    got = jax.grad(lambda p: obj.g_loss(p, (d_params, teacher_params), batch, rng)[0])(student_params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert_close(a, b, 1e-5)
+    # the teacher's params never change: the engine test checks them bit for bit after training
+
+
+def test_d_loss_gets_no_generator_gradient_and_g_loss_no_discriminator_gradient(setup):
+    _, task, obj, d_params = setup
+    tp = task.teacher.params
+    batch = {k: jnp.asarray(v) for k, v in batch_of(1).items()}
+    rng = jax.random.key(7)
+    to_student = jax.grad(lambda sp: obj.d_loss(d_params, (sp, tp), batch, rng)[0])(tp)
+    to_heads = jax.grad(lambda dp: obj.g_loss(tp, (dp, tp), batch, rng)[0])(d_params)
+    assert all(not np.asarray(g).any() for g in jax.tree.leaves(to_student))
+    assert all(not np.asarray(g).any() for g in jax.tree.leaves(to_heads))
+    # while each loss does move its own part
+    own = jax.grad(lambda dp: obj.d_loss(dp, (tp, tp), batch, rng)[0])(d_params)
+    assert any(np.asarray(g).any() for g in jax.tree.leaves(own))
+
+
+def _train(cfg, task, mesh, steps):
+    """``steps`` LADD steps as the stage runner takes them (its init, shardings and jitted step)."""
+    stage = ladd.stage(cfg, task)
+    s = stages.setup(stage, None, cfg.train, mesh)
+    state, history = s.state, []
+    for k in range(steps):
+        before = jax.device_get(state.parts)
+        state, metrics = s.step_fn(state, stage.frozen, mesh_lib.global_batch(batch_of(k), mesh))
+        history.append((before, jax.device_get(metrics)))
+    return state, stage.frozen, history
+
+
+def test_engine_step_ratio_separation_and_a_bit_identical_teacher(setup):
+    cfg, task, _, _ = setup
+    teacher_before = jax.device_get(task.teacher.params)
+    mesh = mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])
+    state, frozen, history = _train(cfg, task, mesh, 6)
+    # D every step, G on steps 0 and 3 (g_every=3), counted
+    assert int(state.count("discriminator")) == 6 and int(state.count("student")) == 2
+    assert [float(m["student/updated"]) for _, m in history] == [1, 0, 0, 1, 0, 0]
+    after = jax.device_get(state.parts)
+    for k, (before, metrics) in enumerate(history):
+        nxt = history[k + 1][0] if k + 1 < len(history) else after
+        same = [np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before["student"].params),
+                                                       jax.tree.leaves(nxt["student"].params))]
+        assert all(same) == (k % 3 != 0), f"step {k}: the student moved off its turn (or not on it)"
+        assert np.isfinite(metrics["discriminator/loss"]) and np.isfinite(metrics["student/loss"])
+    assert int(state.skipped) == 0
+    # the teacher: bit-identical, in the frozen input and in the task's copy
+    for a, b, c in zip(jax.tree.leaves(jax.device_get(frozen)), jax.tree.leaves(teacher_before),
+                       jax.tree.leaves(jax.device_get(task.teacher.params))):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(c, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after["student"].params),
+                                                        jax.tree.leaves(teacher_before)))
+
+
+@pytest.mark.slow  # two meshes compiled: minutes on 2 cores
+def test_8_devices_equal_1_device(setup):
+    cfg, task, _, _ = setup
+    out = {}
+    for name, mesh in (("1", mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])), ("8", mesh_lib.make_mesh(4, 2))):
+        state, _, _ = _train(cfg, task, mesh, 4)
+        out[name] = jax.device_get(state)
+    for a, b in zip(jax.tree.leaves(out["8"]), jax.tree.leaves(out["1"])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# -- sampling ----------------------------------------------------------------------------------
+
+
+def test_renoise_sampler_is_x_hat_then_fresh_noise_to_the_next_time(setup):
+    _, task, _, _ = setup
+    den = task.teacher
+    noise = jax.random.normal(jax.random.key(3), (4, 8, 8, 1))
+    cond = {"class_labels": jnp.arange(4)}
+    rng = jax.random.key(4)
+    got = samplers.sample(den, noise, cond, grid=unit_grid(den.schedule, 4), solver="renoise", rng=rng)
+    z = noise
+    for i, (t, t_next) in enumerate(zip([1.0, 0.75, 0.5, 0.25], [0.75, 0.5, 0.25, 0.0])):
+        x_hat = z - t * den.output(z, t, cond)  # flow: x = z - t u
+        z = x_hat if i == 3 else (1 - t_next) * x_hat + t_next * jax.random.normal(jax.random.fold_in(rng, i), z.shape)
+    assert_close(got, z, 1e-5, "LADD's 4-step sampler")
