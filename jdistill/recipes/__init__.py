@@ -42,11 +42,8 @@ RECIPES = {
     "teacher": "jdistill.recipes.teacher",
     "guided": "jdistill.recipes.guided",
     "stitch": "jdistill.recipes.stitch_pretrained",
-<<<<<<< HEAD
-    "collab": "jdistill.recipes.collab",
-=======
     "ladd": "jdistill.recipes.ladd",
->>>>>>> ladd
+    "collab": "jdistill.recipes.collab",
 }
 
 

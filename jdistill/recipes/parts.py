@@ -4,13 +4,10 @@
 * ``guided``: Meng et al.'s guided distillation of it (stage 1, then halvings), the
   teacher-vs-student table and the paper's claims;
 * ``stitch``: T-Stitch of the small digits teacher before the large one;
-<<<<<<< HEAD
-* ``collab``: adaptive teacher-student collaboration: the guided part's 1-step student, an oracle,
-  the teacher refining the lowest-scoring half.
-=======
 * ``ladd``: LADD of the digits flow teacher (synthetic data, then the adversarial stage), its
   unguided 1- / 4-step students against the teacher's Euler + CFG, and the paper's claims.
->>>>>>> ladd
+* ``collab``: adaptive teacher-student collaboration: the guided part's 1-step student, an oracle,
+  the teacher refining the lowest-scoring half.
 
 A new method adds its part here (a function of a :class:`~jdistill.recipes.demo.Demo`
 returning ``{"claims": [...], ...}``) and registers it in :data:`PARTS`.
@@ -23,11 +20,8 @@ import os
 import jax
 
 from jdistill import images as images_lib
-<<<<<<< HEAD
-from jdistill.recipes import collab_report, collab_sweep, evaluation, guided, guided_table, runs, stitch
-=======
-from jdistill.recipes import evaluation, guided, guided_table, ladd, ladd_table, runs, stitch
->>>>>>> ladd
+from jdistill.recipes import collab_report, collab_sweep, evaluation, guided, guided_table, ladd, ladd_table, runs
+from jdistill.recipes import stitch
 from jdistill.recipes import teacher as teacher_lib
 from jdistill.recipes.demo import Demo, Part, claim, run
 from jdistill.train.loop import training_seconds
@@ -103,19 +97,6 @@ def stitch_part(demo: Demo) -> dict:
     return {"rows": sweep["rows"], "claims": claims, "device": f"{jax.devices()[0].platform}"}
 
 
-<<<<<<< HEAD
-def collab_part(demo: Demo) -> dict:
-    teacher_dir = demo.teacher("digits_teacher")
-    _, workdir = guided_run(demo)  # after the guided part: its finished run, nothing trained here
-    # the default demo checks the claims at ~10 evaluations with the sweep's pick (k 50, sigma 0.6);
-    # --full sweeps every budget, k and sigma (docs/collaboration.md)
-    grid = {} if demo.full else dict(budgets=(10,), ks=(50,), sigmas=(0.6,), repeats=2)
-    result = collab_sweep.sweep(os.path.join(workdir, "steps_001"), teacher_dir, num=demo.num,
-                                calibration_num=demo.num, out_dir=demo.out("collab"), progress=False, **grid)
-    print(collab_report.summary_table(result))
-    claims = [claim(c["claim"], c["value"], c["target"], c["ok"]) for c in result["checks"]]
-    return {"rows": result["rows"], "claims": claims}
-=======
 # The demo's LADD: one seed on fewer synthetic samples and steps (``--full``: configs/digits_ladd.py as
 # is, three seeds, and the progressive students of the same teacher in the table).
 LADD_DEMO = ["--config.synth.num=3000", "--config.train.steps=400"]
@@ -147,18 +128,27 @@ def ladd_part(demo: Demo) -> dict:
     claims = [claim(c["claim"], c["value"], c["target"], c["ok"]) for c in table["checks"]]
     return {"rows": table["rows"], "seeds": table["seeds"], "claims": claims,
             "train_minutes": sum(training_seconds(w) or 0 for w in workdirs) / 60}
->>>>>>> ladd
+
+
+def collab_part(demo: Demo) -> dict:
+    teacher_dir = demo.teacher("digits_teacher")
+    _, workdir = guided_run(demo)  # after the guided part: its finished run, nothing trained here
+    # the default demo checks the claims at ~10 evaluations with the sweep's pick (k 50, sigma 0.6);
+    # --full sweeps every budget, k and sigma (docs/collaboration.md)
+    grid = {} if demo.full else dict(budgets=(10,), ks=(50,), sigmas=(0.6,), repeats=2)
+    result = collab_sweep.sweep(os.path.join(workdir, "steps_001"), teacher_dir, num=demo.num,
+                                calibration_num=demo.num, out_dir=demo.out("collab"), progress=False, **grid)
+    print(collab_report.summary_table(result))
+    claims = [claim(c["claim"], c["value"], c["target"], c["ok"]) for c in result["checks"]]
+    return {"rows": result["rows"], "claims": claims}
 
 
 PARTS = {p.name: p for p in (
     Part("teacher", "the digits teacher (64-step DDIM + CFG)", teacher_part),
     Part("guided", "guided distillation (Meng et al.)", guided_part),
     Part("stitch", "T-Stitch: the small teacher for the early steps", stitch_part),
-<<<<<<< HEAD
-    Part("collab", "adaptive teacher-student collaboration (Starodubcev et al.)", collab_part),
-=======
     Part("ladd", "LADD: adversarial distillation of the flow teacher (Sauer et al.)", ladd_part),
->>>>>>> ladd
+    Part("collab", "adaptive teacher-student collaboration (Starodubcev et al.)", collab_part),
 )}
 
 

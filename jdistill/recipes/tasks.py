@@ -139,14 +139,14 @@ def text_task(cfg, with_data: bool = True, captions=None) -> Task:
     return Task(den, source, cond_fn, uncond_fn, sample_cond, t2i.decode)
 
 
-<<<<<<< HEAD
-def make_task(cfg, with_data: bool = True) -> Task:
+def make_task(cfg, with_data: bool = True, captions=None) -> Task:
+    """The task a config names; ``captions``: the prompt list of a text task's synthetic data."""
     if cfg.teacher.get("checkpoint"):
         raise InvalidArgument(f"teacher.checkpoint={cfg.teacher.checkpoint!r}: distilling a pretrained "
                               "class-conditional checkpoint on its own data set (ImageNet through the VAE) is planned "
                               "(`jdistill plan`) but not trained yet; train from a jdistill teacher run "
                               "(teacher.workdir) or a text-to-image pipeline (teacher.pipeline)")
-    return text_task(cfg, with_data) if cfg.teacher.get("pipeline") else class_task(cfg, with_data)
+    return text_task(cfg, with_data, captions) if cfg.teacher.get("pipeline") else class_task(cfg, with_data)
 
 
 def model_fields(cfg) -> dict:
@@ -176,8 +176,3 @@ def plan_task(cfg) -> Task:
         raise InvalidArgument("a plan needs the teacher's network: set teacher.checkpoint (a preset) or "
                               "teacher.config (the teacher run's config)")
     return from_teacher(den.replace(params=module_params(den.module)))
-=======
-def make_task(cfg, with_data: bool = True, captions=None) -> Task:
-    """The task a config names; ``captions``: the prompt list of a text task's synthetic data."""
-    return text_task(cfg, with_data, captions) if cfg.teacher.get("pipeline") else class_task(cfg, with_data)
->>>>>>> ladd
