@@ -40,6 +40,20 @@ def apply_gradients(state: TrainState, grads, optimizer, ema_decay: float | None
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
 
 
+def compiler_options(backend: str | None = None) -> dict | None:
+    """XLA options for a training step on ``backend`` (default: JAX's default backend).
+
+    On CPU: keep optimization barriers through fusion. XLA:CPU removes them before fusing
+    (GPU and TPU keep them), and then ``models.layers.materialize_cotangent`` cannot stop the
+    fusion pass from recomputing a residual stream's gradient in every consumer; with them
+    kept, a DiT step ran 16% faster. It also makes ``jax.checkpoint`` keep its recomputation
+    on CPU, as it does elsewhere.
+    """
+    if (backend or jax.default_backend()) == "cpu":
+        return {"xla_disable_hlo_passes": "cse_barrier_expander"}
+    return None
+
+
 def make_train_step(loss_fn: Callable, optimizer, *, mesh, state: TrainState, frozen=None,
                     ema_decay: float | None = 0.999, lr_schedule=None, rules=(), min_size: int = 2**14,
                     donate: bool = True):
@@ -63,7 +77,7 @@ def make_train_step(loss_fn: Callable, optimizer, *, mesh, state: TrainState, fr
         return new_state, metrics
 
     return jax.jit(step, in_shardings=(st_sh, frozen_sh, batch_sh), out_shardings=(st_sh, rep),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=(0,) if donate else (), compiler_options=compiler_options())
 
 
 def place(tree, shardings):
@@ -80,5 +94,5 @@ def sharded_init(init_fn: Callable, mesh, rules=(), min_size: int = 2**14):
     return jax.jit(init_fn, out_shardings=sh)(), sh
 
 
-__all__ = ["TrainState", "apply_gradients", "make_train_step", "place", "sharded_init", "state_shardings",
+__all__ = ["TrainState", "apply_gradients", "compiler_options", "make_train_step", "place", "sharded_init", "state_shardings",
            "NamedSharding", "P"]
