@@ -27,11 +27,11 @@ def train(config: str, steps: int, out: str) -> None:
     from jdistill.train import mesh as mesh_lib
 
     cfg = config_lib.load_config(config, [f"--config.train.steps={steps}"])
-    s = teacher.setup(cfg, None)
-    state, batches = s.state, s.source.iterate(0, steps)
+    s, source = teacher.setup(cfg, None)
+    state, batches = s.state, source.iterate(0, steps)
     for _ in range(steps):
         state, _ = s.step_fn(state, None, mesh_lib.global_batch(next(batches), s.mesh))
-    flat = traverse_util.flatten_dict(jax.device_get(state.params), sep="/")
+    flat = traverse_util.flatten_dict(jax.device_get(state.parts["student"].params), sep="/")
     np.savez(out, **{k: np.asarray(v) for k, v in flat.items()})
     print(f"{out}: params after {steps} steps of {config} (jax {jax.__version__})")
 

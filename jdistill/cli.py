@@ -1,36 +1,91 @@
 """jdistill's command line.
 
-    jdistill train  --config configs/digits_teacher.py [--workdir DIR] [--config.train.steps=500 ...]
+    jdistill train   --config configs/digits_teacher.py [--workdir DIR] [--config.train.steps=500 ...]
     jdistill distill --config configs/digits_guided.py [--workdir DIR] [--config.KEY=VALUE ...]
-    jdistill sample --workdir DIR [--num 1000] [--steps 64] [--solver ddim] [--guidance 2.0] [--out FILE.npz]
-    jdistill eval   FILE.npz [--reference test]          (FD + class accuracy on digits)
-    jdistill eval   PRED.npz --target TARGET.npz         (PSNR / SSIM for paired tasks)
+    jdistill sample  --workdir DIR [--num 1000] [--steps 64] [--solver ddim] [--guidance 2.0] [--out FILE.npz]
+    jdistill sample  --config configs/stitch_dit_s_xl.py [--num 8] [--out FILE.npz]   (pretrained pairs)
+    jdistill eval    FILE.npz [--reference test]          (FD + class accuracy on digits)
+    jdistill eval    PRED.npz --target TARGET.npz         (PSNR / SSIM for paired tasks)
+    jdistill eval    RUN_DIR [--steps 4 ...]              (sample a run, then score it)
     jdistill guided-table --workdir runs/digits_guided   (teacher vs students, Meng et al.'s claims checked)
-    jdistill demo                                        (the README's main job)
+    jdistill demo [PART ...] [--full | --quick]          (the README's main job)
     jdistill sample --workdir LARGE --stitch SMALL --fractions 0.4     (T-Stitch)
     jdistill stitch-sweep --small SMALL --large LARGE [--steps 16 64]  (table + plot over the fraction)
     jdistill stitch-pick runs/stitch/results.json --budget 0.7        (best fraction for a time budget)
+    jdistill convert SRC DST                                          (PyTorch checkpoints -> Orbax)
+    jdistill bench [--preset cpu|gpu] [--models dit-cpu ...]          (speed side by side with PyTorch)
 
-Multi-process runs (GPU clusters, TPU pods, or processes over loopback) add
-``--coordinator HOST:PORT --num-processes N --process-id I`` (or
+Every workdir a command writes (a teacher, a distillation, any one of its stages) can be
+sampled, evaluated and resumed. Multi-process runs (GPU clusters, TPU pods, or processes
+over loopback) add ``--coordinator HOST:PORT --num-processes N --process-id I`` (or
 ``--distributed`` to let JAX detect the cluster).
+
+Input a user can mend (a bad argument, config value or file) is reported in one line with
+exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import sys
 
 import numpy as np
 
+from jdistill.errors import UserError
+
+
+# -- argument types: each names the accepted range --------------------------------------
+
+def int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+nonnegative_int = int_at_least(0)
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value:g}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {value:g}")
+    return value
+
+
+# -- commands ---------------------------------------------------------------------------
 
 def _add_distributed(p):
     g = p.add_argument_group("multi-process")
     g.add_argument("--coordinator", help="host:port of process 0")
-    g.add_argument("--num-processes", type=int)
-    g.add_argument("--process-id", type=int)
+    g.add_argument("--num-processes", type=positive_int)
+    g.add_argument("--process-id", type=nonnegative_int)
     g.add_argument("--distributed", action="store_true", help="auto-detect the cluster (TPU pods, SLURM)")
 
 
@@ -47,39 +102,40 @@ def _split_overrides(argv):
     return rest, overrides
 
 
-def cmd_train(args, overrides):
+def _workdir(args) -> str:
+    return args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
+
+
+def cmd_train(args, overrides, *, distill: bool = False):
     from jdistill import config as config_lib
     from jdistill.recipes import get_recipe
 
     _init_distributed(args)
     cfg = config_lib.load_config(args.config, overrides)
-    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    get_recipe(cfg).train(cfg, workdir, progress=not args.quiet)
-    print(f"trained: {workdir}")
+    recipe = get_recipe(cfg)
+    if distill and recipe.command != "distill":
+        raise config_lib.ConfigError(f"{args.config} is a {recipe.name!r} config; `distill` runs distillation "
+                                     f"recipes (use `jdistill {recipe.command or 'sample --config'}` for it)")
+    workdir = _workdir(args)
+    state = recipe.train(cfg, workdir, progress=not args.quiet)
+    print(f"{'distilled' if distill else 'trained'}: {workdir}" + (" (already finished)" if state is None else ""))
 
 
 def cmd_distill(args, overrides):
-    from jdistill import config as config_lib
-    from jdistill.recipes import get_recipe
-
-    _init_distributed(args)
-    cfg = config_lib.load_config(args.config, overrides)
-    workdir = args.workdir or os.path.join("runs", os.path.splitext(os.path.basename(args.config))[0])
-    recipe = get_recipe(cfg)
-    if not hasattr(recipe, "stage_names"):
-        raise config_lib.ConfigError(f"{args.config} is a {cfg.get('recipe')!r} config; `distill` runs distillation "
-                                     "recipes (use `train` for teachers)")
-    recipe.train(cfg, workdir, progress=not args.quiet)
-    print(f"distilled: {workdir}")
+    cmd_train(args, overrides, distill=True)
 
 
 def cmd_guided_table(args, overrides):
-    from jdistill.recipes import guided
+    from jdistill.recipes import guided_table
 
-    result = guided.results_table(args.workdir, guidance_scales=args.guidance, num=args.num, out_dir=args.out)
-    print(guided.format_results(result))
+    result = guided_table.results_table(args.workdir, guidance_scales=args.guidance, num=args.num, out_dir=args.out)
+    print(guided_table.format_results(result))
     if args.out:
         print(f"table and grids in {args.out}")
+
+
+def _sampling_options(args) -> dict:
+    return dict(steps=args.steps, solver=args.solver, guidance_scale=args.guidance, stochastic=args.stochastic)
 
 
 def cmd_sample(args, overrides):
@@ -87,21 +143,23 @@ def cmd_sample(args, overrides):
 
     if args.config:
         from jdistill import config as config_lib
-        from jdistill.recipes import stitch as stitch_lib
+        from jdistill.recipes import get_recipe
 
+        if args.workdir:
+            raise config_lib.ConfigError("give --workdir (a trained run) or --config (a pretrained-pair config), not both")
         cfg = config_lib.load_config(args.config, overrides)
-        if cfg.get("recipe") != "stitch" or "task" not in cfg:
-            raise config_lib.ConfigError(f"{args.config}: `sample --config` takes a pretrained-pair stitch config "
-                                         "(configs/stitch_*.py); trained models are sampled with --workdir")
-        out = stitch_lib.save_config_samples(cfg, args.out or "samples.npz", num=args.num, seed=args.seed)
+        recipe = get_recipe(cfg)
+        if recipe.sample_config is None:
+            raise config_lib.ConfigError(f"{args.config}: a {recipe.name!r} config is trained, then sampled with "
+                                         "--workdir; `sample --config` takes pretrained-pair configs (configs/stitch_*.py)")
+        out = recipe.sample_config(cfg, args.out or "samples.npz", num=args.num, seed=args.seed)
         print(f"{out['description']}: wrote {out['npz']} ({out['num']} samples, {out['seconds']:.1f} s) and {out['png']}")
         return
     if not args.workdir:
-        raise ValueError("sample needs --workdir (a trained model) or --config (a stitch config)")
-    out = sample_lib.sample_to_file(args.workdir, args.out, num=args.num or 1000, steps=args.steps, solver=args.solver,
-                                    guidance_scale=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                                    stochastic=args.stochastic, stitch=args.stitch, fractions=args.fractions,
-                                    stitch_mode=args.stitch_mode)
+        raise UserError("sample needs --workdir (a trained run) or --config (a pretrained-pair config)")
+    out = sample_lib.sample_to_file(args.workdir, args.out, num=args.num or 1000, seed=args.seed,
+                                    batch_size=args.batch_size, stitch=args.stitch, fractions=args.fractions,
+                                    stitch_mode=args.stitch_mode, **_sampling_options(args))
     print(f"{out['description']}: wrote {out['npz']} ({out['num']} samples, {out['seconds']:.2f} s) and {out['png']}")
 
 
@@ -117,10 +175,9 @@ def cmd_stitch_sweep(args, overrides):
 
 def cmd_stitch_pick(args, overrides):
     from jdistill.recipes import stitch as stitch_lib
+    from jdistill.recipes.sample import read_results
 
-    with open(args.results) as f:
-        result = json.load(f)
-    best = stitch_lib.pick(result, budget=args.budget, seconds=args.seconds, steps=args.steps)
+    best = stitch_lib.pick(read_results(args.results), budget=args.budget, seconds=args.seconds, steps=args.steps)
     print(f"pick: {best['steps']} steps, fraction {best['fraction']:.1f} on the small model -> FD {best['fd']:.2f} "
           f"({best['fd_vs_large']:.3f}x the large model), {best['s_per_1000']:.2f} s / 1000 samples "
           f"({best['time_vs_large']:.3f}x the large model)")
@@ -129,104 +186,108 @@ def cmd_stitch_pick(args, overrides):
 def cmd_eval(args, overrides):
     from jdistill.recipes import sample as sample_lib
 
-    for key, value in sample_lib.evaluate_file(args.samples, reference=args.reference, target=args.target).items():
+    if os.path.isdir(args.samples):
+        result = sample_lib.evaluate_run(args.samples, num=args.num or 1000, seed=args.seed, **_sampling_options(args))
+    else:
+        if any(v not in (None, False) for v in _sampling_options(args).values()) or args.num:
+            raise UserError("--num / --steps / --solver / --guidance / --stochastic are for evaluating a run "
+                            f"directory; {args.samples} is a samples file")
+        result = sample_lib.evaluate_file(args.samples, reference=args.reference, target=args.target)
+    for key, value in result.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
 
 def cmd_demo(args, overrides):
-    from jdistill.recipes import demo
+    from jdistill.recipes import parts
 
-    demo.main(workdir=args.workdir, num=args.num, quick=args.quick)
+    parts.main(args.parts or None, workdir=args.workdir, num=args.num, quick=args.quick, full=args.full)
+
+
+def _add_sampling(p):
+    p.add_argument("--steps", type=positive_int)
+    p.add_argument("--solver")
+    p.add_argument("--guidance", type=finite_float, help="guidance scale g (diffusers' convention; Meng's w = g - 1)")
+    p.add_argument("--stochastic", action="store_true", help="distilled students: the N-step stochastic sampler")
+    p.add_argument("--seed", type=nonnegative_int, default=0)
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="jdistill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model from a config file")
-    t.add_argument("--config", required=True)
-    t.add_argument("--workdir")
-    t.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_distributed(t)
-    t.set_defaults(fn=cmd_train)
-
-    di = sub.add_parser("distill", help="run a distillation recipe (every stage, resumable)")
-    di.add_argument("--config", required=True)
-    di.add_argument("--workdir")
-    di.add_argument("--quiet", action="store_true", help="no progress bar")
-    _add_distributed(di)
-    di.set_defaults(fn=cmd_distill)
+    for name, fn, text in (("train", cmd_train, "train a model from a config file"),
+                           ("distill", cmd_distill, "run a distillation recipe (every stage, resumable)")):
+        t = sub.add_parser(name, help=text)
+        t.add_argument("--config", required=True)
+        t.add_argument("--workdir")
+        t.add_argument("--quiet", action="store_true", help="no progress bar")
+        _add_distributed(t)
+        t.set_defaults(fn=fn)
 
     gt = sub.add_parser("guided-table", help="teacher vs distilled students: FD / accuracy / time table + targets")
     gt.add_argument("--workdir", required=True, help="the guided distillation's workdir")
-    gt.add_argument("--guidance", nargs="+", type=float, default=[1.5, 2.0])
-    gt.add_argument("--num", type=int, default=1000)
+    gt.add_argument("--guidance", nargs="+", type=finite_float, default=[1.5, 2.0])
+    gt.add_argument("--num", type=positive_int, default=1000)
     gt.add_argument("--out")
     gt.set_defaults(fn=cmd_guided_table)
 
-    s = sub.add_parser("sample", help="sample from a trained model into .npz (+ a PNG grid)")
-    s.add_argument("--workdir", help="a trained model's workdir")
-    s.add_argument("--config", help="a pretrained-pair stitch config (configs/stitch_*.py); takes --config.KEY=VALUE")
+    s = sub.add_parser("sample", help="sample from a trained run into .npz (+ a PNG grid)")
+    s.add_argument("--workdir", help="a trained run: a teacher, a distillation, or one of its stages")
+    s.add_argument("--config", help="a pretrained-pair config (configs/stitch_*.py); takes --config.KEY=VALUE")
     s.add_argument("--out")
-    s.add_argument("--num", type=int, help="how many samples (default 1000; a stitch config: its labels / prompts)")
-    s.add_argument("--steps", type=int)
-    s.add_argument("--solver")
-    s.add_argument("--guidance", type=float, help="guidance scale g (diffusers' convention; Meng's w = g - 1)")
-    s.add_argument("--stochastic", action="store_true", help="distilled students: the N-step stochastic sampler")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch-size", type=int, default=500)
+    s.add_argument("--num", type=positive_int, help="how many samples (default 1000; a stitch config: its labels)")
+    _add_sampling(s)
+    s.add_argument("--batch-size", type=positive_int, default=500)
     s.add_argument("--stitch", nargs="+", metavar="WORKDIR",
                    help="T-Stitch: smaller models' workdirs (small to large) that take the early steps")
-    s.add_argument("--fractions", nargs="+", type=float, help="T-Stitch: fraction of the trajectory per --stitch model")
+    s.add_argument("--fractions", nargs="+", type=fraction, help="T-Stitch: fraction of the trajectory per --stitch model")
     s.add_argument("--stitch-mode", default="timestep", choices=["timestep", "step"])
     s.set_defaults(fn=cmd_sample)
 
     sw = sub.add_parser("stitch-sweep", help="T-Stitch speed / quality sweep over the fraction: table + plot")
     sw.add_argument("--small", required=True)
     sw.add_argument("--large", required=True)
-    sw.add_argument("--steps", nargs="+", type=int, default=[16, 64])
-    sw.add_argument("--fractions", nargs="+", type=float)
-    sw.add_argument("--fraction-step", type=float, default=0.1)
-    sw.add_argument("--num", type=int, default=1000)
-    sw.add_argument("--guidance", type=float, default=1.5)
+    sw.add_argument("--steps", nargs="+", type=positive_int, default=[16, 64])
+    sw.add_argument("--fractions", nargs="+", type=fraction)
+    sw.add_argument("--fraction-step", type=positive_float, default=0.1)
+    sw.add_argument("--num", type=positive_int, default=1000)
+    sw.add_argument("--guidance", type=finite_float, default=1.5)
     sw.add_argument("--solver", default="ddim")
-    sw.add_argument("--seed", type=int, default=0)
+    sw.add_argument("--seed", type=nonnegative_int, default=0)
     sw.add_argument("--out", default="runs/stitch")
     sw.set_defaults(fn=cmd_stitch_sweep)
 
     sp = sub.add_parser("stitch-pick", help="the best fraction for a time budget, from a stitch-sweep's results.json")
     sp.add_argument("results")
     g = sp.add_mutually_exclusive_group(required=True)
-    g.add_argument("--budget", type=float, help="time relative to the large model alone (e.g. 0.7)")
-    g.add_argument("--seconds", type=float, help="seconds per 1000 samples")
-    sp.add_argument("--steps", type=int, help="only this step count")
+    g.add_argument("--budget", type=positive_float, help="time relative to the large model alone (e.g. 0.7)")
+    g.add_argument("--seconds", type=positive_float, help="seconds per 1000 samples")
+    sp.add_argument("--steps", type=positive_int, help="only this step count")
     sp.set_defaults(fn=cmd_stitch_pick)
 
-    e = sub.add_parser("eval", help="score samples: FD + class accuracy (digits) or PSNR / SSIM (paired)")
-    e.add_argument("samples")
+    e = sub.add_parser("eval", help="score samples (FD + class accuracy on digits, PSNR / SSIM paired) or a run")
+    e.add_argument("samples", help="a samples .npz, or a run directory to sample and score")
     e.add_argument("--reference", default="test", choices=["test", "train"])
     e.add_argument("--target", help="paired ground truth .npz (images uint8) for PSNR / SSIM")
+    e.add_argument("--num", type=positive_int, help="run directories: how many samples (default 1000)")
+    _add_sampling(e)
     e.set_defaults(fn=cmd_eval)
 
-    d = sub.add_parser("demo", help="the main job: digits teacher (trained or reused), samples, FD / time table")
+    d = sub.add_parser("demo", help="the main job: every method on real digits, tables + claims (parts)")
+    d.add_argument("parts", nargs="*", help="parts to run (default: all, in order)")
     d.add_argument("--workdir", default="runs")
-    d.add_argument("--num", type=int, default=1000)
-    d.add_argument("--quick", action="store_true", help="a short run to check the pipeline, not the numbers")
+    d.add_argument("--num", type=positive_int, default=1000)
+    mode = d.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="a short run to check the pipeline, not the numbers")
+    mode.add_argument("--full", action="store_true", help="train everything from the configs: the README's tables")
     d.set_defaults(fn=cmd_demo)
 
     c = sub.add_parser("convert", help="PyTorch checkpoint (file, diffusers folder, pipeline) -> Orbax", add_help=False)
     c.set_defaults(fn=None)
+    b = sub.add_parser("bench", help="train-step and sampling speed side by side with PyTorch (a table)",
+                       add_help=False)
+    b.set_defaults(fn=None)
     return p
-
-
-def _known_errors():
-    from jdistill.config import ConfigError
-    from jdistill.convert.engine import ConversionError
-    from jdistill.data.pipeline import DatasetNotAvailableError, ImageShapeError
-    from jdistill.train.checkpoint import CheckpointError
-
-    return (ConfigError, ConversionError, DatasetNotAvailableError, ImageShapeError, CheckpointError,
-            FileNotFoundError, ValueError)
 
 
 def main(argv=None):
@@ -235,13 +296,18 @@ def main(argv=None):
         from jdistill.convert.cli import main_convert
 
         return main_convert(argv[1:])
+    if argv and argv[0] == "bench":
+        from jdistill.bench.cli import main as main_bench
+
+        return main_bench(argv[1:])
     rest, overrides = _split_overrides(argv)
-    args = build_parser().parse_args(rest)
-    if overrides and not (args.command in ("train", "distill") or getattr(args, "config", None)):
-        build_parser().error(f"--config.* overrides need a --config file, got {overrides}")
+    parser = build_parser()
+    args = parser.parse_args(rest)
+    if overrides and not getattr(args, "config", None):
+        parser.error(f"--config.* overrides need a --config file, got {overrides}")
     try:
         args.fn(args, overrides)
-    except _known_errors() as e:
+    except UserError as e:
         print(f"jdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

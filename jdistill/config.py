@@ -18,8 +18,10 @@ import os
 
 import ml_collections
 
+from jdistill.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be applied; says what and why."""
 
 

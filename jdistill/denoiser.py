@@ -15,6 +15,14 @@ module (``{"class_labels": y}``, ``{"encoder_hidden_states": e}``, ...).
 A Denoiser is a pytree whose only leaves are its params and schedule
 tables, so ``jax.jit(f)(denoiser, ...)`` traces it like any array and
 compiles once per (module, prediction type, ...) combination.
+
+Build one with :meth:`Denoiser.for_module`: it reads off the module, the same way for
+every family, whether it predicts a variance, how many real classes it has and
+which label is its null class. :meth:`Denoiser.features` returns the intermediate
+tokens / feature maps of the network's blocks (DiT and MMDiT ``block_{i}``, UNet
+``down_{i}`` / ``mid`` / ``up_{i}``), differentiable in z, for discriminators and
+oracles. A composite network (a backbone with an adapter) is one Flax module and so
+one Denoiser (``jdistill.models.adapters``).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from flax import struct
 
 from jdistill.diffusion import guidance as guidance_lib
 from jdistill.diffusion import parameterization as param_lib
+from jdistill.models import registry
 
 
 @struct.dataclass
@@ -85,6 +94,22 @@ class Denoiser:
     def __post_init__(self):
         object.__setattr__(self, "prediction", param_lib.check_prediction(self.prediction))
 
+    @classmethod
+    def for_module(cls, module, schedule, prediction: str, params=None, *, guided_channels: int | None = None):
+        """The Denoiser of ``module``: learned variance (2x the input channels out) and the null
+        class of class-conditional models read off the module (``registry.class_conditioning``)."""
+        classes = registry.class_conditioning(module)
+        null = NullClass(classes.null_id) if classes is not None and classes.null_id is not None else None
+        return cls(params=params, schedule=schedule, module=module, prediction=prediction,
+                   learned_variance=registry.learned_variance(module), null_cond=null,
+                   guided_channels=guided_channels or None)
+
+    @property
+    def num_classes(self) -> int | None:
+        """Real classes of a class-conditional network (its null row excluded), else None."""
+        classes = registry.class_conditioning(self.module)
+        return classes.num_classes if classes is not None else None
+
     def output(self, z, t, cond=None):
         """The raw network output at (z, t) for the given conditioning."""
         t = jnp.broadcast_to(jnp.asarray(t), z.shape[:1])
@@ -109,12 +134,14 @@ class Denoiser:
         guided = guidance_lib.cfg(out_c[..., :k], out_u[..., :k], guidance_scale)
         return jnp.concatenate([guided, out_c[..., k:]], axis=-1) if k < out_c.shape[-1] else guided
 
-    def predict(self, z, t, cond=None, guidance_scale=None, uncond=None) -> Prediction:
+    def predict(self, z, t, cond=None, guidance_scale=None, uncond=None, alpha_sigma=None) -> Prediction:
+        """(x0, eps) at (z, t). ``alpha_sigma``: the (a, s) to read the output at, where a sampling
+        grid's noise level is not the schedule's at t (Karras sigmas); default the schedule's."""
         out = self.guided_output(z, t, cond, guidance_scale, uncond)
         variance = None
         if self.learned_variance:
             out, variance = out[..., : z.shape[-1]], out[..., z.shape[-1]:]
-        a, s = self.alpha_sigma(t, z)
+        a, s = self.alpha_sigma(t, z) if alpha_sigma is None else alpha_sigma
         x0, eps = param_lib.to_x0_eps(out, z, a, s, self.prediction)
         return Prediction(x0=x0, eps=eps, variance=variance)
 
@@ -141,3 +168,34 @@ class Denoiser:
 
     def replace_params(self, params) -> "Denoiser":
         return self.replace(params=params)
+
+    def features(self, z, t, cond=None, blocks=None) -> dict[str, jax.Array]:
+        """Intermediate block outputs at (z_t, t): ``{name: tokens (B, T, D) or maps (B, H, W, C)}``.
+
+        ``blocks``: names (``"block_3"``, ``"down_1"``, ``"mid"``) or DiT / MMDiT block indices;
+        None gives every block the network sows. Differentiable in ``z`` and the params.
+        """
+        t = jnp.broadcast_to(jnp.asarray(t), z.shape[:1])
+        _, state = self.module.apply({"params": self.params}, z, self.schedule.model_time(t), **(cond or {}),
+                                     mutable=["intermediates"])
+        sown = _flatten_sown(state.get("intermediates", {}))
+        if blocks is None:
+            return sown
+        out = {}
+        for b in blocks:
+            name = f"block_{b}" if isinstance(b, int) else str(b)
+            if name not in sown:
+                raise ValueError(f"{type(self.module).__name__} has no block {name!r}; it sows {sorted(sown)}")
+            out[name] = sown[name]
+        return out
+
+
+def _flatten_sown(tree, prefix="") -> dict:
+    """{name: value} of sown intermediates; a composite's inner modules keep their path ("unet/down_0")."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, tuple):
+            out[prefix + key] = value[0]
+        else:
+            out.update(_flatten_sown(value, f"{prefix}{key}/"))
+    return out

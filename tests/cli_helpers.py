@@ -26,3 +26,10 @@ def sigkill_at_checkpoint(proc, ckpt_dir, step: int, timeout: float = 300) -> li
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
     return sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit())
+
+
+def run_script(script, args, devices=8, extra_env=None, **kw):
+    """Run a script of the tests folder (e.g. a toy training) as its own process."""
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), PYTHONUNBUFFERED="1", **(extra_env or {}))
+    return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", script), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)

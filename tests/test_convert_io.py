@@ -27,6 +27,7 @@ import torch
 
 from jdistill.convert import dit as dit_conv
 from jdistill.convert import cli, export, io, pretrained, presets, registry
+from jdistill.convert import sources as source_kinds
 from jdistill.convert.engine import ConversionError
 from jdistill.testing import assert_close, nchw, nhwc
 
@@ -283,8 +284,8 @@ def pipeline_dir(tmp_path_factory, dit_model):
 
 
 def test_pipeline_folder(pipeline_dir, dit_reference, tmp_path, capsys):
-    src = io.open_source(pipeline_dir)
-    assert isinstance(src, io.PipelineSource) and sorted(src.models) == ["transformer", "vae"]
+    src = source_kinds.open_source(pipeline_dir)
+    assert isinstance(src, source_kinds.PipelineSource) and sorted(src.models) == ["transformer", "vae"]
     assert sorted(src.folders) == ["scheduler", "tokenizer"] and src.absent == {"safety_checker":
                                                                                  "null in model_index.json"}
 
@@ -483,9 +484,10 @@ def test_checkpoint_of_another_family(tmp_path):
     with pytest.raises(registry.UnsupportedModel, match=rf"{bare}: a diffusers UNet / VAE state dict cannot be "
                                                         "converted without its config"):
         pretrained.convert(bare, tmp_path / "out")
+    # an original-layout file cut down to one UNet tensor (single files are read: tests/test_single_file.py)
     ldm = tmp_path / "v1-5-pruned.safetensors"
     safetensors.torch.save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2)}, ldm)
-    with pytest.raises(registry.UnsupportedModel, match="single-file Stable Diffusion checkpoint"):
+    with pytest.raises(registry.UnsupportedModel, match="original-layout UNet without cross-attention weights"):
         pretrained.load_pretrained(ldm, cache_dir=tmp_path / "cache")
 
 
@@ -548,7 +550,7 @@ def test_preset_without_local_copy_says_where_it_looked(tmp_path, monkeypatch, c
     assert cli.main_convert(["sdxl", str(tmp_path / "x")]) == 2
     assert "preset 'sdxl'" in capsys.readouterr().err and not (tmp_path / "x").exists()
     with pytest.raises(presets.PresetNotFound, match="dl.fbaipublicfiles.com/DiT/models/DiT-XL-2-512x512.pt"):
-        presets.resolve("dit-xl-2-512-original")
+        pretrained.resolve_preset("dit-xl-2-512-original")
     with pytest.raises(FileNotFoundError, match="not a preset name"):
         pretrained.load_pretrained("sd99")
 
@@ -583,13 +585,13 @@ def test_preset_found_in_hub_cache_and_checked(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.delenv("JDISTILL_MODELS", raising=False)
     snap = fake_hub_snapshot(tmp_path / "hub", "facebook/DiT-XL-2-256", DIT_XL_256)
-    assert presets.resolve("dit-xl-2-256") == snap
-    assert presets.resolve("DiT-XL/2-256") == snap and presets.find("facebook/DiT-XL-2-256").name == "dit-xl-2-256"
+    assert pretrained.resolve_preset("dit-xl-2-256") == snap
+    assert pretrained.resolve_preset("DiT-XL/2-256") == snap and presets.find("facebook/DiT-XL-2-256").name == "dit-xl-2-256"
 
     config = snap / "transformer" / "config.json"
     config.write_text(json.dumps({**DIT_XL_256["transformer/config.json"], "sample_size": 64}))
     with pytest.raises(presets.PresetMismatch, match="transformer/config.json: sample_size is 64, expected 32"):
-        presets.resolve("dit-xl-2-256")
+        pretrained.resolve_preset("dit-xl-2-256")
     # the published DiT config is one jdistill builds, with DiT-XL/2's shape
     module = dit_conv.module_from_config(DIT_XL_256["transformer/config.json"])
     assert (module.hidden_size, module.depth, module.input_size) == (1152, 28, 32)
@@ -602,7 +604,8 @@ def test_preset_defaults_absent_values_and_file_presets(tmp_path, monkeypatch):
     assert presets.check_values(sd15_scheduler, presets.get("sd21").expect["scheduler"], "s") == [
         "s: prediction_type is 'epsilon', expected 'v_prediction'"]
     for p in presets.PRESETS.values():
-        assert (p.repo_id or p.url) and p.description and (p.is_file or p.default_component in p.expect)
+        assert (p.repo_id or p.url) and p.description and (p.is_file or p.folder == "model" or
+                                                            p.default_component in p.expect)
 
     # a single-file preset found under $JDISTILL_MODELS, checked against the shapes it holds
     monkeypatch.setenv("JDISTILL_MODELS", str(tmp_path))

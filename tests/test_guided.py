@@ -7,9 +7,12 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jdistill.denoiser import Denoiser
+from jdistill.diffusion import schedules
 from jdistill.diffusion.timesteps import unit_grid
+from jdistill.models import registry
 from jdistill.objectives.guided import with_guidance
-from jdistill.recipes import common, guided
+from jdistill.recipes import common, guided, stages, tasks
 from jdistill.sampling import samplers
 from jdistill.train import mesh as mesh_lib
 
@@ -19,7 +22,7 @@ DIFFUSION = dict(kind="cosine", prediction="v")
 
 
 def random_teacher(scale):
-    template = common.denoiser_template(MODEL, DIFFUSION)
+    template = Denoiser.for_module(registry.build_model(MODEL), schedules.from_config(DIFFUSION), "v")
     params = common.init_params(template.module, 3)
     # a random DiT's adaLN-Zero layers start at zero (the network outputs 0): perturb every
     # param so the teacher's conditional and unconditional outputs differ
@@ -52,8 +55,7 @@ def batch(n=32, seed=0):
 
 
 def student_at_init(cfg, teacher):
-    student = guided.student_template(cfg, teacher)
-    return student.replace(params=guided.stage1(cfg, teacher, student).init_params())
+    return guided.student_template(teacher).replace(params=guided.init_student(cfg, teacher))
 
 
 def test_stage1_student_at_init_is_the_teachers_conditional_model(teacher):
@@ -79,13 +81,13 @@ def _direction(den, z, t, cond, guided_input):
 
 
 def _train_stage1(cfg, teacher):
-    student = guided.student_template(cfg, teacher)
-    stage = guided.stage1(cfg, teacher, student)
-    mesh = mesh_lib.make_mesh(1, 1, jax.devices()[:1])
-    state, step_fn, _ = guided.setup_stage(cfg, stage, None, mesh)
+    stage = guided.stage1(cfg, tasks.from_teacher(teacher))
+    mesh = mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])
+    s = stages.setup(stage, None, cfg.train, mesh)
+    state = s.state
     for k in range(stage.steps):
-        state, _ = step_fn(state, stage.frozen, batch(seed=k))
-    return student.replace(params=state.params)
+        state, _ = s.step_fn(state, stage.frozen, batch(seed=k))
+    return guided.student_template(teacher).replace(params=state.params("student"))
 
 
 def _cos(a, b):
@@ -141,21 +143,23 @@ def test_sharded_distillation_equals_one_device():
     teacher = random_teacher(0.05)
     cfg = cfg_for()
     cfg.stage1.optim.lr = 1e-3
-    student = guided.student_template(cfg, teacher)
+    task = tasks.from_teacher(teacher)
     results = {}
-    for name, mesh in (("1", mesh_lib.make_mesh(1, 1, jax.devices()[:1])), ("8", mesh_lib.make_mesh(4, 2))):
-        s1 = guided.stage1(cfg, teacher, student)
-        state, step_fn, _ = guided.setup_stage(cfg, s1, None, mesh)
-        losses = []
+    for name, mesh in (("1", mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])), ("8", mesh_lib.make_mesh(4, 2))):
+        s1 = guided.stage1(cfg, task)
+        setup = stages.setup(s1, None, cfg.train, mesh)
+        state, losses = setup.state, []
         for k in range(2):
-            state, m = step_fn(state, s1.frozen, mesh_lib.global_batch(jax.device_get(batch(seed=k)), mesh))
+            state, m = setup.step_fn(state, s1.frozen, mesh_lib.global_batch(jax.device_get(batch(seed=k)), mesh))
             losses.append(float(m["loss"]))
-        halving = guided.halving(cfg, 4, student, jax.device_get(state.params))
-        state2, step2, _ = guided.setup_stage(cfg, halving, None, mesh)
+        halving = guided.halving(cfg, task, 4, jax.device_get(state.params("student")))
+        setup2 = stages.setup(halving, None, cfg.train, mesh)
+        state2 = setup2.state
         for k in range(2):
-            state2, m = step2(state2, halving.frozen, mesh_lib.global_batch(jax.device_get(batch(seed=10 + k)), mesh))
+            state2, m = setup2.step_fn(state2, halving.frozen,
+                                       mesh_lib.global_batch(jax.device_get(batch(seed=10 + k)), mesh))
             losses.append(float(m["loss"]))
-        results[name] = (losses, jax.device_get(state2.params))
+        results[name] = (losses, jax.device_get(state2.params("student")))
     np.testing.assert_allclose(results["8"][0], results["1"][0], rtol=1e-5)
     # Params within 2% of one optimizer step (lr 1e-3): Adam divides by sqrt(v), so a gradient
     # entry near zero, summed across devices in another order, can move its param by ~5e-6.
@@ -167,5 +171,5 @@ def test_rounds_halve_to_one():
     cfg = cfg_for()
     cfg.progressive.start_steps = 32
     assert guided.rounds(cfg) == [32, 16, 8, 4, 2, 1]
-    assert guided.stage_names(cfg)[:2] == ["stage1", "steps_032"]
+    assert [name for name, _ in guided.stage_steps(cfg)][:2] == ["stage1", "steps_032"]
     assert guided.round_steps(cfg, 8) == 2

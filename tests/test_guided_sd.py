@@ -11,7 +11,7 @@ from test_text_to_image import clip_tower, unet, vae, write_clip_tokenizer
 
 from jdistill import config as config_lib
 from jdistill.objectives.guided import with_guidance
-from jdistill.recipes import guided
+from jdistill.recipes import guided, runs, tasks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
@@ -43,17 +43,16 @@ def test_every_stage_trains_and_saves(run):
     cfg, workdir, out, _ = run
     assert list(out) == ["stage1", "steps_001"]
     for name in out:
-        assert guided.read_stage_config(str(workdir), name).stage.name == name
+        assert runs.read_config(str(workdir), name).stage.name == name
 
 
 def test_teacher_is_the_pipelines_unet_and_the_student_starts_equal(run):
     cfg, _, _, prediction = run
-    task = guided.make_task(cfg)
+    task = tasks.make_task(cfg)
     assert task.teacher.prediction == {"epsilon": "eps", "v_prediction": "v"}[prediction]
     batch = task.source[0]
     assert batch["image"].shape == (8, 8, 8, 4)  # 16 px through the tiny VAE: 8x8 latents
-    student = guided.student_template(cfg, task.teacher)
-    student = student.replace(params=guided.stage1(cfg, task.teacher, student).init_params())
+    student = guided.student_template(task.teacher).replace(params=guided.init_student(cfg, task.teacher))
     z, t = jnp.asarray(batch["image"]), jnp.linspace(50, 900, 8)
     cond = task.cond_fn(batch)
     want = task.teacher.predict(z, t, cond).x0
@@ -66,7 +65,7 @@ def test_teacher_is_the_pipelines_unet_and_the_student_starts_equal(run):
 
 def test_the_one_step_student_samples_images(run):
     _, workdir, _, _ = run
-    sampler = guided.make_sampler(str(workdir), steps=1)
+    sampler = guided.make_sampler(runs.open_run(str(workdir)), steps=1)
     images, labels, seconds = sampler.run(3, batch_size=3)
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8 and labels is None
     assert "steps_001" in sampler.description

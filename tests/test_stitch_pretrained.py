@@ -19,7 +19,7 @@ from jdistill.diffusion import schedules
 from jdistill.diffusion.timesteps import make_grid
 from jdistill.images import to_uint8
 from jdistill.pipelines import TextToImage
-from jdistill.recipes import stitch as stitch_lib
+from jdistill.recipes import stitch_pretrained as stitch_lib
 from jdistill.sampling import samplers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

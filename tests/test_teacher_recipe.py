@@ -11,7 +11,7 @@ from cli_helpers import REPO, run_cli, sigkill_at_checkpoint
 
 from jdistill import cli
 from jdistill import config as config_lib
-from jdistill.recipes import common, teacher
+from jdistill.recipes import runs, teacher
 from jdistill.train import mesh as mesh_lib
 
 CONFIG = os.path.join(REPO, "configs", "digits_teacher.py")
@@ -25,8 +25,7 @@ def tiny_cfg(*extra):
 
 
 def final_params(workdir):
-    _, params = common.load_trained(workdir, teacher.state_init_fn, use_ema=False)
-    return jax.device_get(params)
+    return jax.device_get(runs.read_params(str(workdir), part="model", average=None))
 
 
 def assert_trees_equal(a, b, exact=True, rtol=1e-5):
@@ -40,16 +39,16 @@ def assert_trees_equal(a, b, exact=True, rtol=1e-5):
 def test_train_step_on_8_devices_equals_1_device():
     cfg = tiny_cfg("--config.train.steps=4")
     out = {}
-    for name, mesh in (("1", mesh_lib.make_mesh(1, 1, jax.devices()[:1])), ("8", mesh_lib.make_mesh(4, 2))):
-        s = teacher.setup(cfg, None, mesh=mesh)
+    for name, mesh in (("1", mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])), ("8", mesh_lib.make_mesh(4, 2))):
+        s, source = teacher.setup(cfg, None, mesh=mesh)
         state, losses = s.state, []
-        for k, batch in enumerate(s.source.iterate(0, 2, mesh=mesh)):
+        for k, batch in enumerate(source.iterate(0, 2, mesh=mesh)):
             state, metrics = s.step_fn(state, None, batch)
             losses.append(float(metrics["loss"]))
-        out[name] = (losses, jax.device_get(state.params), state)
+        out[name] = (losses, jax.device_get(state.params("model")), state)
     np.testing.assert_allclose(out["8"][0], out["1"][0], rtol=1e-5)
     assert_trees_equal(out["8"][1], out["1"][1], exact=False)
-    specs = {str(x.sharding.spec) for x in jax.tree.leaves(out["8"][2].params)}
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(out["8"][2].params("model"))}
     assert any("fsdp" in s for s in specs), specs  # FSDP really split some params
 
 

@@ -445,3 +445,31 @@ def test_t5_tokenizer_from_folder(tmp_path):
 def test_tokenizer_folder_must_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer_2"):
         tokenizers.load_tokenizer(tmp_path, "tokenizer_2")
+
+
+def test_mt5_encoder_through_the_registry(tmp_path):
+    """An mT5 encoder folder (MT5EncoderModel, model_type "mt5": gated-gelu, untied lm head in the
+    full model) converts through the registry and matches transformers with a padding mask."""
+    from jdistill.convert import pretrained, registry
+
+    cfg = transformers.MT5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=2 * HIDDEN,
+                                 num_layers=LAYERS, num_heads=HEADS, relative_attention_num_buckets=T5_BUCKETS,
+                                 relative_attention_max_distance=T5_MAX_DISTANCE, dropout_rate=0.0)
+    model = randomise(transformers.MT5EncoderModel(cfg), seed=9)
+    config, _ = save_and_read(model, tmp_path / "mt5")
+    assert config["model_type"] == "mt5" and config["architectures"] == ["MT5EncoderModel"]
+    assert registry.family_for_config(config).name == "t5"
+    out = pretrained.load_pretrained(tmp_path / "mt5", cache_dir=tmp_path / "cache")
+    assert out.family == "t5" and out.module.feed_forward == "gated-gelu"
+    ids, mask = t5_inputs(seed=4)
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).last_hidden_state
+    got = jax.jit(out.module.apply)({"params": out.params}, jnp.asarray(ids), jnp.asarray(mask))
+    assert_close(got.last_hidden_state, ref.numpy(), TOL, "mT5 last_hidden_state")
+    # and back to transformers' MT5EncoderModel keys, bit-identical
+    from jdistill.convert import export
+
+    export.export_diffusers("t5", out.module, out.params, out.config, tmp_path / "back")
+    again = transformers.MT5EncoderModel.from_pretrained(tmp_path / "back")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k

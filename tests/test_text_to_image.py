@@ -210,6 +210,29 @@ def test_sd_dpm_solver(sd1):
     np.testing.assert_array_equal(np.asarray(asked), np.asarray(ours))
 
 
+@pytest.mark.parametrize("cls,kw,custom", [
+    (diffusers.EulerDiscreteScheduler, dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"), None),
+    (diffusers.HeunDiscreteScheduler, dict(), None),
+    (diffusers.EulerDiscreteScheduler, dict(timestep_spacing="trailing"), [999, 749, 499, 249]),
+], ids=["euler-karras-sigma_min", "heun", "euler-custom-timesteps"])
+def test_sd_sigma_schedulers(sd1, cls, kw, custom):
+    """Schedulers on their own sigmas through the pipeline: initial noise scale, solver options
+    (Heun's second model call), custom timesteps, and the final latents in diffusers' x = z / a."""
+    pipe, t2i = sd1
+    ddim = pipe.scheduler
+    pipe.scheduler = cls.from_config(ddim.config, **kw)
+    try:
+        z = latents_for(t2i, seed=2)
+        ref, _ = run_diffusers(pipe, z, negative_prompt=NEGATIVE, guidance_scale=7.5,
+                               **({} if custom is None else {"timesteps": custom}))
+        other = t2i.with_scheduler(pipe.scheduler)
+    finally:
+        pipe.scheduler = ddim
+    ours = other(PROMPTS, NEGATIVE, num_steps=STEPS if custom is None else None, guidance_scale=7.5, latents=z,
+                 output_type="latent", timesteps=custom)
+    assert_close(ours, ref, TOL, f"SD {cls.__name__} latents")
+
+
 def test_guidance_distilled_student(sd1):
     """A network with a guidance embedding (a guidance-distilled student, guidance_embed=True)
     reads guidance_scale as its ``guidance`` input: one pass per step, no negative prompts."""
@@ -289,6 +312,61 @@ def test_sdxl_euler(tmp_path):
     assert_close((np.asarray(out.images) + 1) / 2, images, TOL, "SDXL images")
 
 
+def test_sdxl_refiner(tmp_path):
+    """The SDXL refiner: text_encoder_2 alone, 5 time ids ending in an aesthetic score (another on
+    the unconditional side), no forced zero negatives. Prompt encoding and time ids against
+    StableDiffusionXLImg2ImgPipeline's, the UNet on them against diffusers' UNet, and the
+    pipeline's sampling against the sampler run on those embeddings by hand."""
+    tok2, n2 = write_clip_tokenizer(tmp_path / "tok2", pad="!")
+    pooled_dim, time_dim = 16, 4
+    pipe = diffusers.StableDiffusionXLImg2ImgPipeline(
+        vae=vae(40), text_encoder=None, tokenizer=None, text_encoder_2=clip_tower(n2, 41, 24, "gelu", pooled_dim),
+        tokenizer_2=tok2,
+        unet=unet(42, 24, use_linear_projection=True, addition_embed_type="text_time",
+                  addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=pooled_dim + 5 * time_dim),
+        scheduler=diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                   steps_offset=1, timestep_spacing="leading"),
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False, add_watermarker=False)
+    t2i = save_and_convert(pipe, tmp_path)
+    assert t2i.family == "sdxl" and t2i.requires_aesthetics_score and not t2i.force_zeros_for_empty_prompt
+    assert t2i.text_encoders[0] is None and t2i.text_encoders[1] is not None
+
+    kw = dict(original_size=(32, 24), crops_coords_top_left=(4, 2), aesthetic_score=7.0, negative_aesthetic_score=2.0)
+    for negative in (NEGATIVE, None):  # None: the refiner encodes "" (it does not force zeros)
+        ref = diffusers_embeds(pipe, prompt=PROMPTS, device="cpu", num_images_per_prompt=1,
+                               do_classifier_free_guidance=True, negative_prompt=negative)
+        cond, uncond = t2i.encode_prompt(PROMPTS, negative, height=IMAGE, width=IMAGE, **kw)
+        for ours, expected, what in ((cond["encoder_hidden_states"], ref[0], "prompt embeds"),
+                                     (uncond["encoder_hidden_states"], ref[1], "negative prompt embeds"),
+                                     (cond["added_cond_kwargs"]["text_embeds"], ref[2], "pooled"),
+                                     (uncond["added_cond_kwargs"]["text_embeds"], ref[3], "negative pooled")):
+            assert_close(ours, expected, TOL, f"refiner {what} (negative {negative})")
+    ids, neg_ids = pipe._get_add_time_ids((32, 24), (4, 2), (IMAGE, IMAGE), 7.0, 2.0, (32, 24), (4, 2), (IMAGE, IMAGE),
+                                          dtype=torch.float32, text_encoder_projection_dim=pooled_dim)
+    np.testing.assert_array_equal(cond["added_cond_kwargs"]["time_ids"], ids.repeat(2, 1).numpy())
+    np.testing.assert_array_equal(uncond["added_cond_kwargs"]["time_ids"], neg_ids.repeat(2, 1).numpy())
+    assert ids.shape == (1, 5) and not np.array_equal(ids.numpy(), neg_ids.numpy())
+
+    z = latents_for(t2i, seed=5)
+    t = np.array([999.0, 101.0], np.float32)
+    for c in (cond, uncond):
+        ours = t2i.network.apply({"params": t2i.params["network"]}, jnp.asarray(z), jnp.asarray(t),
+                                 c["encoder_hidden_states"], added_cond_kwargs=c["added_cond_kwargs"])
+        with torch.no_grad():
+            ref = pipe.unet(torch.from_numpy(nchw(z)), torch.from_numpy(t),
+                            torch.from_numpy(np.asarray(c["encoder_hidden_states"])),
+                            added_cond_kwargs={k: torch.from_numpy(np.asarray(v))
+                                               for k, v in c["added_cond_kwargs"].items()}).sample
+        assert_close(ours, nhwc(ref.numpy()), TOL, "refiner UNet on the encoded prompts")
+
+    out = t2i(PROMPTS, NEGATIVE, num_steps=STEPS, guidance_scale=5.0, latents=z, output_type="latent", **kw)
+    plan = t2i.plan(STEPS)
+    cond, uncond = t2i.encode_prompt(PROMPTS, NEGATIVE, height=IMAGE, width=IMAGE, **kw)
+    direct = samplers.sample_jit(t2i.denoiser(), jnp.asarray(z) * plan.noise_scale, cond, grid=plan.grid,
+                                 solver=plan.solver, guidance_scale=5.0, uncond=uncond)
+    assert_close(out, direct, 1e-6, "refiner sampled by the pipeline and by hand")
+
+
 # ------------------------------------------------------------------------------- SD3
 
 
@@ -360,6 +438,14 @@ SCHEDULER_CASES = [
     (diffusers.EulerDiscreteScheduler, dict(timestep_spacing="trailing"), 8),
     (diffusers.EulerDiscreteScheduler, dict(timestep_spacing="linspace"), 10),  # 999 / 9 = 111: integers
     (diffusers.FlowMatchEulerDiscreteScheduler, dict(shift=3.0), 28),
+    # reproduced since the sigma-grid solvers (trajectories: test_schedulers_parity.py)
+    (diffusers.DPMSolverMultistepScheduler, dict(beta_schedule="scaled_linear", use_karras_sigmas=True), 20),
+    (diffusers.DDIMScheduler, dict(rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                                   prediction_type="v_prediction"), 10),
+    (diffusers.EulerDiscreteScheduler, dict(timestep_spacing="linspace"), 20),  # between integer timesteps
+    (diffusers.EulerDiscreteScheduler, dict(use_karras_sigmas=True), 12),
+    (diffusers.UniPCMultistepScheduler, dict(timestep_spacing="trailing"), 6),
+    (diffusers.LCMScheduler, dict(), 4),
 ]
 
 
@@ -384,13 +470,16 @@ def test_plan_reproduces_scheduler_timesteps(cls, kw, n):
 
 
 @pytest.mark.parametrize("cls,kw,match", [
-    (diffusers.DPMSolverMultistepScheduler, dict(use_karras_sigmas=True), "use_karras_sigmas"),
+    # (Karras sigmas, sde-dpmsolver++, zero SNR and Euler between integer timesteps were refused
+    # here until they were reproduced; test_scheduler_refusals.py has every refusal)
+    (diffusers.DPMSolverMultistepScheduler, dict(use_lu_lambdas=True), "use_lu_lambdas"),
     (diffusers.DPMSolverMultistepScheduler, dict(solver_order=3), "solver_order"),
-    (diffusers.DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++"), "algorithm_type"),
-    (diffusers.DDIMScheduler, dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
+    (diffusers.DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+     "algorithm_type"),
+    (diffusers.DDIMScheduler, dict(rescale_betas_zero_snr=True, timestep_spacing="trailing"), "rescale_betas_zero_snr"),
     (diffusers.DDIMScheduler, dict(thresholding=True), "thresholding"),
     (diffusers.FlowMatchEulerDiscreteScheduler, dict(use_dynamic_shifting=True), "use_dynamic_shifting"),
-    (diffusers.EulerDiscreteScheduler, dict(timestep_spacing="linspace"), "non-integer"),
+    (diffusers.EulerDiscreteScheduler, dict(interpolation_type="log_linear"), "interpolation_type"),
     (diffusers.PNDMScheduler, dict(), "PNDMScheduler"),
 ])
 def test_plan_refuses_what_it_does_not_reproduce(cls, kw, match):

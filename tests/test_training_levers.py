@@ -13,6 +13,7 @@ Tolerances (fp32 unless said):
 
 import diffusers
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -28,9 +29,9 @@ from jdistill.models import dit as dit_lib
 from jdistill.models import layers
 from jdistill.models import mmdit as mmdit_lib
 from jdistill.testing import assert_close
+from jdistill.train import engine as engine_lib
 from jdistill.train import mesh as mesh_lib
-from jdistill.train import state as state_lib
-from jdistill.train import step as step_lib
+from jdistill.train import optim
 
 B = 2
 
@@ -121,7 +122,7 @@ def low_precision_matmuls(jaxpr):
             dtypes = [v.aval.dtype for v in eqn.invars]
             if jnp.float32 in dtypes:
                 found.append((eqn.primitive.name, dtypes, str(eqn.source_info.name_stack)))
-        for sub in jax.core.subjaxprs(eqn):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             found += low_precision_matmuls(sub)
     return found
 
@@ -236,9 +237,9 @@ def test_scanned_module_converts_and_exports_unchanged(name, tmp_path):
 def test_cpu_train_step_keeps_cotangent_barriers():
     """``materialize_cotangent`` stores each block's output gradient behind an optimization
     barrier; XLA:CPU deletes barriers before fusion unless the step is compiled with
-    ``step.compiler_options()``, which ``make_train_step`` does on CPU."""
-    assert step_lib.compiler_options("cpu") == {"xla_disable_hlo_passes": "cse_barrier_expander"}
-    assert step_lib.compiler_options("gpu") is None and step_lib.compiler_options("tpu") is None
+    ``engine.compiler_options()``, which ``Engine.jit`` does on CPU."""
+    assert engine_lib.compiler_options("cpu") == {"xla_disable_hlo_passes": "cse_barrier_expander"}
+    assert engine_lib.compiler_options("gpu") is None and engine_lib.compiler_options("tpu") is None
     module = dit()
     params = init(module)
     args, kwargs = model_inputs(module)
@@ -246,12 +247,12 @@ def test_cpu_train_step_keeps_cotangent_barriers():
     def loss_fn(p, frozen, batch, rng):
         return jnp.mean(jnp.square(module.apply({"params": p}, batch["x"], args[1], **kwargs))), {}
 
-    tx, _ = state_lib.make_optimizer(1e-3, 10)
-    state = state_lib.init_state(params, tx, jax.random.key(0), ema=False)
+    tx, lr = optim.make_optimizer(1e-3, 10)
+    engine = engine_lib.single(loss_fn, tx, lr)
+    state = engine.init({"student": params}, jax.random.key(0))
     mesh = mesh_lib.make_mesh(devices=jax.devices()[:1])
     batch = {"x": args[0]}
-    hlo = step_lib.make_train_step(loss_fn, tx, mesh=mesh, state=state, ema_decay=None).lower(
-        state, None, batch).compile().as_text()
+    hlo = engine.jit(mesh, state).lower(state, None, batch).compile().as_text()
     plain = jax.jit(jax.grad(lambda p: loss_fn(p, None, batch, None)[0])).lower(params).compile().as_text()
     if jax.default_backend() == "cpu":
         assert hlo.count("opt-barrier") >= module.depth, "the step lost its cotangent barriers"

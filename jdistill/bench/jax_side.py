@@ -1,8 +1,8 @@
 """The jdistill side of the benchmark: the project's train step and samplers on a converted model.
 
 ``jdistill_train_step`` is the one place that assembles a training step for the benchmark
-from the project's parts (the denoising loss, ``make_optimizer``, the jitted sharded step of
-``jdistill.train.step``): when the train engine changes, this function is what follows it.
+from the project's parts (the denoising loss, ``optim.make_optimizer``, the jitted sharded
+step of ``jdistill.train.engine``): when the train engine changes, this function is what follows it.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from jdistill.diffusion import schedules
 from jdistill.diffusion.timesteps import make_grid
 from jdistill.objectives.denoising import denoising_loss
 from jdistill.sampling import samplers
+from jdistill.train import engine as engine_lib
 from jdistill.train import mesh as mesh_lib
-from jdistill.train import state as state_lib
-from jdistill.train import step as step_lib
+from jdistill.train import optim
+from jdistill.train import partitioning
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -61,13 +62,14 @@ def jdistill_train_step(model, params, batch_shape, *, cond: dict | None = None,
                         learned_variance=_learned_variance(model))
     keys = tuple(cond)
     loss_fn = denoising_loss(template, weighting="constant", cond_fn=lambda batch: {k: batch[k] for k in keys})
-    tx, _ = state_lib.make_optimizer(lr, 1, clip_norm=clip_norm)
-    state = state_lib.init_state(params, tx, jax.random.key(seed), ema=False)
+    tx, lr_schedule = optim.make_optimizer(lr, 1, clip_norm=clip_norm)
+    engine = engine_lib.single(loss_fn, tx, lr_schedule)
+    state = engine.init({"student": params}, jax.random.key(seed))
     mesh = mesh_lib.make_mesh()
-    step = step_lib.make_train_step(loss_fn, tx, mesh=mesh, state=state, ema_decay=None)
+    step = engine.jit(mesh, state)
     batch = dict(image=jax.random.normal(jax.random.key(seed + 1), batch_shape, jnp.float32), **cond)
-    batch = step_lib.place(batch, jax.tree.map(lambda _: mesh_lib.batch_sharding(mesh), batch))
-    state = step_lib.place(state, step_lib.state_shardings(state, mesh))
+    batch = partitioning.place(batch, jax.tree.map(lambda _: mesh_lib.batch_sharding(mesh), batch))
+    state = partitioning.place(state, engine.shardings(state, mesh))
     start = time.perf_counter()
     compiled = step.lower(state, None, batch).compile()
     return TrainStep(compiled, state, batch, time.perf_counter() - start)

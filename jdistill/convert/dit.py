@@ -35,6 +35,7 @@ from typing import Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from jdistill.errors import InvalidArgument
 from jdistill.convert import engine
 from jdistill.convert.engine import ConversionError
 from jdistill.models import dit as dit_model
@@ -183,17 +184,17 @@ def config_from_diffusers(config: Mapping | str | os.PathLike, **overrides) -> D
             config = json.load(f)
     cls = config.get("_class_name", "DiTTransformer2DModel")
     if cls not in ("DiTTransformer2DModel", "Transformer2DModel"):
-        raise ValueError(f"not a DiT config: _class_name {cls!r}")
+        raise InvalidArgument(f"not a DiT config: _class_name {cls!r}")
     c = {**_DIFFUSERS_DEFAULTS, **{k: v for k, v in config.items() if k in _DIFFUSERS_DEFAULTS}}
     if c["norm_type"] != "ada_norm_zero":
-        raise ValueError(f"DiT needs norm_type 'ada_norm_zero', config has {c['norm_type']!r}")
+        raise InvalidArgument(f"DiT needs norm_type 'ada_norm_zero', config has {c['norm_type']!r}")
     for key in ("cross_attention_dim", "num_vector_embeds"):
         if config.get(key) is not None:
-            raise ValueError(f"a class-conditional DiT has no {key}; config has {config[key]!r}")
+            raise InvalidArgument(f"a class-conditional DiT has no {key}; config has {config[key]!r}")
     if c["patch_size"] is None or c["num_embeds_ada_norm"] is None:
-        raise ValueError("a DiT config needs patch_size and num_embeds_ada_norm")
+        raise InvalidArgument("a DiT config needs patch_size and num_embeds_ada_norm")
     if c["activation_fn"] not in _ACTIVATIONS:
-        raise ValueError(f"activation_fn {c['activation_fn']!r} not supported; known: {sorted(_ACTIVATIONS)}")
+        raise InvalidArgument(f"activation_fn {c['activation_fn']!r} not supported; known: {sorted(_ACTIVATIONS)}")
     fields = dict(
         input_size=c["sample_size"], patch_size=c["patch_size"], in_channels=c["in_channels"],
         out_channels=c["out_channels"] or c["in_channels"],
@@ -221,11 +222,11 @@ def config_from_original(state_dict: Mapping, num_heads: int | None = None, inpu
     if num_heads is None:
         by_width = {w: h for _, w, h in PRESETS.values()}
         if hidden not in by_width:
-            raise ValueError(f"hidden size {hidden} is not a DiT preset's: pass num_heads")
+            raise InvalidArgument(f"hidden size {hidden} is not a DiT preset's: pass num_heads")
         num_heads = by_width[hidden]
     if input_size is None:
         if "pos_embed" not in sd:
-            raise ValueError("no stored pos_embed to read the input size from: pass input_size")
+            raise InvalidArgument("no stored pos_embed to read the input size from: pass input_size")
         input_size = int(round(np.sqrt(shape("pos_embed")[-2]))) * patch
     fields = dict(
         input_size=input_size, patch_size=patch, in_channels=in_channels,
@@ -254,7 +255,7 @@ def module_from_config(config: Mapping, dtype=jnp.float32, param_dtype=jnp.float
     if config.get("_class_name") == "DiT":
         absent = [k for k in _ORIGINAL_ARGS if k not in config]
         if absent:
-            raise ValueError(f"an original DiT config needs {absent}")
+            raise InvalidArgument(f"an original DiT config needs {absent}")
         c = {k: config[k] for k in _ORIGINAL_ARGS}
         return DiT(input_size=c["input_size"], patch_size=c["patch_size"], in_channels=c["in_channels"],
                    out_channels=c["in_channels"] * (2 if c["learn_sigma"] else 1), hidden_size=c["hidden_size"],

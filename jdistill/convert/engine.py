@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
 from flax import traverse_util
 
+from jdistill.errors import UserError
+
 Rule = Callable[[str, np.ndarray], "list[tuple[str, np.ndarray]] | None"]
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint does not fit the model: names every missing, unexpected and mis-shaped key."""
 
 
@@ -113,6 +115,74 @@ def split(pattern: str, names: Iterable[str], axis: int = 0) -> Rule:
     return rule
 
 
+def rename_table(table: Mapping[str, str], what: str = "table") -> Rule:
+    """A rule that renames by module prefix: the longest dotted prefix of a key found in
+    ``table`` is replaced by its value (``{"input_blocks.1.0": "down_blocks.0.resnets.0"}`` maps
+    ``input_blocks.1.0.emb_layers.1.weight``). Keys with no prefix in the table pass on."""
+
+    def rule(key, tensor):
+        new = rename_by_table(key, table)
+        return None if new is None else [(new, tensor)]
+
+    rule.__name__ = f"rename_table({what})"
+    return rule
+
+
+def rename_by_table(name: str, table: Mapping[str, str]) -> str | None:
+    """``name`` (a key or a module name) with its longest dotted prefix in ``table`` replaced; None
+    when no prefix is in the table."""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        head = ".".join(parts[:cut])
+        if head in table:
+            return ".".join([table[head]] + parts[cut:])
+    return None
+
+
+def squeeze_1x1(pattern: str) -> Rule:
+    """A rule for keys matching ``pattern`` that turns a 1x1 convolution kernel (O, I, 1, 1) or a
+    1-tap Conv1d (O, I, 1) into the Linear weight (O, I) of the same map (the original SD VAE
+    stores its attention projections as convolutions)."""
+    rx = re.compile(pattern)
+
+    def rule(key, tensor):
+        if not rx.search(key) or np.ndim(tensor) < 3:
+            return None
+        x = tensor if isinstance(tensor, np.ndarray) else _to_numpy(tensor)
+        if any(d != 1 for d in x.shape[2:]):
+            raise ConversionError(f"{key}: a {x.shape} kernel is not a 1x1 convolution")
+        return [(key, x.reshape(x.shape[:2]))]
+
+    return rule
+
+
+def swap_halves(pattern: str, axis: int = 0) -> Rule:
+    """A rule that swaps the two halves of a tensor along ``axis`` (the original SD3 final
+    adaLN computes (shift, scale), diffusers' (scale, shift))."""
+    rx = re.compile(pattern)
+
+    def rule(key, tensor):
+        if not rx.search(key):
+            return None
+        a, b = np.split(np.asarray(tensor if isinstance(tensor, np.ndarray) else _to_numpy(tensor)), 2, axis=axis)
+        return [(key, np.concatenate([b, a], axis=axis))]
+
+    return rule
+
+
+def transpose(pattern: str) -> Rule:
+    """A rule that transposes a 2-D tensor (OpenCLIP stores its text projection as x @ P; the
+    Linear weight is P.T)."""
+    rx = re.compile(pattern)
+
+    def rule(key, tensor):
+        if not rx.search(key):
+            return None
+        return [(key, np.asarray(tensor if isinstance(tensor, np.ndarray) else _to_numpy(tensor)).T)]
+
+    return rule
+
+
 def _apply_rules(key, tensor, rules) -> list[tuple[str, object]]:
     for rule in rules:
         out = rule(key, tensor)
@@ -186,7 +256,9 @@ def convert_state_dict(state_dict: Mapping, target, rules: Iterable[Rule] = (), 
             if path in out:
                 report.unexpected.append(f"{key} (duplicate for {'/'.join(path)})")
                 continue
-            out[path] = np.ascontiguousarray(x, dtype=dtype or spec.dtype)
+            # (np.ascontiguousarray would turn a 0-d param, CLIP's logit_scale, into shape (1,))
+            x = np.asarray(x, dtype=dtype or spec.dtype)
+            out[path] = x if x.flags.c_contiguous else np.ascontiguousarray(x)
             report.converted += 1
     report.missing = ["/".join(p) for p in flat_target if p not in out and p not in seen]
     if strict and not report.ok:
@@ -290,3 +362,74 @@ def init_parts(module, names: Iterable[str], rng, *args, **kwargs):
     flat = traverse_util.flatten_dict(abstract)
     flat.update(fresh)
     return traverse_util.unflatten_dict(flat)
+
+
+class RuledView(Mapping):
+    """A lazy state dict in another layout: the keys of ``state_dict`` under ``prefix`` (the prefix
+    removed) pushed through ``rules``, each new key read from its source key only when indexed.
+
+    Keys and shapes are worked out from the source's shapes alone (a zero-strided placeholder
+    of each shape goes through the rules), so building the view reads no tensor data.
+    ``dropped`` lists the source keys a rule discarded; ``made`` adds tensors no source key
+    holds, as ``{key: (shape, make)}`` (each named by the caller, e.g. an identity projection
+    diffusers also makes). Two source keys that land on one key are a ConversionError.
+    """
+
+    def __init__(self, state_dict: Mapping, rules: Iterable[Rule] = (), prefix: str = "",
+                 made: Mapping[str, tuple] | None = None):
+        self._sd, self._rules, self._prefix = state_dict, list(rules), prefix
+        self._where: dict[str, tuple[str, int]] = {}
+        self._shapes: dict[str, tuple] = {}
+        self._made = dict(made or {})
+        self.dropped: list[str] = []
+        for old in state_dict.keys():
+            if not old.startswith(prefix):
+                continue
+            placeholder = np.broadcast_to(np.float32(0), _shape_of(state_dict, old))
+            out = _apply_rules(old[len(prefix):], placeholder, self._rules)
+            if not out:
+                self.dropped.append(old)
+            for i, (new, part) in enumerate(out):
+                if new in self._where:
+                    raise ConversionError(f"{old} and {self._where[new][0]} both map to {new}")
+                self._where[new], self._shapes[new] = (old, i), tuple(np.shape(part))
+        for new, (shape, _) in self._made.items():
+            if new in self._where:
+                raise ConversionError(f"{new} is in the checkpoint ({self._where[new][0]}); it cannot also be made")
+            self._shapes[new] = tuple(shape)
+
+    @property
+    def sources(self) -> list[str]:
+        """The source keys this view reads (each once per new key made from it)."""
+        return sorted({old for old, _ in self._where.values()})
+
+    def source_of(self, key: str) -> str | None:
+        """The source key ``key`` is read from (None for a made tensor)."""
+        return self._where[key][0] if key in self._where else None
+
+    def shape(self, key) -> tuple:
+        return self._shapes[key]
+
+    def __getitem__(self, key):
+        if key in self._made:
+            return self._made[key][1]()
+        old, i = self._where[key]
+        out = _apply_rules(old[len(self._prefix):], self._sd[old], self._rules)
+        new, tensor = out[i]
+        assert new == key, (new, key)  # the rules decide keys by name, never by values
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._where) + list(self._made))
+
+    def __len__(self) -> int:
+        return len(self._where) + len(self._made)
+
+    def __contains__(self, key) -> bool:
+        return key in self._where or key in self._made
+
+
+def _shape_of(state_dict: Mapping, key: str) -> tuple:
+    """A tensor's shape without reading it when the mapping can say (a LazyStateDict, a view)."""
+    shape = getattr(state_dict, "shape", None)
+    return tuple(shape(key)) if callable(shape) else tuple(np.shape(state_dict[key]))

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from jdistill.convert import engine, registry
-from jdistill.convert.pretrained import dtype_name, staging
+from jdistill.convert.dtypes import dtype_name
+from jdistill.convert.staging import staging
 
 WEIGHTS_NAME = {"diffusers": "diffusion_pytorch_model.safetensors", "transformers": "model.safetensors"}
 

@@ -1,10 +1,10 @@
 """Reading public PyTorch checkpoints without loading them whole.
 
-Every reader hands the converter a :class:`LazyStateDict`: a mapping whose keys are
-known up front and whose tensors are read one at a time, when asked for, and not
-kept. With the engine keeping only its output, converting a model holds the output
-tree plus one tensor in anonymous memory; the source file is memory-mapped, so its
-pages are page cache the kernel can drop, not a copy.
+Every reader hands the converter a :class:`LazyStateDict`: a mapping whose keys (and
+shapes) are known up front and whose tensors are read one at a time, when asked for,
+and not kept. With the engine keeping only its output, converting a model holds the
+output tree plus one tensor in anonymous memory; the source file is memory-mapped, so
+its pages are page cache the kernel can drop, not a copy.
 
 Formats:
 
@@ -13,13 +13,13 @@ Formats:
 * sharded safetensors / ``.bin``: ``*.safetensors.index.json`` /
   ``*.bin.index.json`` (the ``weight_map`` names each key's shard);
 * ``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt``: ``torch.load(weights_only=True, mmap=True)``,
-  then :func:`unwrap` of training-checkpoint wrappers;
-* a diffusers model folder (``config.json`` + ``diffusion_pytorch_model*``), a
-  transformers model folder (``config.json`` + ``model*`` / ``pytorch_model*``),
-  both with optional ``variant`` files (``*.fp16.safetensors``);
-* a pipeline folder (``model_index.json``): each component subfolder is a model
-  (config + weights), a folder copied as it is (scheduler, tokenizer, feature
-  extractor), or absent / null.
+  then :func:`unwrap` of training-checkpoint wrappers; a pickle that holds anything but
+  tensors and plain containers is refused, never unpickled;
+* the weights of a diffusers / transformers model folder (:func:`find_weights`), with
+  optional ``variant`` files (``*.fp16.safetensors``).
+
+What a folder or file *is* (a model, a pipeline, a single-file checkpoint) is
+:mod:`jdistill.convert.sources`' question; this module only reads tensors.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
+
+from jdistill.errors import MissingInput, UserError
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 CONFIG_NAME = "config.json"
@@ -49,7 +50,7 @@ _SINGLE = re.compile(rf"^({'|'.join(_WEIGHT_STEMS)})(?:\.(\w+))?\.(safetensors|b
 _INDEX = re.compile(rf"^({'|'.join(_WEIGHT_STEMS)})\.(safetensors|bin)\.index(?:\.(\w+))?\.json$")
 
 
-class CheckpointReadError(ValueError):
+class CheckpointReadError(UserError, ValueError):
     """A file or folder that cannot be read as a checkpoint: names it and says why."""
 
 
@@ -117,6 +118,9 @@ class _SafetensorsFile:
         except Exception as e:
             raise CheckpointReadError(f"{self.path}: tensor {key!r} cannot be read ({e})") from e
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(key).get_shape())
+
     def close(self):
         self._handle = None
 
@@ -132,6 +136,9 @@ class _TorchFile:
 
     def get(self, key: str):
         return self._state[key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)  # a mapped tensor: no bytes are read for its shape
 
     def close(self):
         self._state = None
@@ -196,6 +203,12 @@ class LazyStateDict(Mapping):
     def get(self, key, default=None):
         # Mapping.get would index first: a read (and a KeyError) for a key that is not there
         return self[key] if key in self._where else default
+
+    def shape(self, key) -> tuple[int, ...]:
+        """The tensor's shape, from the file's header (safetensors) or its mapping (torch): no
+        tensor data is read, so a layout can be recognised and a config read off a file of any
+        size at the cost of its header."""
+        return self._where[key].shape(key)
 
     def close(self):
         """Release the file mappings (the mapping is unusable afterwards)."""
@@ -264,7 +277,7 @@ def open_state_dict(path, *, variant: str | None = None, wrapper: str | None = N
     if path.is_dir():
         path = find_weights(path, variant)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingInput(f"no checkpoint at {path}")
     if path.name.endswith(".json"):
         return _open_index(path, wrapper)
     reader = _open_file(path, wrapper)
@@ -326,7 +339,7 @@ def _listing(folder: Path, n: int = 12) -> list[str]:
         return []
 
 
-# ---------------------------------------------------------------- sources: models and pipelines
+# ---------------------------------------------------------------- configs
 
 
 def read_json(path: Path) -> dict:
@@ -338,109 +351,3 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise CheckpointReadError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data
-
-
-@dataclass
-class ModelSource:
-    """One model: a folder with ``config.json`` and weights, or a bare checkpoint file
-    (``config`` is then ``None`` and the family is detected from the keys)."""
-
-    path: Path  # the model folder, or the checkpoint file
-    config: dict | None
-    weights: Path  # the file or shard index to open
-    variant: str | None = None
-    wrapper: str | None = None
-
-    def open(self) -> LazyStateDict:
-        return open_state_dict(self.weights, wrapper=self.wrapper)
-
-    def files(self) -> list[Path]:
-        """Every file this model is read from (config, index, shards), for cache keys."""
-        out = [self.path / CONFIG_NAME] if self.config is not None else []
-        out.append(self.weights)
-        if self.weights.name.endswith(".json"):
-            try:
-                shards = sorted(set(json.loads(self.weights.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError):
-                shards = []  # open() will say what is wrong with it
-            out += [self.weights.parent / s for s in shards]
-        return out
-
-    @property
-    def class_name(self) -> str | None:
-        if self.config is None:
-            return None
-        archs = self.config.get("architectures") or [None]
-        return self.config.get("_class_name") or archs[0] or self.config.get("model_type")
-
-
-@dataclass
-class PipelineSource:
-    """A diffusers pipeline folder (``model_index.json``)."""
-
-    path: Path
-    index: dict
-    models: dict[str, ModelSource] = field(default_factory=dict)  # components with config + weights
-    folders: dict[str, Path] = field(default_factory=dict)  # components without weights: copied as they are
-    absent: dict[str, str] = field(default_factory=dict)  # named in model_index, not here: name -> why
-
-    @property
-    def class_name(self) -> str | None:
-        return self.index.get("_class_name")
-
-    def component_classes(self) -> dict[str, str | None]:
-        return {k: v[1] for k, v in self.index.items() if _is_component(v)}
-
-
-def _is_component(value) -> bool:
-    return isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
-
-
-def open_model(path, *, variant: str | None = None, wrapper: str | None = None) -> ModelSource:
-    """A model folder (``config.json`` + weights) or a bare checkpoint file."""
-    path = Path(path)
-    if path.is_file():
-        return ModelSource(path=path, config=None, weights=path, wrapper=wrapper)
-    config_path = path / CONFIG_NAME
-    if not config_path.is_file():
-        raise CheckpointReadError(f"{path}: not a model folder (no {CONFIG_NAME}); it holds {_listing(path)}")
-    return ModelSource(path=path, config=read_json(config_path), weights=find_weights(path, variant),
-                       variant=variant, wrapper=wrapper)
-
-
-def open_pipeline(path, *, variant: str | None = None) -> PipelineSource:
-    """A pipeline folder: each ``model_index.json`` component sorted into models (config +
-    weights), folders to copy (schedulers, tokenizers, processors) and absent ones (``null``
-    entries, or subfolders not there: a partial download)."""
-    path = Path(path)
-    index = read_json(path / PIPELINE_INDEX)
-    src = PipelineSource(path=path, index=index)
-    for name, value in index.items():
-        if not _is_component(value):
-            continue  # a pipeline setting (requires_safety_checker, id2label, ...)
-        sub = path / name
-        if value[1] is None:
-            src.absent[name] = "null in model_index.json"
-        elif not sub.is_dir():
-            src.absent[name] = f"no {name}/ folder"
-        elif (sub / CONFIG_NAME).is_file() and (found := _scan_weights(sub)):
-            # a pipeline's variant applies to the components saved in it (public repos hold fp16
-            # variants of the big models only); the others are read in their default form
-            has_variant = any(v == variant for v, _ in found)
-            src.models[name] = open_model(sub, variant=variant if has_variant else None)
-        else:
-            src.folders[name] = sub
-    return src
-
-
-def open_source(path, *, variant: str | None = None, wrapper: str | None = None) -> ModelSource | PipelineSource:
-    """What ``path`` is: a pipeline folder, a model folder, or a bare checkpoint file."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"no such file or folder: {path}")
-    if path.is_dir():
-        if (path / CONVERTED_MARKER).is_file():
-            raise CheckpointReadError(f"{path}: already a converted jdistill folder; load it with load_pretrained")
-        if (path / PIPELINE_INDEX).is_file():
-            return open_pipeline(path, variant=variant)
-    return open_model(path, variant=variant, wrapper=wrapper)

@@ -23,11 +23,12 @@ from types import ModuleType
 from typing import Mapping
 
 from jdistill.convert.engine import ConversionError
+from jdistill.errors import UserError
 
 PROTOCOL = ("module_from_config", "load_params", "export_rules", "example_inputs")
 
 
-class UnsupportedModel(ValueError):
+class UnsupportedModel(UserError, ValueError):
     """A model class, or a checkpoint layout, that jdistill has no converter for."""
 
 
@@ -94,8 +95,13 @@ FAMILIES: tuple[Family, ...] = (
            diffusers_classes=("SD3Transformer2DModel",)),
     Family("clip", "a CLIP text encoder (transformers CLIPTextModel)",
            architectures=("CLIPTextModel", "CLIPTextModelWithProjection"), model_types=("clip_text_model",)),
+    Family("clip_vision", "a CLIP image tower (transformers CLIPVisionModel)",
+           architectures=("CLIPVisionModel", "CLIPVisionModelWithProjection"), model_types=("clip_vision_model",)),
+    Family("clip_model", "a full CLIP model (transformers CLIPModel)", architectures=("CLIPModel",),
+           model_types=("clip",)),
     # model_type "t5" alone also means a full encoder-decoder T5: only the architecture says encoder-only
-    Family("t5", "a T5 encoder (transformers T5EncoderModel)", architectures=("T5EncoderModel",)),
+    Family("t5", "a T5 / mT5 encoder (transformers T5EncoderModel, MT5EncoderModel)",
+           architectures=("T5EncoderModel", "MT5EncoderModel")),
 )
 
 # Pipeline components that hold weights but play no part in distillation: not converted, not copied.
@@ -149,8 +155,6 @@ def family_for_config(config: Mapping, where: str = "config.json") -> Family:
 # Key prefixes / substrings of layouts that need their config (or are not supported as single
 # files), for the error message: (marker, what it is, what to do).
 _NEEDS_CONFIG = (
-    ("model.diffusion_model.", "a single-file Stable Diffusion checkpoint (CompVis / LDM layout)",
-     "convert the diffusers pipeline folder instead (e.g. the sd15 / sd21 / sdxl presets)"),
     ("transformer_blocks.0.norm1.emb.", "a diffusers-layout DiT state dict", "convert the folder with its config.json"),
     ("context_embedder.", "an SD3 / MMDiT transformer state dict", "convert the folder with its config.json"),
     ("conv_in.", "a diffusers UNet / VAE state dict", "convert the folder with its config.json"),
@@ -162,11 +166,12 @@ _NEEDS_CONFIG = (
 def detect_checkpoint(state_dict: Mapping, where: str = "checkpoint") -> tuple[Family, dict]:
     """(family, config) of a checkpoint file that came without a config.
 
-    Supported: the original facebookresearch DiT layout (``DiT-XL-2-256x256.pt`` and the
+    Supported here: the original facebookresearch DiT layout (``DiT-XL-2-256x256.pt`` and the
     training script's checkpoints), whose config is read off the tensor shapes
     (``jdistill.convert.dit.config_from_original``) and written the way the original
-    ``DiT`` constructor takes it, ``_class_name`` "DiT". Anything else is an
-    :class:`UnsupportedModel` saying what it looks like and what to convert instead.
+    ``DiT`` constructor takes it, ``_class_name`` "DiT". (Single-file Stable Diffusion / SD3
+    checkpoints are recognised before this, by :mod:`jdistill.convert.single_file`.) Anything
+    else is an :class:`UnsupportedModel` saying what it looks like and what to convert instead.
     """
     keys = list(state_dict.keys())
     from jdistill.convert import dit  # the one bare-file layout; light to import
@@ -188,5 +193,6 @@ def detect_checkpoint(state_dict: Mapping, where: str = "checkpoint") -> tuple[F
     for marker, what, todo in _NEEDS_CONFIG:
         if any(k.startswith(marker) or f".{marker}" in k for k in keys):
             raise UnsupportedModel(f"{where}: {what} cannot be converted without its config: {todo}")
-    raise UnsupportedModel(f"{where}: no config.json and not a layout jdistill recognises from its keys (the "
-                           f"original DiT .pt is the one bare-file format); its first keys are {sorted(keys)[:8]}")
+    raise UnsupportedModel(f"{where}: no config.json and not a layout jdistill recognises from its keys (single-file "
+                           "SD 1.x / 2.x / SDXL / SD3 checkpoints and the original DiT .pt are); its first keys are "
+                           f"{sorted(keys)[:8]}")

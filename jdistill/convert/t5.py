@@ -24,6 +24,7 @@ from typing import Iterator, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from jdistill.errors import InvalidArgument
 from jdistill.convert import engine
 from jdistill.convert.engine import ConversionError
 from jdistill.models.t5 import T5Encoder
@@ -51,10 +52,10 @@ def module_from_config(config: Mapping, dtype=jnp.float32, param_dtype=jnp.float
     config = dict(config)
     model_type = config.get("model_type", "t5")
     if model_type == "umt5":
-        raise ValueError("UMT5 gives every layer its own relative position bias; jdistill.models.t5 is T5's "
+        raise InvalidArgument("UMT5 gives every layer its own relative position bias; jdistill.models.t5 is T5's "
                          "encoder, where only the first layer has one")
     if model_type not in _MODEL_TYPES:
-        raise ValueError(f"not a T5 config: model_type {model_type!r} (expected one of {_MODEL_TYPES})")
+        raise InvalidArgument(f"not a T5 config: model_type {model_type!r} (expected one of {_MODEL_TYPES})")
     c = transformers.CONFIG_MAPPING[model_type].from_dict(config)
     module = T5Encoder(
         vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff, num_layers=c.num_layers,
@@ -63,7 +64,7 @@ def module_from_config(config: Mapping, dtype=jnp.float32, param_dtype=jnp.float
         layer_norm_epsilon=c.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype,
     )
     if (module.gated, module.dense_act) != (c.is_gated_act, c.dense_act_fn):  # the two readings must agree
-        raise ValueError(f"feed_forward_proj {c.feed_forward_proj!r}: transformers reads (gated={c.is_gated_act}, "
+        raise InvalidArgument(f"feed_forward_proj {c.feed_forward_proj!r}: transformers reads (gated={c.is_gated_act}, "
                          f"{c.dense_act_fn!r}), jdistill ({module.gated}, {module.dense_act!r})")
     return module
 
@@ -134,3 +135,23 @@ def load_params(state_dict: Mapping, module: T5Encoder):
     params, _ = engine.convert_state_dict(untie(state_dict), target, export_rules(module),
                                           what="T5 encoder checkpoint")
     return params
+
+
+def config_from_shapes(shapes: Mapping[str, tuple]) -> dict:
+    """A ``T5EncoderModel`` config.json dict from a T5 encoder state dict's shapes: heads of width
+    64 and relative positions up to 128 (T5 v1.1's, SD3's T5-XXL's; neither is in the weights),
+    "gated-gelu" when the feed-forward is gated (v1.1), else "relu"."""
+    table = SHARED if SHARED in shapes else EMBED_TOKENS
+    vocab, width = shapes[table]
+    layers = len({k.split(".")[2] for k in shapes if k.startswith("encoder.block.")})
+    inner = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0]
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in shapes
+    ff = shapes[f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight"][0]
+    if inner % 64:
+        raise InvalidArgument(f"a T5 attention of width {inner} has no whole number of 64-wide heads")
+    return {"architectures": ["T5EncoderModel"], "model_type": "t5", "vocab_size": vocab, "d_model": width,
+            "d_kv": 64, "d_ff": ff, "num_layers": layers, "num_heads": inner // 64,
+            "relative_attention_num_buckets": shapes["encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
+                                                     ".weight"][0],
+            "relative_attention_max_distance": 128, "feed_forward_proj": "gated-gelu" if gated else "relu",
+            "layer_norm_epsilon": 1e-6, "dropout_rate": 0.0}

@@ -16,6 +16,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
+from jdistill.errors import InvalidArgument
 from jdistill.convert import engine
 from jdistill.models import layers
 from jdistill.models.unet2d import UNet2DModel, config_from_diffusers
@@ -48,7 +49,7 @@ def load_unet2d_params(state_dict: Mapping, module, *, rng: jax.Array | None = N
                                           dtype=dtype)
     if guidance_target is not None:
         if rng is None:
-            raise ValueError("a guidance_embed=True UNet2DModel needs `rng` to initialise its guidance embedding "
+            raise InvalidArgument("a guidance_embed=True UNet2DModel needs `rng` to initialise its guidance embedding "
                              "(a diffusers checkpoint has none)")
         embed = layers.GuidanceEmbedding(module.time_embed_dim, dtype=module.dtype, param_dtype=module.param_dtype)
         params = engine.add_fresh_submodule(params, "guidance_embedder", embed, guidance_target, rng,

@@ -36,6 +36,8 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
+from jdistill.errors import UserError
+
 # Importing the builders registers them with TFDS under their names.
 from jdistill.data.digits import Digits
 from jdistill.data.photo_patches import PhotoPatches
@@ -48,11 +50,11 @@ LOCAL_BUILDERS: dict[str, type] = {"digits": Digits, "photo_patches": PhotoPatch
 IN_MEMORY_BYTES = 256 * 2**20
 
 
-class DatasetNotAvailableError(FileNotFoundError):
+class DatasetNotAvailableError(UserError, FileNotFoundError):
     """A dataset is unknown, not prepared under the data dir, or not readable without TensorFlow."""
 
 
-class ImageShapeError(ValueError):
+class ImageShapeError(UserError, ValueError):
     """A dataset's images do not have the shape a model was configured for."""
 
 

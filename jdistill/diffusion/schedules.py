@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jdistill.diffusion.diffusers_options import UnsupportedSchedulerOption, refuse_plain_violations, zero_snr_floor
+
 Array = jax.Array
 
 
@@ -54,6 +56,9 @@ def _betas_for_alpha_bar(T: int, max_beta: float = 0.999) -> np.ndarray:
     )
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
 def make_betas(kind: str, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     """Betas exactly as diffusers' schedulers (and DiT's ``get_named_beta_schedule``) build them."""
     if kind == "linear":
@@ -65,6 +70,24 @@ def make_betas(kind: str, T: int = 1000, beta_start: float = 1e-4, beta_end: flo
     raise ValueError(f"unknown beta schedule {kind!r}; expected linear, scaled_linear or squaredcos_cap_v2")
 
 
+def cumprod_as_torch(x: np.ndarray) -> np.ndarray:
+    """float32 cumulative product accumulated in float64, as torch's cumprod does. The zero-SNR
+    rescale subtracts the last root from all of them, which would turn float32 accumulation's
+    1e-6 into 1e-4 near the end."""
+    return np.cumprod(np.asarray(x, np.float64)).astype(np.float32)
+
+
+def rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
+    """Lin et al. (2023), Algorithm 1, in float32 as diffusers computes it: shift sqrt(alpha_bar) so
+    the last is 0 and scale it so the first is unchanged. The last alpha_bar is then exactly 0."""
+    root = np.sqrt(cumprod_as_torch(1.0 - np.asarray(betas, np.float32)))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    alpha_bar = root**2
+    alphas = np.concatenate([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+    return (1.0 - alphas).astype(np.float32)
+
+
 @struct.dataclass
 class DiscreteVP:
     """alpha_bar table of a discrete-time variance-preserving process."""
@@ -72,9 +95,20 @@ class DiscreteVP:
     alphas_cumprod: Array  # (T,) float32
 
     @classmethod
-    def from_betas(cls, kind: str = "linear", T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02):
-        betas = make_betas(kind, T, beta_start, beta_end)
-        return cls(alphas_cumprod=jnp.asarray(np.cumprod(1.0 - betas, dtype=np.float32)))
+    def from_betas(cls, kind: str = "linear", T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                   zero_snr: bool = False, last_alpha_bar: float = 0.0):
+        """``zero_snr``: rescale to zero terminal SNR as diffusers' ``rescale_betas_zero_snr``, with
+        ``last_alpha_bar`` in place of the last alpha_bar (0; 2**-24 in diffusers' sigma-based classes)."""
+        return cls.from_betas_array(make_betas(kind, T, beta_start, beta_end), zero_snr, last_alpha_bar)
+
+    @classmethod
+    def from_betas_array(cls, betas, zero_snr: bool = False, last_alpha_bar: float = 0.0):
+        betas = np.asarray(betas, np.float32)
+        if not zero_snr:
+            return cls(alphas_cumprod=jnp.asarray(np.cumprod(1.0 - betas, dtype=np.float32)))
+        alphas_cumprod = cumprod_as_torch(1.0 - rescale_zero_terminal_snr(betas))
+        alphas_cumprod[-1] = last_alpha_bar
+        return cls(alphas_cumprod=jnp.asarray(alphas_cumprod))
 
     @property
     def num_train_timesteps(self) -> int:
@@ -211,20 +245,50 @@ class RectifiedFlow:
         return 1.0
 
 
-def from_diffusers_config(cfg: dict):
-    """Build the schedule a diffusers scheduler config describes."""
-    cls = cfg.get("_class_name", "")
-    if "FlowMatch" in cls:
-        return RectifiedFlow(shift=float(cfg.get("shift", 1.0)), num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
+def _diffusers_betas(cfg: dict) -> np.ndarray:
     if cfg.get("trained_betas") is not None:
-        betas = np.asarray(cfg["trained_betas"], np.float32)
-        return DiscreteVP(alphas_cumprod=jnp.asarray(np.cumprod(1.0 - betas, dtype=np.float32)))
-    return DiscreteVP.from_betas(
-        cfg.get("beta_schedule", "linear"),
-        int(cfg.get("num_train_timesteps", 1000)),
-        float(cfg.get("beta_start", 1e-4)),
-        float(cfg.get("beta_end", 0.02)),
-    )
+        return np.asarray(cfg["trained_betas"], np.float32)
+    kind = cfg.get("beta_schedule", "linear")
+    if kind not in BETA_SCHEDULES:
+        raise UnsupportedSchedulerOption(cfg.get("_class_name", ""), {"beta_schedule": kind},
+                                         f"jdistill builds {BETA_SCHEDULES}")
+    return make_betas(kind, int(cfg.get("num_train_timesteps", 1000)), float(cfg.get("beta_start", 1e-4)),
+                      float(cfg.get("beta_end", 0.02)))
+
+
+def diffusers_alphas_cumprod(cfg: dict) -> np.ndarray:
+    """alpha_bar as diffusers' scheduler of this config builds it, bit for bit: float32 products
+    accumulated in float64 as torch's cumprod does, zero-SNR rescale included.
+
+    Plain DiscreteVP tables keep float32 accumulation (1e-6 apart, what published results were
+    computed with); grids that map sigmas back to timesteps (Karras) amplify that to 1e-4 in t
+    and read this table instead (``pipelines.scheduling``)."""
+    betas = _diffusers_betas(cfg)
+    zero_snr = bool(cfg.get("rescale_betas_zero_snr", False))
+    if zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    alphas_cumprod = cumprod_as_torch(1.0 - betas)
+    if zero_snr:
+        alphas_cumprod[-1] = zero_snr_floor(cfg.get("_class_name", ""))
+    return alphas_cumprod
+
+
+def from_diffusers_config(cfg: dict, strict: bool = True):
+    """Build the schedule a diffusers scheduler config describes (betas or trained betas, zero-SNR
+    rescale, flow shift).
+
+    ``strict``: also refuse, by name, the config's sampling options that ``timesteps.make_grid``
+    and the solvers' default options would not reproduce (Karras sigmas, DPM-Solver variants,
+    sigma_min final steps, ...; see ``diffusers_options``). ``pipelines.scheduling.plan`` reads
+    those itself and passes False.
+    """
+    if strict:
+        refuse_plain_violations(cfg)
+    if "FlowMatch" in cfg.get("_class_name", ""):
+        return RectifiedFlow(shift=float(cfg.get("shift", 1.0)), num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
+    if cfg.get("rescale_betas_zero_snr", False):
+        return DiscreteVP(alphas_cumprod=jnp.asarray(diffusers_alphas_cumprod(cfg)))
+    return DiscreteVP.from_betas_array(_diffusers_betas(cfg))
 
 
 def from_config(cfg) -> "Schedule":

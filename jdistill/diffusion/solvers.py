@@ -90,3 +90,76 @@ def renoise(z, a_from, s_from, a_to, s_to, noise):
     """Forward process from a less noisy time to a noisier one: q(z_to | z_from)."""
     ratio = a_to / a_from
     return ratio * z + jnp.sqrt(jnp.maximum(s_to**2 - ratio**2 * s_from**2, 0.0)) * noise
+
+
+# ---------------------------------------------------------------- sigma-stepping schedulers
+# diffusers' Euler / Heun / DPM-Solver with Karras sigmas work in sigma = s / a (and Euler-type
+# schedulers in x = z / a); these steps take sigma as the scheduler holds it.
+
+
+def vp_from_sigma(sigma):
+    """(a, s) of diffusers' sigma = s / a, computed as its schedulers do: a = 1 / sqrt(sigma^2 + 1)."""
+    a = 1.0 / jnp.sqrt(sigma**2 + 1.0)
+    return a, sigma * a
+
+
+def dpmpp_step(z, x0, x0_prev, a_t, s_t, a_s, s_s, lam_prev, second_order, solver_type="midpoint", noise=None):
+    """DPM-Solver++ of order 1 or 2 (``second_order``, may be traced), diffusers' midpoint or heun
+    second-order term; with ``noise``, the SDE variant (sde-dpmsolver++), whose first-order part
+    keeps exp(-h) of z and adds noise of variance s_s^2 (1 - exp(-2h))."""
+    lam_t, lam_s = half_logsnr(a_t, s_t), half_logsnr(a_s, s_s)
+    h = lam_s - lam_t
+    r0 = jnp.where(second_order, (lam_t - lam_prev) / h, 1.0)
+    d1 = (x0 - x0_prev) / r0
+    if noise is None:
+        phi = a_s * (jnp.exp(-h) - 1.0)
+        first = (s_s / s_t) * z - phi * x0
+        d1_term = -0.5 * phi * d1 if solver_type == "midpoint" else a_s * ((jnp.exp(-h) - 1.0) / h + 1.0) * d1
+        return jnp.where(second_order, first + d1_term, first)
+    decay = 1.0 - jnp.exp(-2.0 * h)
+    first = (s_s / s_t * jnp.exp(-h)) * z + (a_s * decay) * x0
+    d1_term = 0.5 * (a_s * decay) * d1 if solver_type == "midpoint" else a_s * (decay / (-2.0 * h) + 1.0) * d1
+    return jnp.where(second_order, first + d1_term, first) + s_s * jnp.sqrt(decay) * noise
+
+
+def euler_ancestral_step(z, x0, a_t, sig_t, a_s, sig_s, noise):
+    """EulerAncestralDiscreteScheduler in x = z / a: an Euler step to sigma_down, then fresh noise of
+    std sigma_up (sigma_down^2 + sigma_up^2 = sigma_s^2, sigma_up^2 = sigma_s^2 (1 - sigma_s^2 / sigma_t^2))."""
+    sig_up = jnp.sqrt(sig_s**2 * (sig_t**2 - sig_s**2) / sig_t**2)
+    sig_down = jnp.sqrt(sig_s**2 - sig_up**2)
+    x = z / a_t
+    x = x + (x - x0) / sig_t * (sig_down - sig_t) + noise * sig_up
+    return a_s * x
+
+
+def ve_slope(z, x0, a, sig):
+    """dx/dsigma = (x - x0) / sigma at z, in x = z / a (Euler's and Heun's derivative). Taking it
+    from x, as diffusers does, keeps its rounding proportional to x: with zero terminal SNR
+    (sigma = 4096) the step x + slope dt cancels to 1 / 200 of x."""
+    return (z / a - x0) / sig
+
+
+def ve_euler(z, slope, a_t, sig_t, a_s, sig_s):
+    """An Euler step in x = z / a from sigma_t to sigma_s, back in z (the same update as a
+    deterministic DDIM step, rounded as diffusers' EulerDiscreteScheduler rounds it)."""
+    return a_s * (z / a_t + slope * (sig_s - sig_t))
+
+
+def heun_correct(z, slope, slope_next, a_t, sig_t, a_s, sig_s):
+    """Heun's second stage: the Euler step again with the mean of both slopes."""
+    return a_s * (z / a_t + (slope + slope_next) / 2 * (sig_s - sig_t))
+
+
+# ---------------------------------------------------------------- consistency models
+
+
+def lcm_step(z, x0, c_skip, c_out, a_s, s_s, noise, last):
+    """LCMScheduler: the consistency function's output c_out x0 + c_skip z, re-noised with fresh
+    noise to the next timestep except on the last step (``last`` may be traced)."""
+    denoised = c_out * x0 + c_skip * z
+    return jnp.where(last, denoised, a_s * denoised + s_s * noise)
+
+
+def codi_step(z, x0, eps, c_skip, c_out, a_s, s_s):
+    """CoDi's deterministic sampler: the consistency output taken as x, the predicted eps kept."""
+    return a_s * (c_skip * z + c_out * x0) + s_s * eps

@@ -13,6 +13,7 @@ from flax import struct
 import jax
 import jax.numpy as jnp
 
+from jdistill.diffusion import sigmas as sigmas_lib
 from jdistill.diffusion.schedules import CosineVP, DiscreteVP, RectifiedFlow, shift_time
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -22,6 +23,11 @@ SPACINGS = ("leading", "trailing", "linspace")
 class TimeGrid:
     t: jax.Array
     t_next: jax.Array
+    # diffusers' sigma = s / a at t and t_next, for grids whose noise levels are not the
+    # schedule's at t (Karras sigmas, sigmas interpolated between integer timesteps): the
+    # network sees t, the solver step reads these. None: the schedule's own at t.
+    sigma: jax.Array | None = None
+    sigma_next: jax.Array | None = None
 
     def __len__(self):
         return int(self.t.shape[0])
@@ -57,6 +63,25 @@ def dpm_timesteps(T: int, n: int, spacing: str = "linspace", steps_offset: int =
     else:
         raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
     return ts.astype(np.int32)
+
+
+def euler_timesteps(T: int, n: int, spacing: str = "linspace", steps_offset: int = 0) -> np.ndarray:
+    """Float timesteps of EulerDiscrete / EulerAncestral / Heun: as DDIM's, except that
+    "linspace" is not rounded (its sigmas are interpolated between table entries)."""
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n, dtype=np.float32)[::-1].copy()
+    return spaced_timesteps(T, n, spacing, steps_offset).astype(np.float32)
+
+
+def lcm_timesteps(T: int, n: int, original_steps: int = 50) -> np.ndarray:
+    """LCMScheduler's: n of the distillation grid's ``original_steps`` timesteps (k = T //
+    original_steps: 999, 979, ..., 19 for 50), at indices floor(linspace(0, original_steps, n,
+    endpoint=False)). It reads no timestep_spacing or steps_offset."""
+    if not 1 <= n <= original_steps <= T:
+        raise ValueError(f"LCM needs 1 <= num_steps ({n}) <= original_inference_steps ({original_steps}) <= {T}")
+    k = T // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    return origin[np.floor(np.linspace(0, original_steps, n, endpoint=False)).astype(np.int64)].astype(np.int32)
 
 
 def _grid(ts, ts_next, dtype):
@@ -101,24 +126,108 @@ def flow_grid(n: int, shift: float = 1.0, T: int = 1000) -> TimeGrid:
     return _grid(sig, np.concatenate([sig[1:], np.zeros(1, np.float32)]), jnp.float32)
 
 
-def make_grid(schedule, num_steps: int, solver: str = "ddim", spacing: str | None = None,
-              steps_offset: int = 0, set_alpha_to_one: bool = True) -> TimeGrid:
-    """The grid a diffusers user would get for this schedule and solver.
+def sigma_grid(ts, sigmas, last_sigma: float, t_dtype=jnp.float32) -> TimeGrid:
+    """Steps from each (t, sigma) to the next; the last lands on ``last_sigma`` (t = -1 when
+    that is 0, the clean end; else timestep 0)."""
+    ts = np.asarray(ts)
+    sig = np.concatenate([np.asarray(sigmas, np.float64), [last_sigma]]).astype(np.float32)
+    t_last = -1 if last_sigma == 0 else 0
+    return TimeGrid(t=jnp.asarray(ts, t_dtype), t_next=jnp.asarray(np.concatenate([ts[1:], [t_last]]), t_dtype),
+                    sigma=jnp.asarray(sig[:-1]), sigma_next=jnp.asarray(sig[1:]))
 
-    Discrete schedules follow each diffusers scheduler's own rule (DDIM steps by
-    T // n; DDPM and DPM-Solver chain their listed timesteps). Continuous
-    schedules use equal steps in t (``unit_grid``), flow schedules diffusers' sigma list.
+
+def euler_grid(alphas_cumprod, ts, karras: bool = False, sigma_min=None, sigma_max=None,
+               final: str = "zero") -> TimeGrid:
+    """EulerDiscrete / EulerAncestral / Heun: sigmas interpolated at the (float) timesteps ``ts``;
+    with ``karras``, Karras sigmas between their ends (or the config's sigma_min / sigma_max),
+    the network then seeing the float timesteps of those sigmas."""
+    ts = np.asarray(ts, np.float32)
+    sig = sigmas_lib.interpolate(alphas_cumprod, ts)
+    if karras:
+        lo = sig[-1].item() if sigma_min is None else sigma_min
+        hi = sig[0].item() if sigma_max is None else sigma_max
+        sig = sigmas_lib.karras(lo, hi, len(ts))
+        ts = sigmas_lib.sigma_to_t(sig, alphas_cumprod).astype(np.float32)
+    return sigma_grid(ts, sig, sigmas_lib.final_sigma(alphas_cumprod, final))
+
+
+def dpm_karras_grid(alphas_cumprod, n: int, round_t: bool = True, sigma_min=None, sigma_max=None,
+                    final: str = "zero", final_is_last_karras: bool = False) -> TimeGrid:
+    """DPMSolverMultistep / UniPC with Karras sigmas: n Karras sigmas over the whole table (or
+    between the config's sigma_min / sigma_max) at integer timesteps, rounded from their float
+    timestep, or truncated (DPM-Solver does not round for squaredcos_cap_v2). A "sigma_min"
+    final step lands on timestep 0's sigma, or (UniPC) repeats the last Karras sigma."""
+    table = sigmas_lib.table_sigmas(alphas_cumprod)
+    lo = table[0].item() if sigma_min is None else sigma_min
+    hi = table[-1].item() if sigma_max is None else sigma_max
+    sig = sigmas_lib.karras(lo, hi, n)
+    t = sigmas_lib.sigma_to_t(sig, alphas_cumprod)
+    t = np.round(t) if round_t else t
+    last = sig[-1] if final == "sigma_min" and final_is_last_karras else sigmas_lib.final_sigma(alphas_cumprod, final)
+    return sigma_grid(t.astype(np.int64), sig, last, jnp.int32)
+
+
+def final_grid(grid: TimeGrid, last_t: int) -> TimeGrid:
+    """The grid with its last step landing on ``last_t`` (0 for a sigma_min final step) instead
+    of the clean end."""
+    return grid.replace(t_next=grid.t_next.at[-1].set(last_t))
+
+
+def check_custom(timesteps, T: int) -> np.ndarray:
+    """A custom timestep list as diffusers accepts it: descending, within [0, T)."""
+    ts = np.asarray(timesteps)
+    if ts.ndim != 1 or len(ts) == 0 or np.any(np.diff(ts) >= 0) or ts[0] >= T or ts[-1] < 0:
+        raise ValueError(f"custom timesteps must be descending within [0, {T}), got {ts.tolist()}")
+    return ts
+
+
+# solvers whose diffusers scheduler takes a custom timestep list, and how the list becomes a grid
+CUSTOM_TIMESTEPS = ("ddpm", "dpmpp_2m", "dpmpp_sde", "heun", "lcm", "codi")
+
+
+def custom_grid(schedule, solver: str, timesteps) -> TimeGrid:
+    """``set_timesteps(timesteps=[...])`` (SDXL-Lightning / Hyper-SD style [999, 749, 499, 249]):
+    each listed timestep steps to the next, the last to the clean end."""
+    if solver not in CUSTOM_TIMESTEPS:
+        raise ValueError(f"solver {solver!r}: its diffusers scheduler takes no custom timesteps "
+                         f"(those that do: {CUSTOM_TIMESTEPS}); use trailing spacing for [999, 749, 499, 249]")
+    ts = check_custom(timesteps, schedule.num_train_timesteps)
+    if solver == "heun":
+        return euler_grid(schedule.alphas_cumprod, ts.astype(np.float32))
+    if not np.array_equal(ts, np.round(ts)):
+        raise ValueError(f"solver {solver!r} takes integer timesteps, got {ts}")
+    return chain_grid(ts.astype(np.int32))
+
+
+def make_grid(schedule, num_steps: int, solver: str = "ddim", spacing: str | None = None,
+              steps_offset: int = 0, set_alpha_to_one: bool = True, *, timesteps=None,
+              original_inference_steps: int = 50) -> TimeGrid:
+    """The grid a diffusers user would get for this schedule and solver (its scheduler's defaults).
+
+    Discrete schedules follow each diffusers scheduler's own rule (DDIM steps by T // n; DDPM,
+    DPM-Solver and UniPC chain their listed timesteps; Heun and Euler ancestral interpolate
+    sigmas; LCM / CoDi pick from the ``original_inference_steps`` grid); ``timesteps``: a custom
+    list (``custom_grid``). Continuous schedules use equal steps in t (``unit_grid``), flow
+    schedules diffusers' sigma list.
     """
     if isinstance(schedule, DiscreteVP):
         T = schedule.num_train_timesteps
+        if timesteps is not None:
+            return custom_grid(schedule, solver, timesteps)
         if solver in ("ddim", "stochastic"):
             return ddim_grid(T, num_steps, spacing or "leading", steps_offset, set_alpha_to_one)
         if solver == "ddpm":
             return chain_grid(spaced_timesteps(T, num_steps, spacing or "leading", steps_offset))
-        if solver == "dpmpp_2m":
+        if solver in ("dpmpp_2m", "dpmpp_sde", "unipc"):
             return chain_grid(dpm_timesteps(T, num_steps, spacing or "linspace", steps_offset))
-        raise ValueError(f"solver {solver!r} has no grid on a discrete VP schedule "
-                         "(ddim, stochastic, ddpm or dpmpp_2m; euler is for flow schedules)")
+        if solver in ("heun", "euler_ancestral"):
+            return euler_grid(schedule.alphas_cumprod, euler_timesteps(T, num_steps, spacing or "linspace", steps_offset))
+        if solver in ("lcm", "codi"):
+            return chain_grid(lcm_timesteps(T, num_steps, original_inference_steps))
+        raise ValueError(f"solver {solver!r} has no grid on a discrete VP schedule (ddim, stochastic, ddpm, "
+                         "dpmpp_2m, dpmpp_sde, unipc, heun, euler_ancestral, lcm or codi; euler is for flow schedules)")
+    if timesteps is not None:
+        raise ValueError("custom timesteps need a discrete schedule")
     if isinstance(schedule, RectifiedFlow):
         return flow_grid(num_steps, schedule.shift, schedule.num_train_timesteps)
     if isinstance(schedule, CosineVP):

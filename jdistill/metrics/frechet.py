@@ -15,8 +15,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
+from jdistill.errors import UserError
 
-class FrechetError(ValueError):
+
+class FrechetError(UserError, ValueError):
     """Features or statistics that give no meaningful Frechet distance."""
 
 

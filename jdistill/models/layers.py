@@ -39,6 +39,21 @@ def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = False, freq_shift: f
     return emb
 
 
+def guidance_scale_embedding(guidance_scale, dim: int):
+    """LCM's embedding of the guidance scale, a w-conditioned UNet's ``timestep_cond``: sinusoidal
+    features of 1000 w with w = guidance_scale - 1 (Meng et al.'s w), computed in the order of
+    diffusers' LatentConsistencyModelPipeline ``get_guidance_scale_embedding`` (not
+    :func:`timestep_embedding`'s). The phases reach thousands of radians (w = 7: 7000), where one
+    float32 ulp of a frequency, which XLA's and torch's ``exp`` can differ by, is 5e-4 rad: the
+    features agree with diffusers' to that, not to float32 rounding."""
+    w = (jnp.asarray(guidance_scale, jnp.float32).reshape(-1) - 1.0) * 1000.0
+    half = dim // 2
+    step = jnp.log(jnp.float32(10000.0)) / (half - 1)
+    emb = w[:, None] * jnp.exp(jnp.arange(half, dtype=jnp.float32) * -step)[None, :]
+    emb = jnp.concatenate([jnp.sin(emb), jnp.cos(emb)], axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, 1))) if dim % 2 else emb
+
+
 def activation(name: str):
     fns = {
         "silu": nn.silu, "swish": nn.silu, "gelu": partial(nn.gelu, approximate=False),
@@ -424,7 +439,7 @@ def materialize_cotangent(x):
     each block's backward re-derived the gradient of every block above it, a chain of several
     hundred operations per element in the first block (docs/performance.md). The barrier only
     holds where the compiler keeps barriers until fusion: GPU and TPU do; XLA:CPU drops them
-    early unless the step is compiled with ``jdistill.train.step.compiler_options()``.
+    early unless the step is compiled with ``jdistill.train.engine.compiler_options()``.
     """
     return x
 

@@ -6,6 +6,7 @@ arguments of the right shapes for ``module.init`` / ``jax.eval_shape``.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import flax.linen as nn
@@ -68,5 +69,37 @@ def example_inputs(module, batch: int = 1) -> tuple[tuple, dict]:
     raise ValueError(f"no example inputs known for {type(module).__name__}")
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassConditioning:
+    """A class-conditional network's labels: 0..num_classes-1 are real, ``null_id`` means "no class"."""
+
+    num_classes: int
+    null_id: int | None
+
+
+def class_conditioning(module) -> ClassConditioning | None:
+    """How ``module`` reads class labels, the same rule for every family (None: not class-conditional).
+
+    DiT: a table of ``num_classes`` rows plus the null row ``num_classes`` (``null_class``).
+    UNet2DModel with a label table (``num_class_embeds``): jdistill keeps its last row for the
+    null class, so ``num_class_embeds - 1`` classes are real.
+    """
+    if getattr(module, "num_classes", None):
+        k = int(module.num_classes)
+        return ClassConditioning(k, k if getattr(module, "null_class", True) else None)
+    embeds = getattr(module, "num_class_embeds", None)
+    if embeds and getattr(module, "class_embed_type", None) is None:
+        return ClassConditioning(int(embeds) - 1, int(embeds) - 1)
+    return None
+
+
 def num_classes(module) -> int | None:
-    return getattr(module, "num_classes", None) or getattr(module, "num_class_embeds", None)
+    """Real classes of a class-conditional network (its null row excluded), else None."""
+    classes = class_conditioning(module)
+    return classes.num_classes if classes is not None else None
+
+
+def learned_variance(module) -> bool:
+    """Whether the network outputs a variance beside its prediction (2x its input channels)."""
+    out = getattr(module, "output_channels", None) or getattr(module, "out_channels", None)
+    return bool(out) and out == 2 * module.in_channels

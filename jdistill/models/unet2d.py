@@ -254,6 +254,7 @@ class UNet2DModel(nn.Module):
                            "downsample_type": self.downsample_type, "downsample_padding": self.downsample_padding,
                            **extra, **fixed}, name=f"down_blocks_{i}")
             x, states = block(x, emb, deterministic=deterministic)
+            self.sow("intermediates", f"down_{i}", x)
             skips += states
 
         if self.mid_block_type is not None:
@@ -261,6 +262,7 @@ class UNet2DModel(nn.Module):
                                add_attention=self.add_attention, attention_head_dim=self.attention_head_dim,
                                attn_groups=self.attn_norm_num_groups, name="mid_block")(
                 x, emb, deterministic=deterministic)
+            self.sow("intermediates", "mid", x)
 
         for i, name in enumerate(self.up_block_types):
             cls, fixed = UP_BLOCKS[_block_type(name)]
@@ -270,6 +272,7 @@ class UNet2DModel(nn.Module):
                            "upsample_type": self.upsample_type, **extra, **fixed}, name=f"up_blocks_{i}")
             states, skips = skips[-block.num_layers:], skips[:-block.num_layers]
             x = block(x, states, emb, deterministic=deterministic)
+            self.sow("intermediates", f"up_{i}", x)
 
         # diffusers' conv_act is SiLU whatever act_fn says
         x = nn.silu(layers.group_norm(self.norm_num_groups, "conv_norm_out", self.norm_eps, **kw)(x))

@@ -327,6 +327,7 @@ class ConditionalEncoder(nn.Module):
                 fields.update(self._cross_fields(self.heads[i], self.down_transformer_layers[i], only_cross[i]))
             x, states = cls(**fields, name=f"down_blocks_{i}")(
                 x, emb, deterministic=deterministic, attention_kwargs={"encoder_hidden_states": context})
+            self.sow("intermediates", f"down_{i}", x)
             skips += states
         return x, skips
 
@@ -481,6 +482,7 @@ class UNet2DConditionModel(ConditionalEncoder):
         x = self._mid_path(x, emb, context, deterministic)
         if mid_block_additional_residual is not None:
             x = x + jnp.asarray(mid_block_additional_residual).astype(x.dtype)
+        self.sow("intermediates", "mid", x)
 
         n = len(self.block_out_channels)
         heads, layers_up = self.heads[::-1], self.layers[::-1]
@@ -497,6 +499,7 @@ class UNet2DConditionModel(ConditionalEncoder):
             x = cls(**fields, name=f"up_blocks_{i}")(
                 x, states, emb, output_size=output_size, deterministic=deterministic,
                 attention_kwargs={"encoder_hidden_states": context})
+            self.sow("intermediates", f"up_{i}", x)
 
         x = layers.group_norm(self.norm_num_groups, "conv_norm_out", self.norm_eps, **kw)(x)
         x = layers.activation(self.act_fn)(x)

@@ -8,7 +8,10 @@ Three families, told apart by their components (:func:`family_of`):
 * ``"sdxl"``: two towers; ``encoder_hidden_states`` concatenates their penultimate hidden
   states (before any final norm) along the width, and ``added_cond_kwargs`` carries
   ``text_embeds`` (the projected pooled output of the tower with a projection, SDXL's
-  ``text_encoder_2``) and ``time_ids`` (original size, crop corner, target size).
+  ``text_encoder_2``) and ``time_ids`` (original size, crop corner, target size). The SDXL
+  refiner has ``text_encoder_2`` alone (its states are the whole ``encoder_hidden_states``)
+  and five time ids: original size, crop corner and an aesthetic score, a different one
+  (``negative_aesthetic_score``) on the unconditional side.
 * ``"sd3"``: CLIP-L and CLIP-G penultimate states concatenated, zero-padded to T5's width and
   followed by T5's tokens (zeros when the pipeline has no T5) as ``encoder_hidden_states``;
   the two projected pooled outputs concatenated as ``pooled_projections``.
@@ -152,10 +155,13 @@ class PromptEncoder:
         return {"encoder_hidden_states": jnp.concatenate([hidden, t5.astype(hidden.dtype)], axis=1),
                 "pooled_projections": pooled}
 
-    def __call__(self, params, tokens, negative_tokens=None, *, zero_uncond: bool = False, time_ids=None):
+    def __call__(self, params, tokens, negative_tokens=None, *, zero_uncond: bool = False, time_ids=None,
+                 negative_time_ids=None):
         """``(cond, uncond)`` module kwargs for the prompts' ``tokens`` and, for guidance, the
         negative prompts' (``uncond`` is None without either ``negative_tokens`` or
-        ``zero_uncond``). ``time_ids`` (1 or B, 6): SDXL's size / crop conditioning."""
+        ``zero_uncond``). ``time_ids`` (1 or B, 6; the refiner's 5): SDXL's size / crop (/
+        aesthetic) conditioning; ``negative_time_ids`` those of the unconditional side (default:
+        the same)."""
         if negative_tokens is not None:
             # one encoder call for both halves, as the network will see them
             both = jax.tree.map(lambda a, b: jnp.concatenate([jnp.asarray(a), jnp.asarray(b)]), tokens,
@@ -165,7 +171,9 @@ class PromptEncoder:
             cond = self.text_cond(params, tokens)
             uncond = jax.tree.map(jnp.zeros_like, cond) if zero_uncond else None
         if self.family == "sdxl":
-            cond, uncond = (None if c is None else _with_time_ids(c, time_ids) for c in (cond, uncond))
+            cond = _with_time_ids(cond, time_ids)
+            if uncond is not None:
+                uncond = _with_time_ids(uncond, time_ids if negative_time_ids is None else negative_time_ids)
         return cond, uncond
 
 
@@ -182,14 +190,18 @@ def _with_time_ids(cond: dict, time_ids) -> dict:
     if time_ids is None:
         raise ValueError("SDXL conditioning needs time_ids (original size, crop corner, target size)")
     batch = cond["encoder_hidden_states"].shape[0]
-    ids = jnp.broadcast_to(jnp.asarray(time_ids, cond["encoder_hidden_states"].dtype).reshape(-1, 6), (batch, 6))
+    ids = jnp.asarray(time_ids, cond["encoder_hidden_states"].dtype)
+    n = ids.shape[-1]
+    ids = jnp.broadcast_to(ids.reshape(-1, n), (batch, n))
     return {**cond, "added_cond_kwargs": {**cond["added_cond_kwargs"], "time_ids": ids}}
 
 
-def sdxl_time_ids(height: int, width: int, original_size=None, crops_coords_top_left=(0, 0), target_size=None):
-    """SDXL's micro-conditioning: original (h, w), crop corner (top, left), target (h, w); the
-    sizes default to the generated image's, as in diffusers."""
+def sdxl_time_ids(height: int, width: int, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
+                  aesthetic_score: float | None = None):
+    """SDXL's micro-conditioning: original (h, w), crop corner (top, left), then the target (h, w)
+    or, for the refiner (``aesthetic_score`` given, diffusers' ``requires_aesthetics_score``), the
+    aesthetic score; sizes default to the generated image's, as in diffusers."""
     original = tuple(original_size or (height, width))
-    target = tuple(target_size or (height, width))
-    return np.asarray([original + tuple(crops_coords_top_left) + target], np.float32)
+    last = (aesthetic_score,) if aesthetic_score is not None else tuple(target_size or (height, width))
+    return np.asarray([original + tuple(crops_coords_top_left) + last], np.float32)
 

@@ -1,18 +1,24 @@
 """A diffusers scheduler config -> how jdistill samples it: schedule, prediction, solver, grid.
 
 A pipeline folder's ``scheduler/scheduler_config.json`` fixes the noise schedule (betas or
-flow shift), what the network predicts, and the sampler diffusers would run. Each supported
-scheduler class maps onto one of jdistill's solvers over the same time grid:
+flow shift, zero-SNR rescale), what the network predicts, and the sampler diffusers would run.
+Each supported scheduler class maps onto one of jdistill's solvers over the same time grid
+(docs/schedulers.md has every option and its parity test):
 
-==================================  ============  ==========================================
-diffusers class                      solver        grid
-==================================  ============  ==========================================
-DDIMScheduler                        ddim          each step lands ``T // n`` earlier
-DDPMScheduler                        ddpm          its timesteps, chained to the clean end
-DPMSolverMultistepScheduler          dpmpp_2m      its timesteps, chained (DPM-Solver++ 2M)
-EulerDiscreteScheduler               ddim          its timesteps, chained (see below)
-FlowMatchEulerDiscreteScheduler      euler         its shifted sigmas
-==================================  ============  ==========================================
+====================================  ===============  ======================================
+diffusers class                        solver           grid
+====================================  ===============  ======================================
+DDIMScheduler                          ddim             each step lands ``T // n`` earlier
+DDPMScheduler                          ddpm             its timesteps, chained to the clean end
+DPMSolverMultistepScheduler            dpmpp_2m         its timesteps (or Karras sigmas), chained
+  algorithm_type="sde-dpmsolver++"     dpmpp_sde        the same
+EulerDiscreteScheduler                 ddim             its timesteps (or sigmas), chained
+EulerAncestralDiscreteScheduler        euler_ancestral  its interpolated sigmas
+HeunDiscreteScheduler                  heun             its interpolated (or Karras) sigmas
+UniPCMultistepScheduler                unipc            its timesteps (or Karras sigmas), chained
+LCMScheduler                           lcm              from its original_inference_steps grid
+FlowMatchEulerDiscreteScheduler        euler            its shifted sigmas
+====================================  ===============  ======================================
 
 EulerDiscreteScheduler (SDXL's) integrates the same probability-flow ODE in the variables
 x / alpha and sigma = s / a; one Euler step there is exactly one deterministic DDIM step in
@@ -20,71 +26,65 @@ z = a x + s eps, so it runs as "ddim" on its own timesteps. Its first latents ar
 noise times ``init_noise_sigma``, which in z is the noise itself for "leading" spacing and
 the noise times s at the first timestep for "linspace" / "trailing": ``SamplingPlan.noise_scale``.
 
-A ``solver`` may also be named for any config: the grid is then the one its own diffusers
-scheduler would make ``from_config(config)`` (the config's spacing, offset and
-``set_alpha_to_one``); on SD 1.5's PNDMScheduler, which has no jdistill counterpart, naming
-one is required. Options that change the grid or the update in ways jdistill does not
-reproduce (Karras / exponential / beta sigmas, thresholding, zero-SNR rescaling, dynamic
-shifting, other DPM-Solver variants, ...) are refused by name rather than ignored.
+A ``solver`` may also be named for any config: it then samples as its diffusers scheduler built
+``from_config(config)`` does (that class's options read from the config, its defaults for the
+rest; "stochastic" on DDIM's grid, "codi" on LCM's). On SD 1.5's PNDMScheduler, which has no
+jdistill counterpart, naming one is required. Options that would change the grid or the update
+in ways jdistill does not reproduce are refused by name (``UnsupportedSchedulerOption``, a
+ValueError), never ignored.
 """
 
 from __future__ import annotations
-
-import dataclasses
-import math
 
 import numpy as np
 
 from jdistill.diffusion import schedules as schedules_lib
 from jdistill.diffusion import timesteps as timesteps_lib
+from jdistill.diffusion.diffusers_options import UnsupportedSchedulerOption, differs, zero_snr_floor
 from jdistill.diffusion.parameterization import check_prediction
-from jdistill.diffusion.solvers import DDPM_VARIANCES
-from jdistill.diffusion.timesteps import TimeGrid
+from jdistill.pipelines import scheduler_plans as plans
+from jdistill.pipelines.scheduler_plans import SamplingPlan
 from jdistill.sampling.samplers import SOLVERS
+
+__all__ = ["SCHEDULER_SOLVERS", "SamplingPlan", "UnsupportedSchedulerOption", "default_solver", "plan",
+           "prediction_type", "schedule_from_config"]
 
 SCHEDULER_SOLVERS = {
     "DDIMScheduler": "ddim",
     "DDPMScheduler": "ddpm",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "EulerDiscreteScheduler": "ddim",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "HeunDiscreteScheduler": "heun",
+    "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
     "FlowMatchEulerDiscreteScheduler": "euler",
 }
-
-# config key -> the only value jdistill's grids and solvers reproduce (absent keys take it)
-_REQUIRED = {
-    "rescale_betas_zero_snr": False,
-    "thresholding": False,
-    "use_karras_sigmas": False,
-    "use_exponential_sigmas": False,
-    "use_beta_sigmas": False,
-    "use_lu_lambdas": False,
-    "use_flow_sigmas": False,
+# the diffusers class a named solver samples as
+SOLVER_SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "stochastic": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "dpmpp_sde": "DPMSolverMultistepScheduler",
+    "euler": "FlowMatchEulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "lcm": "LCMScheduler",
+    "codi": "LCMScheduler",
+}
+# FlowMatchEulerDiscreteScheduler options reproduced only at their defaults
+_FLOW_DEFAULTS = {
     "use_dynamic_shifting": False,
     "invert_sigmas": False,
     "shift_terminal": None,
+    "use_karras_sigmas": False,
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
     "stochastic_sampling": False,
-    "final_sigmas_type": "zero",
-    "timestep_type": "discrete",
-    "interpolation_type": "linear",
 }
-# DPMSolverMultistepScheduler as its default solver: only DPM-Solver++ of order 2
-_DPM_REQUIRED = {"algorithm_type": "dpmsolver++", "solver_order": 2}
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingPlan:
-    """What :func:`jdistill.sampling.samplers.sample` needs besides the denoiser: the solver and
-    its options, the grid, and the factor on unit noise that gives z at ``grid.t[0]``."""
-
-    solver: str
-    grid: TimeGrid
-    noise_scale: float = 1.0
-    clip_x0: float | None = None
-    ddpm_variance: str = "fixed_small"
-
-    @property
-    def num_steps(self) -> int:
-        return self.grid.num_steps
+_FLOW_SOLVERS = ("ddim", "ddpm", "dpmpp_2m", "euler", "stochastic")  # as before the sigma-grid solvers
 
 
 def class_name(config: dict) -> str:
@@ -103,84 +103,120 @@ def prediction_type(config: dict) -> str:
 
 
 def schedule_from_config(config: dict):
-    """The noise schedule of a scheduler config (``schedules.from_diffusers_config``), after
-    checking it describes one jdistill reproduces."""
-    _check_required(config, _REQUIRED)
-    return schedules_lib.from_diffusers_config(config)
+    """The noise schedule of a scheduler config (betas, zero-SNR rescale, flow shift). Sampling
+    options are :func:`plan`'s to reproduce or refuse."""
+    return schedules_lib.from_diffusers_config(config, strict=False)
 
 
 def default_solver(config: dict) -> str:
     """The jdistill solver that reproduces the config's own scheduler class."""
     name = class_name(config)
     if name not in SCHEDULER_SOLVERS:
-        raise ValueError(f"no jdistill solver reproduces {name or 'this scheduler'}; pass solver= one of {SOLVERS} "
-                         f"(reproduced classes: {', '.join(SCHEDULER_SOLVERS)})")
+        raise UnsupportedSchedulerOption(name, {"_class_name": name},
+                                         f"no jdistill solver reproduces it; pass solver= one of {SOLVERS} "
+                                         f"(reproduced classes: {', '.join(SCHEDULER_SOLVERS)})")
+    if name == "DPMSolverMultistepScheduler" and config.get("algorithm_type") == "sde-dpmsolver++":
+        return "dpmpp_sde"
     return SCHEDULER_SOLVERS[name]
 
 
-def _check_required(config: dict, required: dict) -> None:
-    bad = {k: config[k] for k, want in required.items() if k in config and config[k] != want
-           and not (want is False and config[k] is None)}
-    lam = config.get("lambda_min_clipped", -math.inf)
-    if lam is not None and lam != -math.inf:
-        bad["lambda_min_clipped"] = lam
+def _check_zero_snr(config: dict, scheduler: str) -> None:
+    """A named solver's class must rescale to zero SNR as the config's own class did (the
+    schedule is built from the config's class)."""
+    if not config.get("rescale_betas_zero_snr"):
+        return
+    if scheduler == "HeunDiscreteScheduler":
+        raise UnsupportedSchedulerOption(scheduler, {"rescale_betas_zero_snr": True},
+                                         "HeunDiscreteScheduler does not rescale, the config's schedule does")
+    if zero_snr_floor(scheduler) != zero_snr_floor(class_name(config)):
+        raise UnsupportedSchedulerOption(scheduler, {"rescale_betas_zero_snr": True},
+                                         f"its last alpha_bar differs from {class_name(config)}'s (0 vs 2**-24)")
+
+
+def _check_terminal_eps(config: dict, schedule, grid) -> None:
+    """Zero SNR puts alpha_bar = 0 at the last training timestep: x0 = (z - s eps) / a divides by 0
+    there, and diffusers returns inf / NaN. v-prediction (the paper's pairing) has no such step."""
+    if prediction_type(config) != "eps" or grid.sigma is not None:
+        return
+    if float(schedule.alpha_bar(grid.t[0])) == 0.0:
+        raise UnsupportedSchedulerOption(class_name(config), {"rescale_betas_zero_snr": True, "prediction_type": "epsilon"},
+                                         f"the first timestep {int(grid.t[0])} has alpha_bar = 0, where an eps "
+                                         "prediction gives x0 = (z - eps) / 0; use v_prediction")
+
+
+def _check_first_timestep_once(scheduler: str, grid) -> None:
+    """Index-counting schedulers start at the second occurrence of a repeated first timestep
+    (meant for img2img), skipping a sigma and running off the end of their list."""
+    if scheduler in ("DDIMScheduler", "DDPMScheduler"):
+        return
+    t = np.asarray(grid.t)
+    if np.any(t[1:] == t[0]):
+        raise UnsupportedSchedulerOption(scheduler, {"timesteps": t.tolist()},
+                                         f"the first timestep {t[0]} repeats; diffusers would start at its second "
+                                         "occurrence and step past its last sigma (try fewer steps)")
+
+
+def _flow_plan(config: dict, schedule, num_steps: int, solver: str) -> SamplingPlan:
+    bad = {k: config[k] for k, want in _FLOW_DEFAULTS.items() if k in config and differs(config[k], want)}
     if bad:
-        raise ValueError(f"{class_name(config) or 'scheduler'} config sets {bad}, which jdistill's samplers do not "
-                         "reproduce; use a config without them")
+        raise UnsupportedSchedulerOption(class_name(config), bad, "jdistill reproduces these only at their defaults")
+    if solver not in _FLOW_SOLVERS:
+        raise UnsupportedSchedulerOption(class_name(config), {"solver": solver},
+                                         f"on a flow-matching schedule jdistill samples with {_FLOW_SOLVERS}")
+    return SamplingPlan(solver, timesteps_lib.make_grid(schedule, num_steps, solver))
 
 
-def _euler_discrete_grid(config: dict, schedule, num_steps: int) -> tuple[TimeGrid, float]:
-    """EulerDiscreteScheduler's timesteps chained to the clean end, and its initial noise scale."""
-    T = schedule.num_train_timesteps
-    spacing = config.get("timestep_spacing", "linspace")
-    if spacing == "linspace":
-        ts = np.linspace(0, T - 1, num_steps, dtype=np.float32)[::-1]
-        if not np.array_equal(ts, np.round(ts)):
-            # diffusers then interpolates sigma linearly between table entries, which the
-            # discrete schedule (interpolating log alpha_bar) does not reproduce
-            raise ValueError(f"EulerDiscreteScheduler with linspace spacing puts {num_steps} steps at non-integer "
-                             "timesteps; use timestep_spacing 'leading' / 'trailing', a step count n with "
-                             f"({T} - 1) % (n - 1) == 0, or another solver")
-        ts = ts.astype(np.int32)
-    else:
-        ts = timesteps_lib.spaced_timesteps(T, num_steps, spacing, int(config.get("steps_offset", 0)))
-    grid = timesteps_lib.chain_grid(ts)
-    if spacing == "leading":  # init_noise_sigma = sqrt(sigma^2 + 1) = 1 / a: z is the unit noise
-        return grid, 1.0
-    # init_noise_sigma = sigma: z = a sigma noise = s noise
-    _, s = schedule.alpha_sigma(grid.t[0])
-    return grid, float(s)
+def _class_plan(req: plans.Request, solver: str, config: dict) -> SamplingPlan:
+    name = req.scheduler
+    clip_default = class_name(config) in ("DDIMScheduler", "DDPMScheduler")
+    if name == "DDIMScheduler":
+        return plans.ddim(req, solver, clip_default)
+    if name == "DDPMScheduler":
+        return plans.ddpm(req, clip_default)
+    if name == "DPMSolverMultistepScheduler":
+        return plans.dpm_solver(req, solver if solver in ("dpmpp_2m", "dpmpp_sde") else None)
+    if name == "EulerDiscreteScheduler":
+        return plans.euler(req)
+    if name == "EulerAncestralDiscreteScheduler":
+        return plans.euler_ancestral(req)
+    if name == "HeunDiscreteScheduler":
+        return plans.heun(req)
+    if name == "UniPCMultistepScheduler":
+        return plans.unipc(req)
+    if name == "LCMScheduler":
+        return plans.lcm(req, solver)
+    raise UnsupportedSchedulerOption(name, {"_class_name": name}, "no jdistill planner for this class")
 
 
-def plan(config: dict, num_steps: int, solver: str | None = None, schedule=None) -> SamplingPlan:
-    """How to sample ``num_steps`` steps for a diffusers scheduler config: by default as its
-    own scheduler class does; with ``solver``, as that solver's diffusers scheduler built
-    ``from_config(config)`` does ("ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpmpp_2m":
-    DPMSolverMultistepScheduler, "euler": FlowMatchEulerDiscreteScheduler; "stochastic" on
-    DDIM's grid)."""
-    if num_steps < 1:
+def plan(config: dict, num_steps: int | None, solver: str | None = None, schedule=None, *,
+         timesteps=None) -> SamplingPlan:
+    """How to sample ``num_steps`` steps for a diffusers scheduler config: by default as its own
+    scheduler class does; with ``solver``, as that solver's diffusers scheduler built
+    ``from_config(config)`` does (``SOLVER_SCHEDULERS``). ``timesteps``: a custom list, as
+    ``set_timesteps(timesteps=[...])`` (then ``num_steps`` may be None)."""
+    if timesteps is not None:
+        timesteps = np.asarray(timesteps)
+        if num_steps not in (None, len(timesteps)):
+            raise ValueError(f"num_steps={num_steps} but {len(timesteps)} custom timesteps")
+        num_steps = len(timesteps)
+    if num_steps is None or num_steps < 1:
         raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-    schedule = schedule if schedule is not None else schedule_from_config(config)
     if solver is not None and solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
-    name = class_name(config)
-    if solver is None and name == "EulerDiscreteScheduler":
-        grid, noise_scale = _euler_discrete_grid(config, schedule, num_steps)
-        return SamplingPlan("ddim", grid, noise_scale)
+    schedule = schedule if schedule is not None else schedule_from_config(config)
+    scheduler = SOLVER_SCHEDULERS[solver] if solver is not None else class_name(config)
     solver = solver or default_solver(config)
-    if name == "DPMSolverMultistepScheduler" and solver == "dpmpp_2m":
-        _check_required(config, _DPM_REQUIRED)
-
-    grid = timesteps_lib.make_grid(schedule, num_steps, solver, spacing=config.get("timestep_spacing"),
-                                   steps_offset=int(config.get("steps_offset", 0)),
-                                   set_alpha_to_one=bool(config.get("set_alpha_to_one", True)))
-    clip_x0 = None
-    if solver in ("ddim", "ddpm") and not is_flow(config):
-        # DDIM / DDPM schedulers clip x0 unless told not to; their configs always say (SD's: false)
-        clip_default = class_name(config) in ("DDIMScheduler", "DDPMScheduler")
-        if config.get("clip_sample", clip_default):
-            clip_x0 = float(config.get("clip_sample_range", 1.0))
-    variance = config.get("variance_type") or "fixed_small"
-    if solver == "ddpm" and variance not in DDPM_VARIANCES:
-        raise ValueError(f"DDPM variance_type {variance!r} is not reproduced (one of {DDPM_VARIANCES})")
-    return SamplingPlan(solver, grid, 1.0, clip_x0, variance if variance in DDPM_VARIANCES else "fixed_small")
+    if is_flow(config):
+        if timesteps is not None:
+            raise UnsupportedSchedulerOption(class_name(config), {"timesteps": timesteps.tolist()},
+                                             "custom timesteps on flow schedules are not reproduced")
+        return _flow_plan(config, schedule, num_steps, solver)
+    _check_zero_snr(config, scheduler)
+    if timesteps is not None:
+        timesteps = timesteps_lib.check_custom(timesteps, schedule.num_train_timesteps)
+    req = plans.Request(config, scheduler, schedule, schedules_lib.diffusers_alphas_cumprod(config), num_steps,
+                        timesteps)
+    result = _class_plan(req, solver, config)
+    _check_terminal_eps(config, schedule, result.grid)
+    _check_first_timestep_once(scheduler, result.grid)
+    return result

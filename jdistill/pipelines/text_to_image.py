@@ -23,7 +23,9 @@ or floats in [-1, 1] (jdistill's image convention; diffusers' "np" output is (x 
 
 As in diffusers, guidance runs only for ``guidance_scale > 1``; a network with a guidance
 embedding (a guidance-distilled student, ``guidance_embed=True``) reads the scale as its
-``guidance`` input instead, in one pass without negative prompts.
+``guidance`` input instead, in one pass without negative prompts, and an LCM UNet
+(``time_cond_proj_dim``) reads it as LCM's w embedding (``timestep_cond``), as diffusers'
+LatentConsistencyModelPipeline does.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import numpy as np
 from jdistill import images as images_lib
 from jdistill.convert import io, pretrained
 from jdistill.denoiser import Denoiser
+from jdistill.models import layers
 from jdistill.models import tokenizers as tokenizers_lib
 from jdistill.pipelines import scheduling
 from jdistill.pipelines.prompts import TEXT_COMPONENTS, PromptEncoder, as_list, family_of, negatives, sdxl_time_ids
@@ -61,11 +64,16 @@ class _Static:
     ddpm_variance: str
     uncond: str  # "none" (no guidance), "tokens" (negative prompts), "zeros" (SDXL's empty negative)
     guidance_input: bool  # the network reads guidance_scale as its "guidance" input
+    options: tuple = ()  # the plan's further solver options, (name, value) pairs
+    final_scale: float = 1.0  # diffusers' final latents per final z (SamplingPlan.final_scale)
+    timestep_cond: int | None = None  # an LCM UNet's time_cond_proj_dim: guidance enters as its w embedding
 
 
 def _encode(prompts: PromptEncoder, uncond: str, text_params, tokens, negative_tokens, time_ids):
+    """``time_ids``: None, or SDXL's (cond, uncond) pair."""
+    cond_ids, uncond_ids = time_ids if time_ids is not None else (None, None)
     return prompts(text_params, tokens, negative_tokens if uncond == "tokens" else None,
-                   zero_uncond=uncond == "zeros", time_ids=time_ids)
+                   zero_uncond=uncond == "zeros", time_ids=cond_ids, negative_time_ids=uncond_ids)
 
 
 def _decode(vae, vae_params, latents):
@@ -81,9 +89,14 @@ def _generate(denoiser, text_params, vae_params, tokens, negative_tokens, time_i
     cond, uncond = _encode(static.prompts, static.uncond, text_params, tokens, negative_tokens, time_ids)
     if static.guidance_input:
         cond = {**cond, "guidance": jnp.full((noise.shape[0],), guidance_scale, jnp.float32)}
+    if static.timestep_cond is not None:
+        cond = {**cond, "timestep_cond": layers.guidance_scale_embedding(
+            jnp.full((noise.shape[0],), guidance_scale, jnp.float32), static.timestep_cond)}
     latents = samplers.sample(denoiser, noise, cond, grid=grid, solver=static.solver, rng=rng,
                               guidance_scale=None if uncond is None else guidance_scale, uncond=uncond, eta=eta,
-                              clip_x0=static.clip_x0, ddpm_variance=static.ddpm_variance)
+                              clip_x0=static.clip_x0, ddpm_variance=static.ddpm_variance, **dict(static.options))
+    if static.final_scale != 1.0:
+        latents = latents * static.final_scale
     images = None if static.vae is None else _decode(static.vae, vae_params, latents)
     return latents, images
 
@@ -118,6 +131,11 @@ class TextToImage:
     scheduler_config: dict
     use_attention_mask: tuple = ()  # per tower, SD 1.x / 2.x only
     force_zeros_for_empty_prompt: bool = False  # SDXL: zeros, not "", as the negative when none is given
+    # the loaded models by component name (module, config, family), as from_pretrained found them:
+    # what a LoRA's module names are resolved against (with_lora)
+    models: dict = dataclasses.field(default_factory=dict, repr=False)
+    # the SDXL refiner (diffusers' requires_aesthetics_score): 5 time ids ending in an aesthetic score
+    requires_aesthetics_score: bool = False
 
     def __post_init__(self):
         self.text_encoders = tuple(self.text_encoders)
@@ -129,9 +147,6 @@ class TextToImage:
         for i, (module, tok) in enumerate(zip(self.text_encoders, self.tokenizers)):
             if module is not None and tok is None:
                 raise ValueError(f"text encoder {i + 1} has no tokenizer")
-        if getattr(self.network, "time_cond_proj_dim", None) is not None:
-            raise ValueError("the network takes timestep_cond (an LCM-style guidance embedding), which this pipeline "
-                             "does not build")
         self.schedule = scheduling.schedule_from_config(self.scheduler_config)
         self.prompt_encoder(256)  # checks the towers fit the family
         if self.family == "sdxl":
@@ -140,39 +155,107 @@ class TextToImage:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, cache_dir=None) -> "TextToImage":
+    def from_pretrained(cls, path, *, dtype=None, cache_dir=None, config=None, models_dir=None) -> "TextToImage":
         """From a pipeline folder with a ``model_index.json``: converted by ``jdistill convert``
         (restored as it is) or diffusers' own (each component converted once into the cache,
-        see :func:`jdistill.convert.pretrained.load_pretrained`). ``dtype``: params and compute
-        dtype of every model (default: as stored)."""
+        see :func:`jdistill.convert.pretrained.load_pretrained`); from a single-file checkpoint
+        with ``config`` a diffusers pipeline folder (its model_index, scheduler and tokenizers;
+        the weights from the file); or from a preset name (:meth:`from_preset`). ``dtype``:
+        params and compute dtype of every model (default: as stored)."""
+        from jdistill.convert import presets
+
         path = Path(path).expanduser()
-        index = io.read_json(path / io.PIPELINE_INDEX)
+        if not path.exists() and presets.find(str(path)) is not None:
+            return cls.from_preset(str(path), dtype=dtype, cache_dir=cache_dir, models_dir=models_dir)
+        root = path
+        if path.is_file():
+            if config is None:
+                raise ValueError(f"{path} is a single file: pass config= a diffusers pipeline folder for its "
+                                 "model_index, scheduler and tokenizers (a single file holds none of them)")
+            root = Path(config).expanduser()
+        index = io.read_json(root / io.PIPELINE_INDEX)
         present = [name for name, entry in index.items()
                    if not name.startswith("_") and isinstance(entry, list) and entry and entry[0] is not None]
         family = family_of(present)
 
         def load(name):
-            return pretrained.load_pretrained(path, name, dtype=dtype, cache_dir=cache_dir)
+            return pretrained.load_pretrained(path, name, dtype=dtype, cache_dir=cache_dir, config=config)
 
-        network, vae = load("transformer" if family == "sd3" else "unet"), load("vae")
+        network_name = "transformer" if family == "sd3" else "unet"
+        network, vae = load(network_name), load("vae")
         towers, toks = [], []
         for encoder_name, tokenizer_name in TEXT_COMPONENTS:
             if encoder_name in present:
                 towers.append(load(encoder_name))
-                toks.append(tokenizers_lib.load_tokenizer(path, tokenizer_name))
+                toks.append(tokenizers_lib.load_tokenizer(root, tokenizer_name))
             else:
                 towers.append(None)
                 toks.append(None)
+        models = {network_name: network, "vae": vae, **{name: t for (name, _), t in zip(TEXT_COMPONENTS, towers) if t}}
         return cls(
             family=family, network=network.module, vae=vae.module,
             text_encoders=tuple(t and t.module for t in towers), tokenizers=tuple(toks),
             params={"network": network.params, "vae": vae.params,
                     "text_encoders": tuple(t and t.params for t in towers)},
-            scheduler_config=io.read_json(path / SCHEDULER_CONFIG),
+            scheduler_config=io.read_json(root / SCHEDULER_CONFIG),
             use_attention_mask=tuple(bool(t and t.config.get("use_attention_mask")) for t in towers),
             # SDXL pipelines default it on (diffusers registers it in model_index.json)
             force_zeros_for_empty_prompt=family == "sdxl" and bool(index.get("force_zeros_for_empty_prompt", True)),
+            models=models,
+            requires_aesthetics_score=family == "sdxl" and bool(index.get("requires_aesthetics_score", False)),
         )
+
+    @classmethod
+    def from_preset(cls, name: str, *, dtype=None, cache_dir=None, models_dir=None) -> "TextToImage":
+        """A preset as its authors sample it (:mod:`jdistill.convert.presets`): a pipeline preset's
+        folder; a UNet file / folder preset put into its base preset's pipeline; a LoRA preset
+        merged into its base pipeline at the published scale. The scheduler config is the
+        preset's :class:`~jdistill.convert.presets.Sampler` on the base's config (its solver runs
+        once ``jdistill.sampling`` has it)."""
+        from jdistill.convert import presets
+
+        preset = presets.get(name)
+        kw = dict(dtype=dtype, cache_dir=cache_dir, models_dir=models_dir)
+        if preset.base is None:
+            if preset.is_file or preset.folder != "pipeline":
+                raise ValueError(f"preset {name!r} is a single model, not a pipeline: load it with load_pretrained")
+            t2i = cls.from_pretrained(presets.locate(preset, models_dir), dtype=dtype, cache_dir=cache_dir)
+        else:
+            t2i = cls.from_preset(preset.base, **kw)
+            if preset.lora:
+                scale = preset.sampler.lora_scale if preset.sampler and preset.sampler.lora_scale is not None else 1.0
+                t2i = t2i.with_lora(presets.locate(preset, models_dir), scale)
+            else:
+                student = pretrained.load_pretrained(name, preset.replaces, dtype=dtype, cache_dir=cache_dir,
+                                                     models_dir=models_dir)
+                t2i = dataclasses.replace(t2i, network=student.module,
+                                          params={**t2i.params, "network": student.params},
+                                          models={**t2i.models, preset.replaces: student})
+        if preset.sampler is not None:
+            t2i = t2i.with_scheduler(preset.sampler.scheduler_config(t2i.scheduler_config))
+        return t2i
+
+    def with_lora(self, lora_file, scale: float = 1.0) -> "TextToImage":
+        """The same pipeline with a LoRA (diffusers / PEFT or kohya layout) merged into the models it
+        adapts at ``scale`` (diffusers' ``fuse_lora(lora_scale=...)``); see
+        :mod:`jdistill.convert.lora`, whose :func:`~jdistill.convert.lora.read` and
+        :func:`~jdistill.convert.lora.merge` keep the factors apart for training."""
+        from jdistill.convert import lora
+
+        if not self.models:
+            raise ValueError("with_lora needs the models' configs: build the pipeline with from_pretrained (or read "
+                             "and merge with jdistill.convert.lora)")
+        factors = lora.read(lora_file, {k: v for k, v in self.models.items() if k != "vae"})
+        params = dict(self.params)
+        towers = list(params["text_encoders"])
+        for component, f in factors.items():
+            if component in ("unet", "transformer"):
+                params["network"] = lora.merge(params["network"], f, scale)
+            else:
+                i = [name for name, _ in TEXT_COMPONENTS].index(component)
+                towers[i] = lora.merge(towers[i], f, scale)
+        params["text_encoders"] = tuple(towers)
+        return dataclasses.replace(self, params=params)
 
     def with_scheduler(self, scheduler) -> "TextToImage":
         """The same models sampled as another scheduler says: a config dict with its
@@ -200,9 +283,10 @@ class TextToImage:
         return Denoiser(params=self.params["network"], schedule=self.schedule, module=self.network,
                         prediction=self.prediction)
 
-    def plan(self, num_steps: int, solver: str | None = None) -> scheduling.SamplingPlan:
-        """Solver, grid and initial noise scale: the folder scheduler's own by default."""
-        return scheduling.plan(self.scheduler_config, num_steps, solver, self.schedule)
+    def plan(self, num_steps: int | None, solver: str | None = None, *, timesteps=None) -> scheduling.SamplingPlan:
+        """Solver, grid and initial noise scale: the folder scheduler's own by default
+        (``timesteps``: a custom list, as diffusers' ``set_timesteps(timesteps=...)``)."""
+        return scheduling.plan(self.scheduler_config, num_steps, solver, self.schedule, timesteps=timesteps)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -224,11 +308,14 @@ class TextToImage:
         if getattr(self.network, "addition_embed_type", None) != "text_time":
             raise ValueError("an SDXL pipeline's UNet needs addition_embed_type 'text_time'")
         pooled = next(m.projection_dim for m in self.text_encoders if m is not None and m.projection_dim)
-        passed = 6 * self.network.addition_time_embed_dim + pooled
+        n_ids = 5 if self.requires_aesthetics_score else 6
+        passed = n_ids * self.network.addition_time_embed_dim + pooled
         expected = self.network.projection_class_embeddings_input_dim
         if passed != expected:
-            raise ValueError(f"the UNet's added embedding takes {expected} features, but 6 time ids x "
-                             f"{self.network.addition_time_embed_dim} + pooled text {pooled} make {passed}")
+            raise ValueError(f"the UNet's added embedding takes {expected} features, but {n_ids} time ids x "
+                             f"{self.network.addition_time_embed_dim} + pooled text {pooled} make {passed}"
+                             + ("" if self.requires_aesthetics_score else " (an SDXL refiner's UNet takes 5 time ids: "
+                                "its model_index.json says requires_aesthetics_score)"))
 
     # ------------------------------------------------------------------ prompts
 
@@ -247,26 +334,40 @@ class TextToImage:
             return "zeros"
         return "tokens"
 
-    def _time_ids(self, height, width, original_size, crops_coords_top_left, target_size):
-        """SDXL's (1, 6) size / crop ids (None for the other families)."""
+    def _time_ids(self, height, width, original_size, crops_coords_top_left, target_size, aesthetic_score=6.0,
+                  negative_aesthetic_score=2.5, negative_original_size=None, negative_crops_coords_top_left=None):
+        """SDXL's (cond, uncond) time ids, (1, 6) each (the refiner's (1, 5)), as diffusers'
+        SDXL pipelines build them; None for the other families. The base model's unconditional
+        side takes the same ids; the refiner's ends in ``negative_aesthetic_score`` (its size and
+        crop default to the conditional ones), as StableDiffusionXLImg2ImgPipeline's."""
         if self.family != "sdxl":
             return None
         if height is None or width is None:
             default_h, default_w = self.default_size()
             height, width = height or default_h, width or default_w
-        return sdxl_time_ids(height, width, original_size, crops_coords_top_left, target_size)
+        if not self.requires_aesthetics_score:
+            ids = sdxl_time_ids(height, width, original_size, crops_coords_top_left, target_size)
+            return ids, ids
+        original = original_size or (height, width)
+        cond = sdxl_time_ids(height, width, original, crops_coords_top_left, aesthetic_score=aesthetic_score)
+        uncond = sdxl_time_ids(height, width, negative_original_size or original,
+                               negative_crops_coords_top_left or crops_coords_top_left,
+                               aesthetic_score=negative_aesthetic_score)
+        return cond, uncond
 
     def encode_prompt(self, prompts: str | Sequence[str], negative_prompts=None, *, guidance: bool = True,
                       height: int | None = None, width: int | None = None, max_sequence_length: int = 256,
-                      original_size=None, crops_coords_top_left=(0, 0), target_size=None):
+                      original_size=None, crops_coords_top_left=(0, 0), target_size=None, **sdxl):
         """``(cond, uncond)``: the network's conditioning kwargs for the prompts and, with
         ``guidance``, for the negative prompts (``uncond``; None without guidance). Pass them
         to ``Denoiser.predict(z, t, cond, guidance_scale=g, uncond=uncond)`` or a sampler.
-        ``height`` / ``width`` (pixels) matter to SDXL's time ids only."""
+        ``height`` / ``width`` (pixels) matter to SDXL's time ids only; ``sdxl``: the refiner's
+        ``aesthetic_score`` (6.0), ``negative_aesthetic_score`` (2.5), ``negative_original_size``,
+        ``negative_crops_coords_top_left``."""
         prompts = as_list(prompts)
         uncond = self._uncond_mode(guidance, negative_prompts)
         enc, tokens, neg = self._tokens(prompts, negative_prompts, uncond, max_sequence_length)
-        time_ids = self._time_ids(height, width, original_size, crops_coords_top_left, target_size)
+        time_ids = self._time_ids(height, width, original_size, crops_coords_top_left, target_size, **sdxl)
         return _encode_jit(enc, uncond, self.params["text_encoders"], tokens, neg, time_ids)
 
     def decode(self, latents) -> jax.Array:
@@ -278,12 +379,13 @@ class TextToImage:
     def generate(self, prompts: str | Sequence[str], negative_prompts=None, *, num_steps: int, guidance_scale: float,
                  solver: str | None = None, latents=None, seed: int = 0, height: int | None = None,
                  width: int | None = None, eta: float = 0.0, decode: bool = True, max_sequence_length: int = 256,
-                 original_size=None, crops_coords_top_left=(0, 0), target_size=None) -> Output:
+                 original_size=None, crops_coords_top_left=(0, 0), target_size=None, timesteps=None,
+                 **sdxl) -> Output:
         """Sample images for ``prompts``; returns the final latents and (with ``decode``) the
         float images. See ``__call__`` for the arguments."""
         prompts = as_list(prompts)
         batch = len(prompts)
-        plan = self.plan(num_steps, solver)
+        plan = self.plan(num_steps, solver, timesteps=timesteps)
         f = self.vae_scale_factor
         if latents is not None:
             latents = jnp.asarray(latents, jnp.float32)
@@ -306,11 +408,12 @@ class TextToImage:
         noise = noise * plan.noise_scale
 
         guidance_input = bool(getattr(self.network, "guidance_embed", False))
-        uncond = self._uncond_mode(guidance_scale > 1 and not guidance_input, negative_prompts)
+        lcm = getattr(self.network, "time_cond_proj_dim", None)
+        uncond = self._uncond_mode(guidance_scale > 1 and not guidance_input and lcm is None, negative_prompts)
         enc, tokens, neg = self._tokens(prompts, negative_prompts, uncond, max_sequence_length)
         static = _Static(enc, self.vae if decode else None, plan.solver, plan.clip_x0, plan.ddpm_variance, uncond,
-                         guidance_input)
-        time_ids = self._time_ids(height, width, original_size, crops_coords_top_left, target_size)
+                         guidance_input, plan.options, plan.final_scale, lcm)
+        time_ids = self._time_ids(height, width, original_size, crops_coords_top_left, target_size, **sdxl)
         latents, images = _generate(self.denoiser(), self.params["text_encoders"], self.params["vae"], tokens, neg,
                                     time_ids, noise, plan.grid, jnp.float32(guidance_scale), jnp.float32(eta),
                                     key_steps, static=static)
@@ -330,7 +433,10 @@ class TextToImage:
         training size). ``output_type``: "uint8" (numpy NHWC), "float" ([-1, 1]) or "latent"
         (the final latents, diffusers' ``output_type="latent"``). ``options``: ``eta`` (DDIM),
         ``max_sequence_length`` (SD3's T5 tokens, default 256), SDXL's ``original_size`` /
-        ``crops_coords_top_left`` / ``target_size``.
+        ``crops_coords_top_left`` / ``target_size``, the SDXL refiner's ``aesthetic_score`` /
+        ``negative_aesthetic_score`` / ``negative_original_size`` / ``negative_crops_coords_top_left``,
+        ``timesteps`` (a custom list such as [999, 749, 499, 249], as diffusers'
+        ``set_timesteps(timesteps=...)``).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type {output_type!r}: one of {OUTPUT_TYPES}")

@@ -1,16 +1,49 @@
-"""Recipes: what `jdistill train / sample / distill` run, one module per kind of experiment.
+"""Recipes: what the commands run, one module per method, each described by a :class:`Recipe`.
 
-A recipe module provides ``train(cfg, workdir, progress=True)`` and
-``make_sampler(workdir, **options) -> Sampler``; configs name theirs in ``recipe``.
+A config names its recipe (``recipe = "guided"``); a workdir's checkpoints store it, so every
+command can find the code for any run. The layers below a recipe module:
+
+* ``tasks``: what is distilled (a class-conditional workdir, a text-to-image pipeline);
+* ``stages``: one training run = one checkpoint directory; resumable sequences of them;
+* ``runs``: what a workdir holds, read from its checkpoints (never trains);
+* ``evaluation``: samplers, the evaluator registry, fair wall times, reports;
+* ``members``: a trained network as composite samplers (T-Stitch, collaboration) use it.
 """
 
+from __future__ import annotations
+
+import dataclasses
 import importlib
+from typing import Callable
 
-RECIPES = {"teacher": "jdistill.recipes.teacher", "guided": "jdistill.recipes.guided"}
+from jdistill.errors import UserError
 
 
-def get_recipe(cfg_or_name):
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    summary: str
+    command: str  # the command that trains it: "train", "distill", or "" (training-free)
+    train: Callable | None = None  # (cfg, workdir, *, progress, mesh) -> ...
+    sampler: Callable | None = None  # (run, **options) -> evaluation.Sampler
+    member: Callable | None = None  # (run, guidance_scale) -> members.Member, for composite samplers
+    sample_config: Callable | None = None  # (cfg, out, *, num, seed) -> dict: sampling straight from a config
+
+
+class UnknownRecipe(UserError, ValueError):
+    pass
+
+
+# name -> module defining RECIPE (imported on first use: recipes pull in heavy dependencies)
+RECIPES = {
+    "teacher": "jdistill.recipes.teacher",
+    "guided": "jdistill.recipes.guided",
+    "stitch": "jdistill.recipes.stitch_pretrained",
+}
+
+
+def get_recipe(cfg_or_name) -> Recipe:
     name = cfg_or_name if isinstance(cfg_or_name, str) else cfg_or_name.get("recipe", "teacher")
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
-    return importlib.import_module(RECIPES[name])
+        raise UnknownRecipe(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
+    return importlib.import_module(RECIPES[name]).RECIPE

@@ -1,30 +1,28 @@
-"""The main job (`make demo` / `jdistill demo`), on real handwritten digits, every stage trained with
-a shipped config or reused when already trained:
+"""The demo's machinery: where its runs live, how a part is run, timed and its claims printed.
+The parts themselves, one per method, are in ``recipes/parts.py``.
 
-1. the digits teacher (configs/digits_teacher.py): its 64-step DDIM + CFG samples scored against
-   the held-out digits (FD in the shipped classifier's features, share classified as their label);
-2. guided distillation (configs/digits_guided.py): stage 1 and halvings to a 1-step student, then
-   the teacher-vs-student table (FD, accuracy, wall time per 1000 samples) with Meng et al.'s
-   claims checked;
-3. T-Stitch (configs/digits_teacher_small.py): the small teacher, and a sweep of the fraction of
-   steps it takes from the large one.
+`make demo` / `jdistill demo [PART ...]` runs on real handwritten digits. Each part trains (or reuses) what it needs, prints its table and checks its paper's
+claims on the numbers; ``make demo`` runs every registered part in order. By default the
+teachers are the networks shipped in ``jdistill/assets`` (trained by the shipped configs;
+installed as finished runs) and the distillations run on a demo budget that still meets
+the claims; ``--full`` trains everything from the configs and reproduces the README's
+tables; ``--quick`` checks the plumbing in minutes (its numbers mean nothing).
 
-Tables go to the terminal and, with the grids, to ``runs/demo/``.
+Tables and grids go to ``runs/demo/<part>/``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-
-import jax
+import time
+from typing import Callable
 
 from jdistill import config as config_lib
-from jdistill import images as images_lib
-from jdistill.metrics.classifier import digits_fd, load_digits_classifier, real_vs_real_fd
-from jdistill.recipes import guided, stitch, teacher
-from jdistill.recipes.sample import Sampler
-from jdistill.train.loop import training_seconds
+from jdistill.errors import InvalidArgument
+from jdistill.recipes import assets
+from jdistill.recipes import teacher as teacher_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -32,9 +30,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 QUICK = {
     "digits_teacher": ["--config.train.steps=60", "--config.train.ckpt_every=30"],
     "digits_teacher_small": ["--config.train.steps=60", "--config.train.ckpt_every=30"],
-    "digits_guided": ["--config.stage1.steps=20", "--config.progressive.start_steps=4",
-                      "--config.progressive.train_steps.default=10", "--config.progressive.train_steps.2=10",
-                      "--config.progressive.train_steps.1=10"],
 }
 
 
@@ -47,72 +42,80 @@ def config_path(name: str) -> str:
     raise FileNotFoundError(f"no configs/{name}.py under {os.getcwd()} or {REPO}")
 
 
-TIMING_REPEATS = 3  # wall times are the best of 3 runs (this machine is shared)
+@dataclasses.dataclass
+class Demo:
+    """Where the demo's runs live and how hard it works."""
+
+    workdir: str = "runs"
+    num: int = 1000
+    quick: bool = False
+    full: bool = False
+
+    @property
+    def suffix(self) -> str:
+        return "_quick" if self.quick else ""
+
+    def run_dir(self, name: str) -> str:
+        return os.path.join(self.workdir, name + self.suffix)
+
+    def out(self, part: str) -> str:
+        path = os.path.join(self.workdir, "demo" + self.suffix, part)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def teacher(self, name: str) -> str:
+        """A digits teacher's workdir: the shipped network installed as a finished run, or (``--full``,
+        ``--quick``, or no shipped network) trained from ``configs/<name>.py``."""
+        workdir = self.run_dir(name)
+        if not (self.full or self.quick) and assets.available(name):
+            assets.install(name, workdir)
+            print(f"{name}: the shipped network (jdistill/assets/{name}.msgpack) as a finished run in {workdir}")
+            return workdir
+        return teacher_lib.ensure_trained(config_path(name), workdir, QUICK.get(name, []) if self.quick else [])
+
+    def config(self, name: str, overrides=()):
+        return config_lib.load_config(config_path(name), list(overrides))
 
 
-def score(sampler: Sampler, num: int, seed: int = 0, repeats: int = TIMING_REPEATS) -> tuple[dict, object]:
-    images, labels, seconds = sampler.run(num, seed=seed, repeats=repeats)
-    clf = load_digits_classifier()
-    row = {"sampler": sampler.description, "fd": float(digits_fd(images)),
-           "class_acc": float((clf.predict(images) == labels).mean()) if labels is not None else None,
-           "s_per_1000": seconds * 1000.0 / num}
-    return row, images
+@dataclasses.dataclass(frozen=True)
+class Part:
+    name: str
+    title: str
+    run: Callable[[Demo], dict]  # prints its table and claims; returns what goes into summary.json
 
 
-def banner(text: str):
-    print(f"\n== {text} ==", flush=True)
+def claim(text: str, value: float, target: str, ok: bool) -> dict:
+    print(f"  [{'met' if ok else 'NOT MET'}] {text}: {value:.3f} (target {target})", flush=True)
+    return {"claim": text, "value": float(value), "target": target, "ok": bool(ok)}
 
 
-def main(workdir: str = "runs", num: int = 1000, quick: bool = False):
-    suffix = "_quick" if quick else ""
-    out_dir = os.path.join(workdir, "demo" + suffix)
-    os.makedirs(out_dir, exist_ok=True)
-    over = QUICK if quick else {}
-    teacher_dir = os.path.join(workdir, "digits_teacher" + suffix)
-    small_dir = os.path.join(workdir, "digits_teacher_small" + suffix)
-    guided_dir = os.path.join(workdir, "digits_guided" + suffix)
-    summary = {}
-
-    banner("1. digits teacher")
-    teacher.ensure_trained(config_path("digits_teacher"), teacher_dir, over.get("digits_teacher", []))
-    tcfg = config_lib.load_config(config_path("digits_teacher"), over.get("digits_teacher", []))
-    row, images = score(teacher.make_sampler(teacher_dir, steps=64, solver="ddim"), num)
-    images_lib.save_grid(os.path.join(out_dir, "teacher_ddim64.png"), images[:100], ncol=10)
-    ref = real_vs_real_fd(load_digits_classifier(), subsample=num)[f"train{num}_vs_test"]
-    seconds = training_seconds(teacher_dir)
-    summary["teacher"] = dict(row, real_vs_real_fd=ref, fd_over_real=row["fd"] / ref, train_seconds=seconds)
-    print(f"{row['sampler']}: FD {row['fd']:.2f} = {row['fd'] / ref:.2f}x the real-vs-real FD {ref:.2f} "
-          f"({num} train digits vs the held-out split; target <= 2.5x); {100 * row['class_acc']:.1f}% classified "
-          f"as their label (target >= 95%); trained {tcfg.train.steps} steps in "
-          f"{seconds / 60 if seconds else float('nan'):.1f} min on {jax.device_count()} {jax.devices()[0].platform} "
-          "device(s)")
-
-    banner("2. guided distillation (Meng et al.)")
-    gover = [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config="] + over.get("digits_guided", [])
-    gcfg = config_lib.load_config(config_path("digits_guided"), gover)
-    if all(teacher.is_trained(os.path.join(guided_dir, name), steps)
-           for name, steps in guided_stage_steps(gcfg)):
-        print(f"reusing the distilled students in {guided_dir}")
-    else:
-        guided.train(gcfg, guided_dir)
-    table = guided.results_table(guided_dir, num=num, out_dir=os.path.join(out_dir, "guided"), progress=False)
-    print(guided.format_results(table))
-    summary["guided"] = table["checks"]
-
-    banner("3. T-Stitch (small teacher for the early steps)")
-    teacher.ensure_trained(config_path("digits_teacher_small"), small_dir, over.get("digits_teacher_small", []))
-    sweep = stitch.sweep(small_dir, teacher_dir, steps_list=(16,), fractions=[0.0, 0.2, 0.4, 0.6, 1.0], num=num,
-                         out_dir=os.path.join(out_dir, "stitch"), progress=False)
-    print(stitch.format_table(sweep))
-    summary["stitch"] = sweep["rows"]
-
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    print(f"\ntables, grids and plots in {out_dir}")
+def run(registry: dict[str, Part], names=None, *, workdir: str = "runs", num: int = 1000, quick: bool = False,
+        full: bool = False) -> dict:
+    """Run the named parts of ``registry`` (all, in order, by default); print and save the summary."""
+    names = list(names or registry)
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise InvalidArgument(f"unknown demo part(s) {unknown}; parts: {list(registry)}")
+    if quick and full:
+        raise InvalidArgument("--quick and --full exclude each other")
+    demo = Demo(workdir, num, quick, full)
+    summary, times = {}, {}
+    for name in names:
+        p = registry[name]
+        print(f"\n== {p.name}: {p.title} ==", flush=True)
+        start = time.perf_counter()
+        summary[name] = p.run(demo)
+        times[name] = time.perf_counter() - start
+        print(f"({p.name}: {times[name] / 60:.1f} min)", flush=True)
+    out = os.path.join(workdir, "demo" + demo.suffix)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump({"parts": summary, "minutes": {k: v / 60 for k, v in times.items()}}, f, indent=1)
+    print("\n" + "\n".join(f"{k:12s} {v / 60:5.1f} min" for k, v in times.items())
+          + f"\n{'total':12s} {sum(times.values()) / 60:5.1f} min", flush=True)
+    failed = [c["claim"] for s in summary.values() for c in s.get("claims", []) if not c["ok"]]
+    print(f"tables, grids and plots in {out}; " + (f"claims NOT met: {failed}" if failed else "every claim met"))
     return summary
 
 
-def guided_stage_steps(cfg):
-    """(stage name, training steps) of every stage of a guided distillation config."""
-    return [("stage1", int(cfg.stage1.steps))] + [(f"steps_{n:03d}", guided.round_steps(cfg, n))
-                                                  for n in guided.rounds(cfg)]
+__all__ = ["Demo", "Part", "claim", "config_path", "run"]

@@ -1,90 +1,46 @@
-"""Sampling to files and scoring files: what `jdistill sample` and `jdistill eval` do."""
+"""Sampling to files and scoring files: what `jdistill sample` and `jdistill eval` do.
+
+``jdistill sample --workdir W`` works on every run the project writes (a teacher, any stage
+of a distillation, the whole distillation): the run's recipe, read from its checkpoints,
+makes the sampler.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Callable
 
 import numpy as np
 
 from jdistill import images as images_lib
-from jdistill.diffusion.timesteps import TimeGrid, make_grid
-from jdistill.models import registry
-from jdistill.sampling import samplers
-from jdistill.sampling.generate import generate
-from jdistill.train import checkpoint as ckpt_lib
+from jdistill.errors import InvalidArgument, MissingInput
+from jdistill.recipes import get_recipe, runs
+from jdistill.recipes.evaluation import Sampler
 
 
-@dataclasses.dataclass
-class Sampler:
-    """A compiled way to draw samples: ``fn(noise, cond, key) -> images`` and what it needs."""
-
-    fn: Callable
-    image_shape: tuple
-    num_classes: int | None
-    description: str
-    model_calls_per_step: int = 1
-    plan: object = None  # stitched samplers: which model serves which steps
-
-    @classmethod
-    def for_denoiser(cls, den, *, steps: int, solver: str, guidance_scale=None, num_classes=None, grid: TimeGrid = None,
-                     description: str = "", extra_cond: dict | None = None):
-        grid = grid if grid is not None else make_grid(den.schedule, steps, solver)
-
-        def fn(noise, cond, key):
-            if extra_cond:
-                cond = {**(cond or {}), **{k: np.full((noise.shape[0],), v, np.float32) for k, v in extra_cond.items()}}
-            return samplers.sample_jit(den, noise, cond, grid=grid, solver=solver, rng=key,
-                                       guidance_scale=guidance_scale)
-
-        return cls(fn=fn, image_shape=registry.image_shape(den.module), num_classes=num_classes,
-                   description=description, model_calls_per_step=2 if guidance_scale is not None else 1)
-
-    def labels(self, num: int):
-        return None if not self.num_classes else (np.arange(num) % self.num_classes).astype(np.int32)
-
-    def run(self, num: int, *, seed: int = 0, batch_size: int = 500, progress: bool = False, repeats: int = 1):
-        """(uint8 images (N, H, W, C), labels or None, seconds; the best of ``repeats`` timings)."""
-        labels = self.labels(num)
-        images, seconds = generate(self.fn, self.image_shape, labels, num=num, batch_size=min(batch_size, num),
-                                   seed=seed, progress=progress, repeats=repeats)
-        return images_lib.to_uint8(images), labels, seconds
-
-
-def retime_round_robin(timed: list[tuple[dict, Sampler]], num: int, *, repeats: int, seed: int = 0,
-                       batch_size: int = 500) -> None:
-    """Time every (row, sampler) ``repeats - 1`` more times, round-robin over all of them, keeping
-    each row's best ``s_per_1000``: a slow spell of a shared machine then hits all rows alike
-    instead of the few that happened to run during it."""
-    for _ in range(repeats - 1):
-        for row, sampler in timed:
-            _, _, seconds = sampler.run(num, seed=seed, batch_size=batch_size)
-            row["s_per_1000"] = min(row["s_per_1000"], seconds * 1000.0 / num)
-
-
-def recipe_of(workdir: str):
-    from jdistill.recipes import get_recipe
-
-    cfg = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).read_config()
-    return get_recipe(cfg.get("recipe", "teacher"))
-
-
-def sample_to_file(workdir: str, out: str | None = None, *, num: int = 1000, seed: int = 0, batch_size: int = 500,
-                   stitch=None, fractions=None, stitch_mode: str = "timestep", **options) -> dict:
-    """Sample ``num`` images from ``workdir`` (or, with ``stitch``, from smaller models' workdirs
-    stitched before it, T-Stitch) into an .npz with ``images`` uint8 NHWC and ``labels``, plus a PNG grid."""
+def make_sampler(workdir: str, *, stitch=None, fractions=None, stitch_mode: str = "timestep", **options) -> Sampler:
+    """The sampler of the run at ``workdir`` (or, with ``stitch``, smaller runs stitched before it)."""
     if stitch:
         from jdistill.recipes import stitch as stitch_lib
 
         if options.get("stochastic"):
-            raise ValueError("--stochastic is not available for stitched sampling")
-        cfg_steps = options.get("steps") or 64
-        sampler = stitch_lib.make_sampler(workdir, stitch, fractions or [], steps=int(cfg_steps),
-                                          solver=options.get("solver") or "ddim",
-                                          guidance_scale=options.get("guidance_scale") or 1.5, mode=stitch_mode)
-    else:
-        sampler = recipe_of(workdir).make_sampler(workdir, **options)
+            raise InvalidArgument("--stochastic is not available for stitched sampling")
+        return stitch_lib.make_sampler(workdir, stitch, fractions or [], steps=int(options.get("steps") or 64),
+                                       solver=options.get("solver") or "ddim",
+                                       guidance_scale=options.get("guidance_scale") or 1.5, mode=stitch_mode)
+    if fractions:
+        raise InvalidArgument("--fractions goes with --stitch")
+    run = runs.open_run(workdir)
+    recipe = get_recipe(run.recipe)
+    if recipe.sampler is None:
+        raise InvalidArgument(f"{workdir}: a {run.recipe!r} run has nothing to sample")
+    return recipe.sampler(run, **options)
+
+
+def sample_to_file(workdir: str, out: str | None = None, *, num: int = 1000, seed: int = 0, batch_size: int = 500,
+                   **options) -> dict:
+    """Sample ``num`` images from ``workdir`` into an .npz with ``images`` uint8 NHWC and ``labels``,
+    plus a PNG grid."""
+    sampler = make_sampler(workdir, **options)
     images, labels, seconds = sampler.run(num, seed=seed, batch_size=batch_size, progress=True)
     out = out or os.path.join(workdir, "samples.npz")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -98,14 +54,14 @@ def sample_to_file(workdir: str, out: str | None = None, *, num: int = 1000, see
 
 def _load_images(path: str):
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no samples file at {path}")
+        raise MissingInput(f"no samples file at {path}")
     with np.load(path) as f:
         if "images" not in f:
-            raise ValueError(f"{path} has no 'images' array (it has {sorted(f.files)})")
+            raise InvalidArgument(f"{path} has no 'images' array (it has {sorted(f.files)})")
         images = f["images"]
         labels = f["labels"] if "labels" in f else None
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise ValueError(f"{path}: 'images' must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
+        raise InvalidArgument(f"{path}: 'images' must be uint8 (N, H, W, C), got {images.dtype} {images.shape}")
     return images, labels
 
 
@@ -118,12 +74,12 @@ def evaluate_file(path: str, *, reference: str = "test", target: str | None = No
 
         ref, _ = _load_images(target)
         if ref.shape != images.shape:
-            raise ValueError(f"prediction {images.shape} and target {ref.shape} differ in shape")
+            raise InvalidArgument(f"prediction {images.shape} and target {ref.shape} differ in shape")
         return {"num": len(images), "psnr": float(np.mean(psnr(images, ref))),
                 "ssim": float(np.mean(ssim(images, ref)))}
     if images.shape[1:] != (8, 8, 1):
-        raise ValueError(f"the FD / accuracy metric is defined for 8x8x1 digits; {path} holds "
-                         f"{images.shape[1:]} images (use --target for paired PSNR / SSIM)")
+        raise InvalidArgument(f"the FD / accuracy metric is defined for 8x8x1 digits; {path} holds "
+                              f"{images.shape[1:]} images (use --target for paired PSNR / SSIM)")
     from jdistill.metrics.classifier import digits_fd, load_digits_classifier
 
     out = {"num": len(images), "fd": float(digits_fd(images, reference=reference))}
@@ -131,3 +87,32 @@ def evaluate_file(path: str, *, reference: str = "test", target: str | None = No
         clf = load_digits_classifier()
         out["class_accuracy"] = float(np.mean(clf.predict(images) == labels))
     return out
+
+
+def evaluate_run(workdir: str, *, num: int = 1000, seed: int = 0, **options) -> dict:
+    """Sample ``num`` images from the run at ``workdir`` and score them (digits: FD + class accuracy)."""
+    from jdistill.recipes import evaluation
+
+    sampler = make_sampler(workdir, **options)
+    if tuple(sampler.image_shape) != (8, 8, 1):
+        raise InvalidArgument(f"{workdir} samples {tuple(sampler.image_shape)} images; scoring a run is defined "
+                              "for 8x8x1 digits (sample it to a file and use --target for paired tasks)")
+    row, _ = evaluation.score(sampler, num, seed, repeats=1)
+    return {"sampler": row["sampler"], "num": num, "fd": row["fd"], "class_accuracy": row["class_acc"],
+            "s_per_1000": row["s_per_1000"]}
+
+
+def read_results(path: str) -> dict:
+    """A results.json a sweep wrote."""
+    import json
+
+    if not os.path.isfile(path):
+        raise MissingInput(f"no results file at {path}")
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"{path} is not a results.json (not JSON: {e})") from None
+    if not isinstance(result, dict) or "rows" not in result:
+        raise InvalidArgument(f"{path} is JSON but not a sweep's results (no 'rows')")
+    return result

@@ -1,99 +1,78 @@
-"""Teacher training: a diffusion model trained with the denoising loss, plus sampling from it.
+"""Teacher training: a diffusion model trained with the denoising loss, and sampling from it.
 
     jdistill train --config configs/digits_teacher.py --workdir runs/digits_teacher
 
 Config sections read here: ``seed``, ``model`` (registry fields), ``diffusion``
-(schedule kind + prediction), ``data``, ``loss``, ``optim``, ``train``,
-``mesh``, ``sample`` (the grids written while training and the defaults of
-``jdistill sample``).
+(schedule kind + prediction), ``data``, ``loss``, ``optim``, ``train``, ``mesh``,
+``sample`` (the grids written while training and the defaults of ``jdistill sample``).
+The run is one stage whose checkpoints live in the workdir itself; its part is ``model``,
+sampled through its EMA.
 """
 
 from __future__ import annotations
-
-import dataclasses
-import os
 
 import jax
 
 from jdistill import config as config_lib
 from jdistill.denoiser import Denoiser
-from jdistill.objectives.denoising import denoising_loss
-from jdistill.recipes import common
-from jdistill.sampling import samplers
+from jdistill.diffusion import schedules
 from jdistill.diffusion.timesteps import make_grid
+from jdistill.errors import MissingInput
 from jdistill.models import registry
-from jdistill.train import checkpoint as ckpt_lib
-from jdistill.train import loop
-from jdistill.train import state as state_lib
-from jdistill.train import step as step_lib
+from jdistill.objectives.denoising import denoising_loss
+from jdistill.recipes import Recipe, common, runs, stages
+from jdistill.recipes.evaluation import Sampler
+from jdistill.recipes.members import Member, run_name
+from jdistill.sampling import samplers
+from jdistill.train import engine as engine_lib
+from jdistill.train import optim
+
+PART = "model"
 
 
-def state_init_fn(cfg):
-    """The function that makes a fresh TrainState for this config (also fixes its structure)."""
-    module = registry.build_model(cfg.model)
-    tx, _ = common.make_optimizer(cfg.optim, int(cfg.train.steps))
-
-    def init():
-        params = common.init_params(module, int(cfg.seed))
-        return state_lib.init_state(params, tx, jax.random.key(int(cfg.seed) + 1), ema=cfg.train.ema_decay > 0)
-
-    return init
+def template(cfg) -> Denoiser:
+    """The teacher's Denoiser without params: its module, schedule and prediction."""
+    return Denoiser.for_module(registry.build_model(cfg.model), schedules.from_config(cfg.diffusion),
+                               cfg.diffusion.prediction)
 
 
-@dataclasses.dataclass
-class Setup:
-    """Everything a teacher run is made of, before the loop starts (tests drive it step by step)."""
-
-    template: Denoiser
-    mesh: object
-    source: object
-    state: object
-    step_fn: object
-    checkpointer: ckpt_lib.Checkpointer | None
-
-
-def setup(cfg, workdir: str | None, mesh=None) -> Setup:
-    mesh = mesh if mesh is not None else common.make_mesh(cfg)
-    template = common.denoiser_template(cfg.model, cfg.diffusion)
-    source = common.make_source(cfg.data, "train", int(cfg.data.batch_size), int(cfg.seed),
-                                registry.image_shape(template.module), what=f"model {cfg.model.name}")
-    loss_fn = denoising_loss(template, weighting=cfg.loss.weighting, cond_drop_prob=float(cfg.loss.cond_drop_prob),
+def stage(cfg) -> stages.Stage:
+    den = template(cfg)
+    loss_fn = denoising_loss(den, weighting=cfg.loss.weighting, cond_drop_prob=float(cfg.loss.cond_drop_prob),
                              min_snr_gamma=float(cfg.loss.get("min_snr_gamma", 5.0)),
                              time_sampling=cfg.loss.get("time_sampling", "uniform"))
-    tx, schedule = common.make_optimizer(cfg.optim, int(cfg.train.steps))
-    init = state_init_fn(cfg)
-    ckpt = None
-    if workdir is not None:
-        ckpt = ckpt_lib.Checkpointer(common.checkpoint_dir(workdir), save_every=int(cfg.train.ckpt_every),
-                                     keep=int(cfg.train.keep))
-    state = common.start_or_resume(ckpt, init, mesh, config_lib.to_dict(cfg))
-    step_fn = step_lib.make_train_step(loss_fn, tx, mesh=mesh, state=state,
-                                       ema_decay=float(cfg.train.ema_decay) or None, lr_schedule=schedule)
-    return Setup(template, mesh, source, state, step_fn, ckpt)
+    steps = int(cfg.train.steps)
+    tx, lr = optim.from_config(cfg.optim, steps)
+    engine = engine_lib.single(loss_fn, tx, lr, part=PART, ema_decay=float(cfg.train.ema_decay) or None)
+    seed = int(cfg.seed)
+    return stages.Stage("", steps, engine, lambda: {PART: common.init_params(den.module, seed)}, seed + 1,
+                        config_lib.to_dict(cfg), part=PART, sample_fn=grid_sampler(cfg, den))
 
 
-def train(cfg, workdir: str, *, progress: bool = True):
+def source(cfg, den: Denoiser):
+    return common.make_source(cfg.data, "train", int(cfg.data.batch_size), int(cfg.seed),
+                              registry.image_shape(den.module), what=f"model {cfg.model.name}")
+
+
+def setup(cfg, workdir: str | None, mesh=None) -> tuple[stages.Setup, object]:
+    """(the stage ready to step, its batch source): tests drive a teacher step by step."""
+    st = stage(cfg)
+    mesh = mesh if mesh is not None else common.make_mesh(cfg)
+    return stages.setup(st, workdir, cfg.train, mesh), source(cfg, template(cfg))
+
+
+def train(cfg, workdir: str, *, progress: bool = True, mesh=None):
     """Train (or resume) the teacher in ``workdir``; returns the final TrainState."""
-    s = setup(cfg, workdir)
-    sample_fn = grid_sampler(cfg, s.template) if cfg.train.sample_every else None
-    state = loop.run(step_fn=s.step_fn, state=s.state, frozen=None, batches=lambda k: s.source.iterate(k),
-                     mesh=s.mesh, num_steps=int(cfg.train.steps), workdir=workdir, checkpointer=s.checkpointer,
-                     config=config_lib.to_dict(cfg), log_every=int(cfg.train.log_every),
-                     sample_every=int(cfg.train.sample_every), sample_fn=sample_fn, desc="teacher", progress=progress)
-    s.checkpointer.close()
-    return state
-
-
-def is_trained(workdir: str, steps: int) -> bool:
-    """Whether ``workdir`` (a teacher, or one stage of a distillation) holds a finished run of ``steps``."""
-    d = common.checkpoint_dir(workdir)
-    return os.path.isdir(d) and ckpt_lib.Checkpointer(d, read_only=True).latest_step() == steps
+    common.check_steps(cfg.train.steps, "train.steps")
+    st = stage(cfg)
+    src = source(cfg, template(cfg))
+    return stages.run(st, workdir, cfg, lambda k: src.iterate(k), mesh=mesh, progress=progress)
 
 
 def ensure_trained(config_path: str, workdir: str, overrides=(), progress: bool = True) -> str:
     """Train the teacher a config describes into ``workdir``, unless it is already trained there."""
     cfg = config_lib.load_config(config_path, overrides)
-    if is_trained(workdir, int(cfg.train.steps)):
+    if runs.is_finished(workdir, "", int(cfg.train.steps)):
         print(f"reusing the trained teacher in {workdir}")
     else:
         print(f"training the teacher of {config_path} into {workdir} ({cfg.train.steps} steps)")
@@ -101,47 +80,55 @@ def ensure_trained(config_path: str, workdir: str, overrides=(), progress: bool 
     return workdir
 
 
-def grid_sampler(cfg, template):
+def grid_sampler(cfg, den: Denoiser):
     """EMA samples for the progress grids: 10 per class (or 100 unconditional), fixed noise."""
-    k = registry.num_classes(template.module) or 0
+    k = den.num_classes or 0
     labels = common.class_labels_for(100, k) if k else None
-    grid = make_grid(template.schedule, int(cfg.sample.steps), cfg.sample.solver)
-    noise = jax.random.normal(jax.random.key(1234), (100, *registry.image_shape(template.module)))
+    grid = make_grid(den.schedule, int(cfg.sample.steps), cfg.sample.solver)
+    noise = jax.random.normal(jax.random.key(1234), (100, *registry.image_shape(den.module)))
     g = float(cfg.sample.guidance_scale) if k else None
 
-    def sample(state):
-        params = state.ema_params if state.ema_params is not None else state.params
+    def sample(params):
         cond = {"class_labels": labels} if k else None
-        return samplers.sample_jit(template.replace(params=params), noise, cond, grid=grid, solver=cfg.sample.solver,
+        return samplers.sample_jit(den.replace(params=params), noise, cond, grid=grid, solver=cfg.sample.solver,
                                    guidance_scale=g, rng=jax.random.key(0))
 
     return sample
 
 
-def load_denoiser(workdir: str, *, step=None, use_ema: bool = True):
-    """(Denoiser with trained params, config) from a teacher workdir."""
-    cfg, params = common.load_trained(workdir, state_init_fn, step=step, use_ema=use_ema)
-    return common.denoiser_template(cfg.model, cfg.diffusion).replace(params=params), cfg
+def load_denoiser(workdir: str, *, step=None, use_ema: bool = True) -> tuple[Denoiser, object]:
+    """(Denoiser with trained params, config) from a teacher workdir; never trains."""
+    if not runs.has_checkpoints(workdir):
+        raise MissingInput(f"no checkpoint directory at {runs.checkpoint_dir(workdir)}: the teacher in {workdir} "
+                           "is not trained (train it with `jdistill train --config CONFIG --workdir "
+                           f"{workdir}`)")
+    cfg = runs.read_config(workdir)
+    params = runs.read_params(workdir, part=PART, average="ema" if use_ema else None, step=step)
+    return template(cfg).replace(params=params), cfg
 
 
-def class_balanced_labels(den, num: int):
-    k = registry.num_classes(den.module)
-    return common.class_labels_for(num, k) if k else None
-
-
-
-def make_sampler(workdir: str, *, steps=None, solver=None, guidance_scale=None, stochastic=False, use_ema=True):
-    """A :class:`~jdistill.recipes.sample.Sampler` for the teacher in ``workdir``; unset options take
-    the config's ``sample`` defaults. ``stochastic`` is for distilled students only."""
-    from jdistill.recipes.sample import Sampler
-
+def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None, stochastic=False,
+                 use_ema=True, **unused) -> Sampler:
+    """A Sampler for the teacher run; unset options take the config's ``sample`` defaults."""
+    common.refuse_options(unused, "a teacher")
     if stochastic:
-        raise ValueError("--stochastic is the sampler of distilled students; a teacher samples with "
-                         "--solver ddim / ddpm / dpmpp_2m")
-    den, cfg = load_denoiser(workdir, use_ema=use_ema)
+        raise common.InvalidArgument("--stochastic is the sampler of distilled students; a teacher samples "
+                                     "with --solver ddim / ddpm / dpmpp_2m")
+    den, cfg = load_denoiser(run.workdir, use_ema=use_ema)
     steps = int(steps or cfg.sample.steps)
     solver = solver or cfg.sample.solver
-    k = registry.num_classes(den.module)
+    k = den.num_classes
     g = float(cfg.sample.guidance_scale if guidance_scale is None else guidance_scale) if k else None
     return Sampler.for_denoiser(den, steps=steps, solver=solver, guidance_scale=g, num_classes=k,
                                 description=f"teacher {solver} {steps} steps" + (f", CFG g={g:g}" if k else ""))
+
+
+
+def member(run: runs.Run, guidance_scale: float) -> Member:
+    """The teacher for composite samplers: classifier-free guidance when it is class-conditional."""
+    den, _ = load_denoiser(run.workdir)
+    return Member(den, guidance_scale if den.num_classes else None, {}, run_name(run))
+
+
+RECIPE = Recipe("teacher", "a diffusion model trained with the denoising loss", "train", train=train,
+                sampler=make_sampler, member=member)

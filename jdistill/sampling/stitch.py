@@ -155,12 +155,21 @@ def sample(denoisers, fractions, noise, cond=None, *, grid: TimeGrid, solver: st
 
 
 def _run_segments(denoisers, noise, conds, grid, rng, scales, unconds, *, segs, solver, eta=0.0, clip_x0=None,
-                  ddpm_variance="fixed_small"):
+                  ddpm_variance="fixed_small", options=()):
     state = samplers.init_state(noise)
     for den, cond, g, uncond, (a, b) in zip(denoisers, conds, scales, unconds, segs):
         state = samplers.run_steps(den, state, grid, a, b, rng=rng, solver=solver, cond=cond, guidance_scale=g,
-                                   uncond=uncond, eta=eta, clip_x0=clip_x0, ddpm_variance=ddpm_variance)
+                                   uncond=uncond, eta=eta, clip_x0=clip_x0, ddpm_variance=ddpm_variance,
+                                   **dict(options))
     return state.z
 
 
-_sample_segments = jax.jit(_run_segments, static_argnames=("segs", "solver", "eta", "clip_x0", "ddpm_variance"))
+_jit_segments = jax.jit(_run_segments, static_argnames=("segs", "solver", "eta", "clip_x0", "ddpm_variance",
+                                                         "options"))
+
+
+def _sample_segments(*args, segs, solver, eta=0.0, clip_x0=None, ddpm_variance="fixed_small", **options):
+    """The jitted segments; further solver options (``samplers.solver_step``'s) travel as one
+    static tuple."""
+    return _jit_segments(*args, segs=segs, solver=solver, eta=eta, clip_x0=clip_x0, ddpm_variance=ddpm_variance,
+                         options=tuple(sorted(options.items())))

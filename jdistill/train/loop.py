@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jdistill import images as images_lib
+from jdistill.errors import UserError
 from jdistill.train import mesh as mesh_lib
 
 
@@ -81,16 +82,29 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+class NonFiniteError(UserError):
+    """Training produced a non-finite loss, gradient or param and the config says stop."""
+
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
 def run(*, step_fn: Callable, state, frozen, batches: Callable[[int], Iterator[dict]], mesh, num_steps: int,
         workdir: str, checkpointer=None, config: dict | None = None, meta_fn: Callable[[int], dict] | None = None,
         log_every: int = 50, sample_every: int = 0, sample_fn: Callable | None = None, desc: str = "train",
-        progress: bool = True):
+        progress: bool = True, nonfinite: str = "stop"):
     """Train from ``state.step`` to ``num_steps``; returns the final state.
 
     ``batches(start_step)`` yields process-local numpy batches for steps
     start_step, start_step + 1, ...; ``sample_fn(state)`` returns images (N,H,W,C)
     in [-1, 1] or uint8 for a grid.
+
+    Non-finite updates never reach the state (the engine's guard keeps the old params
+    and counts them); ``nonfinite="stop"`` raises :class:`NonFiniteError` at the next
+    log or checkpoint step after one, before anything is saved, "skip" trains on.
     """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise UserError(f"train.nonfinite={nonfinite!r}; expected one of {NONFINITE_POLICIES}")
     start = int(jax.device_get(state.step))
     writer = MetricWriter(workdir)
     it = batches(start)
@@ -99,26 +113,40 @@ def run(*, step_fn: Callable, state, frozen, batches: Callable[[int], Iterator[d
     t0, last = time.perf_counter(), start
     t_start = t0
     step = start
+    skipped = int(jax.device_get(state.skipped))
     with _Preemption() as preempt:
         for step in range(start, num_steps):
             batch = mesh_lib.global_batch(next(it), mesh)
             state, metrics = step_fn(state, frozen, batch)
             done = step + 1
-            if done % log_every == 0 or done == num_steps:
+            final = preempt.requested or done == num_steps
+            saving = checkpointer is not None and (final or checkpointer.should_save(done))
+            if done % log_every == 0 or final or saving:
                 m = jax.device_get(metrics)
-                dt = time.perf_counter() - t0
-                writer.write(done, m, steps_per_s=(done - last) / max(dt, 1e-9))
-                bar.set_postfix(loss=f"{float(m['loss']):.4f}")
-                t0, last = time.perf_counter(), done
-                if not np.isfinite(float(m["loss"])):
-                    raise FloatingPointError(f"loss is {float(m['loss'])} at step {done}; stopping "
-                                             f"(last good checkpoint: {checkpointer.latest_step() if checkpointer else None})")
+                now_skipped = int(m["nonfinite_skipped"])
+                if now_skipped > skipped:
+                    where = (f"between steps {last + 1} and {done}" if done > last + 1 else f"at step {done}")
+                    if nonfinite == "stop":
+                        good = checkpointer.latest_step() if checkpointer is not None else None
+                        raise NonFiniteError(
+                            f"{desc}: {now_skipped - skipped} update(s) {where} had a non-finite loss, gradient "
+                            f"or param and were not applied; stopping (train.nonfinite='stop'). Last good "
+                            f"checkpoint: {good if good is not None else 'none'}. Lower the learning rate or "
+                            "set --config.train.nonfinite=skip to train on")
+                    print(f"{desc}: skipped {now_skipped - skipped} non-finite update(s) {where}", flush=True)
+                    skipped = now_skipped
+                if done % log_every == 0 or final:
+                    dt = time.perf_counter() - t0
+                    writer.write(done, m, steps_per_s=(done - last) / max(dt, 1e-9))
+                    shown = next((k for k in m if k == "loss" or k.endswith("/loss")), None)
+                    if shown:
+                        bar.set_postfix(loss=f"{float(m[shown]):.4f}")
+                    t0, last = time.perf_counter(), done
             bar.update(1)
             if sample_fn is not None and sample_every and done % sample_every == 0:
                 save_samples(workdir, done, sample_fn(state))
-            if checkpointer is not None:
-                checkpointer.save(done, state, config, meta_fn(done) if meta_fn else {"step": done},
-                                  force=preempt.requested or done == num_steps)
+            if saving:
+                checkpointer.save(done, state, config, meta_fn(done) if meta_fn else {"step": done}, force=True)
             if preempt.requested:
                 break
     bar.close()

@@ -1,0 +1,102 @@
+"""The guided-distillation results table: the teacher with DDIM + CFG against the distilled students,
+FD / class accuracy / wall time, with Meng et al.'s claims checked on the numbers.
+
+    jdistill guided-table --workdir runs/digits_guided --guidance 1.5 2.0 --out runs/guided_table
+"""
+
+from __future__ import annotations
+
+from jdistill.errors import InvalidArgument
+from jdistill.recipes import evaluation, guided, runs
+from jdistill.recipes import teacher as teacher_lib
+
+TEACHER_STEPS = (1, 2, 4, 8, 16, 64)
+STUDENT_STEPS = (1, 2, 4, 8)
+GRID_STEPS = (1, 4, 64)
+
+
+def results_table(workdir: str, *, guidance_scales=(1.5, 2.0), num: int = 1000, out_dir: str | None = None,
+                  teacher_steps=TEACHER_STEPS, student_steps=STUDENT_STEPS, seed: int = 0, stochastic: bool = True,
+                  progress: bool = True) -> dict:
+    """FD, class accuracy and wall time per 1000 samples for the teacher at ``teacher_steps`` and the
+    students at ``student_steps`` (DDIM and, with ``stochastic``, the stochastic sampler), per scale."""
+    run = runs.open_run(workdir)
+    if run.recipe != "guided":
+        raise InvalidArgument(f"{workdir} is a {run.recipe!r} run; guided-table reads a guided distillation's workdir")
+    teacher_dir = run.stage_config("stage1").teacher.workdir
+    teacher_run = runs.open_run(teacher_dir)
+    rows, timed, grids = [], [], {}
+
+    def add(kind, steps, g, sampler, mode):
+        row, images = evaluation.score(sampler, num, seed, repeats=1)
+        row.update(model=kind, steps=steps, guidance_scale=g, w=g - 1.0, mode=mode)
+        rows.append(row)
+        timed.append((row, sampler))
+        if progress:
+            print(f"{kind:8s} {mode:10s} {steps:3d} steps g={g:g}: FD {row['fd']:.2f} acc {row['class_acc']:.3f} "
+                  f"{row['s_per_1000']:.3f} s/1000", flush=True)
+        if steps in GRID_STEPS:
+            grids[f"{kind}_{mode}_{steps}steps_g{g:g}"] = images
+
+    for g in guidance_scales:
+        for n in teacher_steps:
+            add("teacher", n, g, teacher_lib.make_sampler(teacher_run, steps=n, solver="ddim", guidance_scale=g),
+                "ddim+cfg")
+        for n in student_steps:
+            for stoch in ((False, True) if stochastic else (False,)):
+                if stoch and n == 1:
+                    continue  # one step has only the (deterministic) last step
+                add("student", n, g, guided.make_sampler(run, steps=n, guidance_scale=g, stochastic=stoch),
+                    "stochastic" if stoch else "ddim")
+    evaluation.retime_round_robin(timed, num, repeats=evaluation.TIMING_REPEATS, seed=seed)
+    result = {"teacher": teacher_dir, "student": workdir, "num": num, "rows": rows,
+              "device": evaluation.device_name(), "checks": claims(rows)}
+    if out_dir:
+        evaluation.write_report(out_dir, result, format_results(result), grids)
+    return result
+
+
+def _get(rows, model, steps, g, mode):
+    return next(r for r in rows if r["model"] == model and r["steps"] == steps and r["guidance_scale"] == g
+                and r["mode"] == mode)
+
+
+def claims(rows) -> list[dict]:
+    """The paper's claims at this scale, each with the numbers it was judged on."""
+    out = []
+    for g in sorted({r["guidance_scale"] for r in rows}):
+        t64, t8, t4 = (_get(rows, "teacher", n, g, "ddim+cfg") for n in (64, 8, 4))
+        s4, s1 = _get(rows, "student", 4, g, "ddim"), _get(rows, "student", 1, g, "ddim")
+        out += [
+            {"g": g, "claim": "4-step student FD within 15% of the teacher's 64-step FD",
+             "value": s4["fd"] / t64["fd"], "target": "<= 1.15", "ok": s4["fd"] <= 1.15 * t64["fd"]},
+            {"g": g, "claim": "4-step student FD below the teacher's 8-step DDIM FD",
+             "value": s4["fd"] - t8["fd"], "target": "< 0", "ok": s4["fd"] < t8["fd"]},
+            {"g": g, "claim": "1-step student FD below the teacher's 4-step DDIM FD",
+             "value": s1["fd"] - t4["fd"], "target": "< 0", "ok": s1["fd"] < t4["fd"]},
+            {"g": g, "claim": "4-step student at least 25x faster than the teacher's 64-step CFG sampling",
+             "value": t64["s_per_1000"] / s4["s_per_1000"], "target": ">= 25",
+             "ok": t64["s_per_1000"] >= 25 * s4["s_per_1000"]},
+        ]
+    return out
+
+
+def format_results(result: dict) -> str:
+    title = (f"Guided distillation on digits: {result['num']} samples per row, FD against the held-out split "
+             f"({result['device']}; wall time: the best of 3 runs taken round-robin over all rows, "
+             "compilation excluded)")
+    lines = [title, "",
+             "| model | sampler | steps | g (w = g - 1) | FD | class acc | s / 1000 samples |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['mode']} | {r['steps']} | {r['guidance_scale']:g} ({r['w']:g}) | "
+                     f"{r['fd']:.2f} | {r['class_acc']:.3f} | {r['s_per_1000']:.3f} |")
+    lines += ["", claims_table(result["checks"])]
+    return "\n".join(lines)
+
+
+def claims_table(checks: list[dict]) -> str:
+    lines = ["| g | claim | value | target | met |", "|---|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['g']:g} | {c['claim']} | {c['value']:.3f} | {c['target']} | {'yes' if c['ok'] else 'NO'} |")
+    return "\n".join(lines)

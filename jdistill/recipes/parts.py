@@ -1,0 +1,96 @@
+"""The demo's parts, one per method, in the order `make demo` runs them (``jdistill demo [PART ...]``).
+
+* ``teacher``: the digits teacher's 64-step DDIM + CFG samples against the held-out digits;
+* ``guided``: Meng et al.'s guided distillation of it (stage 1, then halvings), the
+  teacher-vs-student table and the paper's claims;
+* ``stitch``: T-Stitch of the small digits teacher before the large one.
+
+A new method adds its part here (a function of a :class:`~jdistill.recipes.demo.Demo`
+returning ``{"claims": [...], ...}``) and registers it in :data:`PARTS`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from jdistill import images as images_lib
+from jdistill.recipes import evaluation, guided, guided_table, runs, stitch
+from jdistill.recipes import teacher as teacher_lib
+from jdistill.recipes.demo import Demo, Part, claim, run
+from jdistill.train.loop import training_seconds
+
+# The demo's guided distillation: stage 1 and halvings from 8 steps, on a budget that fits the
+# demo's half hour and still meets the paper's claims (``--full``: configs/digits_guided.py as is).
+GUIDED_DEMO = ["--config.stage1.steps=600", "--config.progressive.start_steps=8",
+               "--config.progressive.train_steps.default=300", "--config.progressive.train_steps.2=400",
+               "--config.progressive.train_steps.1=800"]
+GUIDED_QUICK = ["--config.stage1.steps=20", "--config.progressive.start_steps=4",
+                "--config.progressive.train_steps.default=10", "--config.progressive.train_steps.2=10",
+                "--config.progressive.train_steps.1=10"]
+
+
+def teacher_part(demo: Demo) -> dict:
+    from jdistill.metrics.classifier import load_digits_classifier, real_vs_real_fd
+
+    workdir = demo.teacher("digits_teacher")
+    sampler = teacher_lib.make_sampler(runs.open_run(workdir), steps=64, solver="ddim")
+    row, images = evaluation.score(sampler, demo.num, repeats=1)  # no timing claim here: one run
+    images_lib.save_grid(os.path.join(demo.out("teacher"), "teacher_ddim64.png"), images[:100], ncol=10)
+    floor = real_vs_real_fd(load_digits_classifier(), subsample=demo.num)
+    ref = floor[f"train{floor['subsample']}_vs_test"]
+    seconds = training_seconds(workdir)
+    steps = runs.read_config(workdir).train.steps
+    print(f"{row['sampler']}: FD {row['fd']:.2f}, {100 * row['class_acc']:.1f}% classified as their label; "
+          f"real-vs-real FD {ref:.2f} ({floor['subsample']} train digits vs the held-out split); trained "
+          f"{steps} steps in {seconds / 60 if seconds else float('nan'):.1f} min")
+    claims = [claim("teacher FD over the real-vs-real FD", row["fd"] / ref, "<= 2.5", row["fd"] <= 2.5 * ref),
+              claim("share classified as their label", row["class_acc"], ">= 0.95", row["class_acc"] >= 0.95)]
+    return dict(row, real_vs_real_fd=ref, train_seconds=seconds, claims=claims)
+
+
+def guided_part(demo: Demo) -> dict:
+    teacher_dir = demo.teacher("digits_teacher")
+    budget = GUIDED_QUICK if demo.quick else [] if demo.full else GUIDED_DEMO
+    cfg = demo.config("digits_guided", [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config=",
+                                        *budget])
+    workdir = demo.run_dir("digits_guided" if demo.full else "digits_guided_demo")
+    guided.train(cfg, workdir)
+    scales = (1.5, 2.0) if demo.full else (1.5,)
+    kw = {} if demo.full else dict(teacher_steps=(4, 8, 64), student_steps=(1, 4), stochastic=False)
+    table = guided_table.results_table(workdir, guidance_scales=scales, num=demo.num, out_dir=demo.out("guided"),
+                                       progress=False, **kw)
+    print(guided_table.format_results(table))
+    return {"rows": table["rows"], "claims": [dict(c, claim=f"g={c['g']:g}: {c['claim']}") for c in table["checks"]],
+            "train_minutes": sum(training_seconds(os.path.join(workdir, name)) or 0
+                                 for name, _ in guided.stage_steps(cfg)) / 60}
+
+
+def stitch_part(demo: Demo) -> dict:
+    large = demo.teacher("digits_teacher")
+    small = demo.teacher("digits_teacher_small")
+    steps_list = (16, 64) if demo.full else (16,)
+    fractions = None if demo.full else [0.0, 0.2, 0.4, 0.6, 1.0]
+    sweep = stitch.sweep(small, large, steps_list=steps_list, fractions=fractions, num=demo.num,
+                         out_dir=demo.out("stitch"), progress=False)
+    print(stitch.format_table(sweep))
+    claims = []
+    for row in sweep["rows"]:
+        if row["fraction"] == 0.4:
+            claims += [claim(f"{row['steps']} steps, fraction 0.4: FD over the large model alone",
+                             row["fd_vs_large"], "<= 1.05", row["fd_vs_large"] <= 1.05),
+                       claim(f"{row['steps']} steps, fraction 0.4: wall time over the large model alone",
+                             row["time_vs_large"], "<= 0.7", row["time_vs_large"] <= 0.7)]
+    return {"rows": sweep["rows"], "claims": claims, "device": f"{jax.devices()[0].platform}"}
+
+
+PARTS = {p.name: p for p in (
+    Part("teacher", "the digits teacher (64-step DDIM + CFG)", teacher_part),
+    Part("guided", "guided distillation (Meng et al.)", guided_part),
+    Part("stitch", "T-Stitch: the small teacher for the early steps", stitch_part),
+)}
+
+
+def main(names=None, **kw) -> dict:
+    return run(PARTS, names, **kw)

@@ -1,0 +1,140 @@
+"""Tasks: what is distilled. The teacher, the data it is distilled on, and how conditions are made.
+
+* :func:`class_task`: a class-conditional teacher trained by jdistill (``teacher.workdir``);
+* :func:`text_task`: a text-to-image pipeline (``teacher.pipeline``): VAE latents of captioned
+  images, the frozen text encoder's prompt embeddings, the empty prompt as the unconditional
+  input (as the pipeline's own CFG uses).
+
+Loading a task never trains: a teacher workdir with no finished run is an error that
+names it. (``jdistill distill`` trains a missing teacher first, when its config names one,
+before it builds the task: see :func:`ensure_teacher`.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdistill.denoiser import Denoiser
+from jdistill.errors import MissingInput
+from jdistill.models import registry
+from jdistill.objectives.denoising import labels_cond
+from jdistill.paths import resolve_model
+from jdistill.recipes import common, runs
+from jdistill.recipes import teacher as teacher_lib
+
+
+@dataclasses.dataclass
+class Task:
+    teacher: Denoiser
+    source: object  # a BatchSource of {"image": x (pixels or latents), ...}
+    cond_fn: Callable  # batch -> the network's condition
+    uncond_fn: Callable | None  # batch -> the teacher's unconditional condition (None: its null_cond)
+    sample_cond: Callable[[int], dict | None]  # n -> the condition of n evaluation samples
+    decode: Callable  # the sampler's output -> images in [-1, 1]
+    num_classes: int | None = None
+
+
+def repo_path(path: str) -> str:
+    """A config path as given, or relative to the repository (configs/...)."""
+    if os.path.isfile(path):
+        return path
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(repo, path)
+
+
+def ensure_teacher(cfg, progress: bool = True) -> None:
+    """Train the teacher workdir a distillation config names, when it also names the teacher's config."""
+    if cfg.teacher.get("workdir") and cfg.teacher.get("config"):
+        teacher_lib.ensure_trained(repo_path(cfg.teacher.config), cfg.teacher.workdir, progress=progress)
+
+
+def from_teacher(teacher: Denoiser, source=None) -> Task:
+    """A class-conditional task around a teacher Denoiser (labels -> ``class_labels``)."""
+    k = teacher.num_classes
+    return Task(teacher, source, labels_cond, None, lambda n: {"class_labels": common.class_labels_for(n, k)},
+                lambda x: x, k)
+
+
+def class_task(cfg, with_data: bool = True) -> Task:
+    workdir = cfg.teacher.workdir
+    if not runs.has_checkpoints(workdir):
+        hint = (f"`jdistill train --config {cfg.teacher.config} --workdir {workdir}`" if cfg.teacher.get("config")
+                else f"`jdistill train --config CONFIG --workdir {workdir}`")
+        raise MissingInput(f"the teacher stage is missing: no checkpoint directory at {runs.checkpoint_dir(workdir)}; "
+                           f"train the teacher first with {hint}")
+    den, _ = teacher_lib.load_denoiser(workdir, use_ema=True)
+    source = None
+    if with_data:
+        source = common.make_source(cfg.data, "train", int(cfg.data.batch_size), int(cfg.seed),
+                                    registry.image_shape(den.module), what="the teacher")
+    return from_teacher(den, source)
+
+
+def caption_records(data_cfg):
+    """(uint8 images, captions) of a captioned image split: ``photo_patches`` photographs are
+    captioned "a photo of <name>" (e.g. "a photo of astronaut")."""
+    from jdistill.data import pipeline
+
+    builder = pipeline.load_builder(data_cfg.name, data_cfg.get("data_dir"))
+    source = builder.as_data_source("train")
+    n = min(len(source), int(data_cfg.get("max_examples") or len(source)))
+    images, captions = [], []
+    for i in range(n):
+        rec = source[i]
+        images.append(np.asarray(rec["image"]))
+        caption = rec.get("caption")
+        if caption is None:
+            photo = rec["photo"].decode() if isinstance(rec["photo"], bytes) else str(rec["photo"])
+            caption = data_cfg.caption_template.format(photo=photo.replace("_", " "))
+        captions.append(caption.decode() if isinstance(caption, bytes) else caption)
+    return np.stack(images), captions
+
+
+def text_task(cfg, with_data: bool = True) -> Task:
+    from jdistill.pipelines.text_to_image import TextToImage
+
+    t2i = TextToImage.from_pretrained(resolve_model(cfg.teacher.pipeline, cfg.teacher.get("models_dir")),
+                                      cache_dir=cfg.teacher.get("cache_dir") or None)
+    den = t2i.denoiser()
+    prompts = list(cfg.sample.prompts)
+    table_prompts = list(prompts)
+    source = None
+    if with_data:
+        from jdistill.data.pipeline import BatchSource
+
+        images, captions = caption_records(cfg.data)
+        size = int(cfg.data.resolution)
+        pixels = jax.image.resize(jnp.asarray(images, jnp.float32) / 127.5 - 1.0,
+                                  (len(images), size, size, images.shape[-1]), "bilinear")
+        encode = jax.jit(lambda x: t2i.vae.apply({"params": t2i.params["vae"]}, x, method="latents_from_images"))
+        latents = np.concatenate([np.asarray(encode(pixels[i:i + 64])) for i in range(0, len(pixels), 64)])
+        unique = sorted(set(captions))
+        table_prompts = unique + prompts
+        ids = np.asarray([unique.index(c) for c in captions], np.int32)
+        records = [{"image": latents[i], "caption": ids[i]} for i in range(len(ids))]
+        source = BatchSource(records, global_batch_size=int(cfg.data.batch_size), seed=int(cfg.seed),
+                             image_shape=latents.shape[1:], keys=("image", "caption"), name=f"{cfg.data.name} latents")
+    cond, uncond = t2i.encode_prompt(table_prompts, None)
+    table, null = cond["encoder_hidden_states"], uncond["encoder_hidden_states"][:1]
+    offset = len(table_prompts) - len(prompts)
+
+    def cond_fn(batch):
+        return {"encoder_hidden_states": table[batch["caption"]]}
+
+    def uncond_fn(batch):
+        return {"encoder_hidden_states": jnp.broadcast_to(null, (batch["caption"].shape[0],) + null.shape[1:])}
+
+    def sample_cond(n):
+        return {"encoder_hidden_states": table[offset + np.arange(n) % len(prompts)]}
+
+    return Task(den, source, cond_fn, uncond_fn, sample_cond, t2i.decode)
+
+
+def make_task(cfg, with_data: bool = True) -> Task:
+    return text_task(cfg, with_data) if cfg.teacher.get("pipeline") else class_task(cfg, with_data)
