@@ -5,7 +5,8 @@ Tolerances (fp32 unless said):
 * bf16 compute over fp32 params: loss within 2% and the gradient tree within 5% (global
   relative norm) of fp32; no matmul or convolution left in fp32;
 * remat ("full", "dots") and ``scan_blocks``: loss and every gradient within 1e-6 of the plain
-  model (relative to each tensor's scale);
+  model (relative to each tensor's scale, floored at 1e-2 of the largest gradient: key biases
+  have gradient 0 in exact arithmetic);
 * scanned params are the per-block params stacked, exactly, through the converters and export;
 * the train step compiled for CPU keeps ``materialize_cotangent``'s barriers;
 * ``dense`` computes through one 2-D product whatever the rank of its input.
@@ -107,7 +108,9 @@ def loss_and_grads(module, params):
 MODELS = {"dit": dit, "dit-original": dit_original, "mmdit": mmdit, "unet": unet}
 
 
-@pytest.fixture(scope="module", params=sorted(MODELS))
+# DiT in the default suite; the other families (each compiles a few more train steps) under -m slow
+@pytest.fixture(scope="module", params=[name if name == "dit" else pytest.param(name, marks=pytest.mark.slow)
+                                        for name in sorted(MODELS)])
 def model(request):
     module = MODELS[request.param]()
     return request.param, module, init(module)
@@ -167,8 +170,14 @@ def test_remat_and_scan_change_nothing(model):
         loss, grads = loss_and_grads(variant, to_variant(params))
         assert_close(np.asarray(loss), np.asarray(ref_loss), 1e-6, f"{name} {fields}: loss")
         grads = traverse_util.flatten_dict(to_blocks(grads), sep="/")
-        for key, expected in traverse_util.flatten_dict(ref_grads, sep="/").items():
-            assert_close(np.asarray(grads[key]), np.asarray(expected), 1e-6, f"{name} {fields}: d{key}")
+        expected_grads = traverse_util.flatten_dict(ref_grads, sep="/")
+        # a key projection's bias has gradient 0 in exact arithmetic (softmax ignores a shift
+        # shared by all keys): its float residue is judged at the scale of the whole gradient
+        floor = 1e-2 * max(float(np.abs(g).max()) for g in expected_grads.values())
+        for key, expected in expected_grads.items():
+            err = np.abs(np.asarray(grads[key], np.float64) - np.asarray(expected)).max()
+            scale = max(float(np.abs(expected).max()), floor)
+            assert err <= 1e-6 * scale, f"{name} {fields}: d{key} off by {err:.3g} at scale {scale:.3g}"
 
 
 def test_unknown_remat_policy_is_refused():
@@ -176,7 +185,7 @@ def test_unknown_remat_policy_is_refused():
         init(dit().clone(remat="some"))
 
 
-@pytest.mark.parametrize("name", ["dit", "mmdit"])
+@pytest.mark.parametrize("name", ["dit", pytest.param("mmdit", marks=pytest.mark.slow)])
 def test_scanned_params_are_the_blocks_stacked(name):
     module = MODELS[name]()
     params = init(module)
@@ -217,7 +226,7 @@ def diffusers_checkpoint(name, tmp_path):
     return dict(model.config), module, state
 
 
-@pytest.mark.parametrize("name", ["dit", "mmdit"])
+@pytest.mark.parametrize("name", ["dit", pytest.param("mmdit", marks=pytest.mark.slow)])
 def test_scanned_module_converts_and_exports_unchanged(name, tmp_path):
     """The converter reads the same per-block checkpoint into a scanned module (stacking at
     the boundary), and export writes back the same tensors, bit for bit."""
