@@ -12,9 +12,11 @@ peak memory, compile / warm-up time) and writes the numbers as JSON.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from jdistill.bench import run as run_lib
 from jdistill.bench.specs import EXTRA_TASKS, MODELS, PRESETS, TASKS
+from jdistill.errors import InvalidArgument, UserError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,16 +38,25 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs the benchmark; returns the exit status (2, with one line, on a bad argument)."""
+    try:
+        return _main(argv)
+    except UserError as e:
+        print(f"jdistill bench: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv) -> int:
     args = parser().parse_args(argv)
     names = args.models.split(",") if args.models else list(PRESETS[args.preset])
     unknown = [n for n in names if n not in MODELS]
     if unknown:
-        raise SystemExit(f"unknown models {unknown}; known: {', '.join(MODELS)}")
+        raise InvalidArgument(f"unknown models {unknown}; known: {', '.join(MODELS)}")
     tasks = tuple(t for t in args.tasks.split(",") if t)
     known = TASKS + tuple(EXTRA_TASKS)
     bad = [t for t in tasks if t not in known]
     if bad:
-        raise SystemExit(f"unknown tasks {bad}; known: {', '.join(known)}")
+        raise InvalidArgument(f"unknown tasks {bad}; known: {', '.join(known)}")
     torch_impls = tuple(i for i in args.torch.split(",") if i and i != "none")
     specs = [MODELS[n] if args.batch is None else MODELS[n].with_batch(args.batch) for n in names]
     dtype = args.dtype or ("bfloat16" if args.preset == "gpu" else "float32")
