@@ -27,6 +27,12 @@ Every update passes the non-finite guard: when its loss, gradient norm or new pa
 not all finite, the part and its averages keep their old values and ``state.skipped``
 grows. No host sync: the loop reads the counter where it already syncs (logging and
 checkpoints) and applies the configured policy (skip on, or stop).
+
+Mixed precision is a part's module's business, not the optimizer's: a module built with
+``dtype=bfloat16, param_dtype=float32`` computes in bf16 while its params, hence the
+gradients the engine takes and the optimizer moments, stay float32 (master weights). Each
+part has its own module, so each chooses (a bf16 student beside an fp32 discriminator);
+``docs/performance.md`` states the tolerance against fp32.
 """
 
 from __future__ import annotations
