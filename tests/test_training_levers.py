@@ -243,6 +243,7 @@ def test_scanned_module_converts_and_exports_unchanged(name, tmp_path):
         np.testing.assert_array_equal(written[key], value, err_msg=key)
 
 
+@pytest.mark.slow  # compiles a whole engine step (163 s on the loaded 2-core machine)
 def test_cpu_train_step_keeps_cotangent_barriers():
     """``materialize_cotangent`` stores each block's output gradient behind an optimization
     barrier; XLA:CPU deletes barriers before fusion unless the step is compiled with
