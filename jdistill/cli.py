@@ -21,6 +21,7 @@
     jdistill collab-pick runs/collab/results.json --budget 10         (best setting within an evaluation budget)
     jdistill convert SRC DST                                          (PyTorch checkpoints -> Orbax)
     jdistill plan --config CONFIG --mesh data=4,fsdp=16 [--mesh ...] [--target v5p]  (pod memory / FLOPs, no pod)
+    jdistill bench [--preset cpu|gpu] [--models dit-cpu ...]          (speed side by side with PyTorch)
 
 Every workdir a command writes (a teacher, a distillation, any one of its stages) can be
 sampled, evaluated and resumed. Multi-process runs (GPU clusters, TPU pods, or processes
@@ -499,6 +500,9 @@ def build_parser():
 
     c = sub.add_parser("convert", help="PyTorch checkpoint (file, diffusers folder, pipeline) -> Orbax", add_help=False)
     c.set_defaults(fn=None)
+    b = sub.add_parser("bench", help="train-step and sampling speed side by side with PyTorch (a table)",
+                       add_help=False)
+    b.set_defaults(fn=None)
     return p
 
 
@@ -508,6 +512,10 @@ def main(argv=None):
         from jdistill.convert.cli import main_convert
 
         return main_convert(argv[1:])
+    if argv and argv[0] == "bench":
+        from jdistill.bench.cli import main as main_bench
+
+        return main_bench(argv[1:])
     rest, overrides = _split_overrides(argv)
     parser = build_parser()
     args = parser.parse_args(rest)

@@ -152,15 +152,17 @@ def load_dit_params(state_dict: Mapping, module: DiT, *, dtype=None, layout: str
     """Params for ``module`` from a DiT state dict of either layout (detected from its keys
     unless ``layout`` is given). Every missing, unexpected or mis-shaped key, a stored
     position table that is not the sin-cos one, and a module configured for the other
-    layout raise :class:`ConversionError`. Returns a tree of numpy arrays."""
+    layout raise :class:`ConversionError`. Returns a tree of numpy arrays (blocks stacked for a
+    ``scan_blocks`` module: the checkpoint is read block by block, then stacked)."""
     state_dict = unwrap(state_dict)
     layout = layout or detect_layout(state_dict.keys())
     _check_module_fits(layout, module)
-    rules = original_rules(module) if layout == "original" else diffusers_rules(module)
-    target = engine.abstract_params(module, **dit_model.example_inputs(module))
+    per_block = module.clone(scan_blocks=False)
+    rules = original_rules(per_block) if layout == "original" else diffusers_rules(per_block)
+    target = engine.abstract_params(per_block, **dit_model.example_inputs(per_block))
     params, _ = engine.convert_state_dict(state_dict, target, rules, what=f"DiT checkpoint ({layout} layout)",
                                           dtype=dtype)
-    return params
+    return module.scanned_params(params)
 
 
 # diffusers' DiTTransformer2DModel defaults: a Transformer2DModel config with norm_type

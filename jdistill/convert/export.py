@@ -68,6 +68,8 @@ def export_diffusers(family, module, params, config: Mapping, dst, *, dtype=None
     fam = _family(family)
     conv = fam.load()
     shapes = torch_state_shapes(fam, config)
+    if getattr(module, "scan_blocks", False):  # stacked blocks -> the checkpoint's one entry per block
+        params = module.per_block_params(params)
     state = engine.flax_to_torch_state_dict(params, shapes, conv.export_rules(module))
     if dtype is not None:
         target = np.dtype(jax.numpy.dtype(dtype_name(dtype)))

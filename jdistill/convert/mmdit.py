@@ -95,13 +95,14 @@ def load_params(state_dict: Mapping, module: SD3Transformer2DModel):
     """Params (numpy leaves in the module's ``param_dtype``) for ``module`` from a diffusers SD3
     transformer state dict (a dict of tensors / arrays or a lazy mapping of them). Raises
     :class:`ConversionError` naming a foreign family, or every missing, unexpected and
-    mis-shaped key."""
+    mis-shaped key. For a ``scan_blocks`` module the blocks are read one by one, then stacked."""
     check_family(state_dict.keys())
-    args, kwargs = example_inputs(module)
-    target = engine.abstract_params(module, *args, **kwargs)
-    params, _ = engine.convert_state_dict(state_dict, target, export_rules(module),
+    per_block = module.clone(scan_blocks=False)
+    args, kwargs = example_inputs(per_block)
+    target = engine.abstract_params(per_block, *args, **kwargs)
+    params, _ = engine.convert_state_dict(state_dict, target, export_rules(per_block),
                                           what="SD3Transformer2DModel checkpoint")
-    return params
+    return module.scanned_params(params)
 
 
 # ---------------------------------------------------------------- the original (Stability) layout

@@ -73,7 +73,8 @@ def diffusers_fields(config: Mapping, cls, class_name: str, unsupported_at_defau
     found = config.get("_class_name", class_name)
     if found != class_name:
         raise InvalidArgument(f"config is for {found}, not {class_name}")
-    known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype", "param_dtype", "guidance_embed"}
+    known = {f.name for f in dataclasses.fields(cls)} - {"parent", "name", "dtype", "param_dtype", "guidance_embed",
+                                                         "remat"}
     fields, unknown, refused = {}, [], []
     for key, value in config.items():
         if key.startswith("_") or key in inert:

@@ -72,8 +72,8 @@ _xavier = nn.initializers.xavier_uniform()
 
 
 def _dense(features, name, module, use_bias=True, zero=False):
-    return nn.Dense(features, use_bias=use_bias, dtype=module.dtype, param_dtype=module.param_dtype,
-                    kernel_init=_zeros if zero else _xavier, name=name)
+    return layers.dense(features, name, use_bias, dtype=module.dtype, param_dtype=module.param_dtype,
+                        kernel_init=_zeros if zero else _xavier)
 
 
 class LabelEmbedding(nn.Module):
@@ -231,7 +231,7 @@ class DiTBlock(nn.Module):
         h = layers.layer_norm("norm3", self.norm_eps, affine=self.norm_elementwise_affine, **kw)(x)
         h = h * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         h = FeedForward(self.dim, int(self.dim * self.mlp_ratio), self.activation, name="ff", **kw)(h)
-        return x + gate_mlp[:, None] * h, cond
+        return layers.materialize_cotangent(x + gate_mlp[:, None] * h), cond
 
 
 class DiT(nn.Module):
@@ -240,6 +240,13 @@ class DiT(nn.Module):
     ``out_channels`` defaults to ``in_channels`` (2 * in_channels for a learned sigma).
     ``guidance_embed`` adds ``layers.GuidanceEmbedding`` of the ``guidance`` input to the
     conditioning (guidance-distilled students); it starts at exactly zero.
+
+    Training levers, which change neither the function nor (at the checkpoint boundary) the
+    params: ``remat`` ("none", "full" or "dots", ``layers.REMAT_POLICIES``) rematerialises each
+    block in the backward pass; ``scan_blocks`` runs the blocks as one ``nn.scan`` (one compiled
+    block instead of ``depth``), its params stacked under ``transformer_blocks_0_to_{depth-1}``:
+    :meth:`scanned_params` / :meth:`per_block_params` convert to and from the per-block tree that
+    checkpoints and ``jdistill.convert`` use.
     """
 
     input_size: int = 32
@@ -259,8 +266,21 @@ class DiT(nn.Module):
     attention_bias: bool = True
     activation: str = "gelu_tanh"
     guidance_embed: bool = False
+    remat: str = "none"
+    scan_blocks: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def _runs(self):
+        return [(0, self.depth)] if self.scan_blocks else []
+
+    def scanned_params(self, params):
+        """Per-block params -> this module's tree (stacked blocks when ``scan_blocks``)."""
+        return layers.stack_blocks(params, "transformer_blocks", self._runs())
+
+    def per_block_params(self, params):
+        """This module's params -> the per-block tree checkpoints use (the inverse of :meth:`scanned_params`)."""
+        return layers.unstack_blocks(params, "transformer_blocks", self._runs())
 
     @property
     def output_channels(self) -> int:
@@ -297,16 +317,22 @@ class DiT(nn.Module):
             if extra is not None:
                 cond = cond + extra
 
-        final_cond = cond
-        for i in range(self.depth):
-            h, block_cond = DiTBlock(
-                d, self.num_heads, self.mlp_ratio, not self.shared_embedder, self.num_classes, self.freq_shift,
-                self.null_class, self.norm_eps, self.norm_elementwise_affine, self.attention_bias, self.activation,
-                name=f"transformer_blocks_{i}", **kw,
-            )(h, cond, t, class_labels, extra)
-            if i == 0:
-                final_cond = block_cond  # diffusers' output layer reads block 0's embedder
-            self.sow("intermediates", f"block_{i}", h)
+        block = layers.remat(DiTBlock, self.remat)
+        fields = (d, self.num_heads, self.mlp_ratio, not self.shared_embedder, self.num_classes, self.freq_shift,
+                  self.null_class, self.norm_eps, self.norm_elementwise_affine, self.attention_bias, self.activation)
+        if self._runs():
+            scanned = block(*fields, name=layers.scanned_name("transformer_blocks", 0, self.depth), **kw)
+            (h,), (outs, conds) = layers.scan_blocks(scanned, self.depth, (h,), cond, t, class_labels, extra)
+            final_cond = conds[0]  # diffusers' output layer reads block 0's embedder
+            for i in range(self.depth):
+                self.sow("intermediates", f"block_{i}", outs[i])
+        else:
+            final_cond = cond
+            for i in range(self.depth):
+                h, block_cond = block(*fields, name=f"transformer_blocks_{i}", **kw)(h, cond, t, class_labels, extra)
+                if i == 0:
+                    final_cond = block_cond  # diffusers' output layer reads block 0's embedder
+                self.sow("intermediates", f"block_{i}", h)
 
         shift, scale = jnp.split(_dense(2 * d, "proj_out_1", self, zero=True)(nn.silu(final_cond)), 2, axis=-1)
         h = layers.layer_norm("norm_out", 1e-6, affine=False, **kw)(h)

@@ -66,9 +66,32 @@ def activation(name: str):
     return fns[name]
 
 
+def matmul_last_axis(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
+    """``lax.dot_general`` for :func:`dense`: the leading axes of ``x`` flattened into one, so that
+    a linear layer on tokens (B, T, C) is one 2-D product (B T, C) x (C, F).
+
+    Why: the kernel's gradient contracts the two axes (B, T) of x and of the output gradient,
+    and XLA:CPU lowers a two-axis contraction through physical transposes of both operands.
+    Fused with the elementwise backward of the layers before them (norms, gates, GELU), those
+    transposes cost more than all the matmuls of a DiT train step. With x flattened, the
+    gradient is one product with a transposed operand, which the CPU GEMM reads in place
+    (docs/performance.md). On GPU and TPU the reshape of leading axes is free.
+    """
+    ((x_axes, k_axes), batch) = dimension_numbers
+    if x.ndim <= 2 or batch != ((), ()) or tuple(x_axes) != (x.ndim - 1,):
+        return jax.lax.dot_general(x, kernel, dimension_numbers, precision=precision,
+                                   preferred_element_type=preferred_element_type)
+    y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), k_axes), ((), ())), precision=precision,
+                            preferred_element_type=preferred_element_type)
+    return y.reshape(x.shape[:-1] + y.shape[1:])
+
+
 def dense(features: int, name: str, use_bias: bool = True, dtype: Dtype = jnp.float32,
-          param_dtype: Dtype = jnp.float32):
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+          param_dtype: Dtype = jnp.float32, **kwargs):
+    """``nn.Dense`` (params ``kernel`` (in, out), ``bias``) computing through :func:`matmul_last_axis`;
+    every linear layer of the models is made here. ``kwargs``: ``kernel_init`` and the like."""
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                    dot_general=matmul_last_axis, **kwargs)
 
 
 def conv(features: int, kernel: int, name: str, stride: int = 1, padding: int | None = None, use_bias: bool = True,
@@ -126,10 +149,95 @@ class TimestepEmbedding(nn.Module):
         return dense(self.out_dim or self.dim, "linear_2", **kw)(x)
 
 
-def attention(q, k, v, mask=None):
-    """Scaled dot-product attention on (B, T, heads, head_dim) through ``jax.nn.dot_product_attention``
-    (XLA picks a fused kernel where the backend has one)."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+
+
+def attention_implementation(q, k, v, mask=None, platform: str | None = None) -> str:
+    """Which kernel :func:`attention` uses for these inputs on ``platform`` (default: JAX's default
+    backend):
+
+    * "cudnn" (``jax.nn.dot_product_attention``'s fused flash kernel) on NVIDIA GPUs, for the
+      shapes and dtypes cuDNN takes: bf16 / fp16 inputs, head width <= 128 and a multiple of 8,
+      no mask;
+    * "einsum" (:func:`attention_einsum`) on CPU, where ``jax.nn.dot_product_attention``'s XLA
+      path (a grouped-query 5-D form) ran 2-3x slower than the same math on 4-D arrays;
+    * "xla" (``jax.nn.dot_product_attention(implementation="xla")``) elsewhere (TPU; GPU shapes
+      cuDNN refuses).
+    """
+    platform = platform or jax.default_backend()
+    if platform == "cpu":
+        return "einsum"
+    head = q.shape[-1]
+    if (platform in ("gpu", "cuda") and _is_cuda() and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.dtype == k.dtype == v.dtype and head <= 128 and head % 8 == 0 and k.shape[-1] == head):
+        return "cudnn"
+    return "xla"
+
+
+def _is_cuda() -> bool:
+    try:
+        return "cuda" in jax.devices()[0].client.platform_version.lower()
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def attention(q, k, v, mask=None, implementation: str | None = None):
+    """Scaled dot-product attention on (B, T, heads, head_dim) queries and (B, S, heads, head_dim)
+    keys / values; ``mask`` (boolean, broadcasting to (B, heads, T, S)) is True where a query may
+    attend. Logits and softmax in float32 whatever the input dtype. ``implementation``: one of
+    ``ATTENTION_IMPLEMENTATIONS``, default :func:`attention_implementation`'s choice."""
+    chosen = implementation or attention_implementation(q, k, v, mask)
+    if chosen == "einsum":
+        return attention_einsum(q, k, v, mask)
+    if chosen not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {chosen!r}; known: {ATTENTION_IMPLEMENTATIONS}")
+    try:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=chosen)
+    except (NotImplementedError, ValueError):
+        if implementation is not None or chosen != "cudnn":
+            raise
+        # a layout the installed cuDNN refuses (sequence lengths, compute capability): XLA's kernel
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+
+
+def _masked_logits(q, k, mask):
+    # the same products and order as jax.nn.dot_product_attention's XLA path, so forward values agree
+    logits = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.float32(1.0 / np.sqrt(q.shape[-1]))
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.float32(-0.7 * np.finfo(np.float32).max))
+    return logits
+
+
+@jax.custom_vjp
+def attention_einsum(q, k, v, mask=None):
+    """Attention as two einsums around a float32 softmax, with a hand-written backward.
+
+    The backward is flash attention's: dS = P * (dP - rowsum(dO * O)), so no reduction runs
+    over the (T, S) probabilities and each of q, k, v gets its gradient from one product.
+    """
+    return _attention_einsum_fwd(q, k, v, mask)[0]
+
+
+def _attention_einsum_fwd(q, k, v, mask):
+    probs = jax.nn.softmax(_masked_logits(q, k, mask), axis=-1)
+    out = jnp.einsum("bnts,bsnh->btnh", probs.astype(v.dtype), v)
+    return out, (q, k, v, mask, probs, out)
+
+
+def _attention_einsum_bwd(res, d_out):
+    q, k, v, mask, probs, out = res
+    d_v = jnp.einsum("bnts,btnh->bsnh", probs.astype(d_out.dtype), d_out)
+    d_probs = jnp.einsum("btnh,bsnh->bnts", d_out, v, preferred_element_type=jnp.float32)
+    row = jnp.einsum("btnh,btnh->bnt", d_out, out, preferred_element_type=jnp.float32)[..., None]
+    d_logits = (probs * (d_probs - row) * jnp.float32(1.0 / np.sqrt(q.shape[-1]))).astype(q.dtype)
+    d_q = jnp.einsum("bnts,bsnh->btnh", d_logits, k)
+    d_k = jnp.einsum("bnts,btnh->bsnh", d_logits, q)
+    d_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+    return d_q, d_k, d_v, d_mask
+
+
+attention_einsum.defvjp(_attention_einsum_fwd, _attention_einsum_bwd)
 
 
 class Attention(nn.Module):
@@ -200,8 +308,8 @@ class GuidanceEmbedding(nn.Module):
         w = jnp.asarray(w, jnp.float32).reshape(-1)  # (B,)
         h = timestep_embedding(self.scale * w, self.freq_dim, flip_sin_to_cos=True, freq_shift=0.0)
         h = nn.silu(dense(self.dim, "linear_1", **kw)(h.astype(self.dtype)))
-        return nn.Dense(self.dim, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=nn.initializers.zeros,
-                        name="linear_2")(h)
+        return dense(self.dim, "linear_2", dtype=self.dtype, param_dtype=self.param_dtype,
+                     kernel_init=nn.initializers.zeros)(h)
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, base_size: int | None = None,
@@ -277,8 +385,8 @@ class AdaLayerNormZero(nn.Module):
 
     @nn.compact
     def __call__(self, x, emb):
-        mod = nn.Dense(self.chunks * self.dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                       kernel_init=nn.initializers.zeros, name="linear")(nn.silu(emb))
+        mod = dense(self.chunks * self.dim, "linear", dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=nn.initializers.zeros)(nn.silu(emb))
         h = layer_norm("norm", self.eps, affine=False, dtype=self.dtype, param_dtype=self.param_dtype)(x)
         return h, tuple(jnp.split(mod, self.chunks, axis=-1))
 
@@ -303,8 +411,8 @@ class AdaLayerNormContinuous(nn.Module):
     @nn.compact
     def __call__(self, x, cond):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        emb = nn.Dense(2 * self.dim, use_bias=self.bias, kernel_init=nn.initializers.zeros, name="linear",
-                       **kw)(nn.silu(cond).astype(self.dtype))
+        emb = dense(2 * self.dim, "linear", self.bias, kernel_init=nn.initializers.zeros,
+                    **kw)(nn.silu(cond).astype(self.dtype))
         scale, shift = jnp.split(emb, 2, axis=-1)
         if self.norm_type == "layer_norm":
             norm = nn.LayerNorm(epsilon=self.eps, use_scale=self.elementwise_affine,
@@ -315,3 +423,107 @@ class AdaLayerNormContinuous(nn.Module):
         else:
             raise ValueError(f"unknown norm_type {self.norm_type!r}; known: 'layer_norm', 'rms_norm'")
         return modulate(norm(x), shift, scale)
+
+
+# --- repeated blocks: cotangent materialisation, rematerialisation, scan -----------------------
+
+
+@jax.custom_vjp
+def materialize_cotangent(x):
+    """The identity, whose gradient is stored once (behind an optimization barrier) instead of
+    being recomputed by every consumer.
+
+    Models call it on each block's output. Why: through a residual stream the gradient of block
+    k's input is block k+1's plus elementwise terms (norm, modulation and gate backward). XLA:CPU
+    fuses elementwise producers into all of their consumers when it can, so without a barrier
+    each block's backward re-derived the gradient of every block above it, a chain of several
+    hundred operations per element in the first block (docs/performance.md). The barrier only
+    holds where the compiler keeps barriers until fusion: GPU and TPU do; XLA:CPU drops them
+    early unless the step is compiled with ``jdistill.train.engine.compiler_options()``.
+    """
+    return x
+
+
+def _materialize_fwd(x):
+    return x, None
+
+
+def _materialize_bwd(_, g):
+    return (jax.lax.optimization_barrier(g),)
+
+
+materialize_cotangent.defvjp(_materialize_fwd, _materialize_bwd)
+
+# what a rematerialised block keeps from its forward pass for the backward one
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: everything the backward reads is kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep the block's input only, recompute the rest
+    # keep the outputs of the linear layers, recompute norms, activations and attention
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(block_cls, policy: str, static_argnums: tuple[int, ...] = ()):
+    """``block_cls`` wrapped in ``nn.remat`` under ``REMAT_POLICIES[policy]`` (``"none"``: unchanged).
+    ``static_argnums`` counts ``self`` as 0, as ``nn.remat`` does."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; known: {sorted(REMAT_POLICIES)}")
+    if policy == "none":
+        return block_cls
+    return nn.remat(block_cls, policy=REMAT_POLICIES[policy], static_argnums=static_argnums)
+
+
+def block_runs(kinds) -> list[tuple[int, int]]:
+    """[start, stop) of each maximal run of equal consecutive entries of ``kinds`` (one per block)."""
+    runs, start = [], 0
+    for i in range(1, len(kinds) + 1):
+        if i == len(kinds) or kinds[i] != kinds[start]:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def scanned_name(prefix: str, start: int, stop: int) -> str:
+    """The param name of blocks [start, stop) scanned as one module (their params stacked)."""
+    return f"{prefix}_{start}_to_{stop - 1}"
+
+
+def scan_blocks(block: nn.Module, length: int, carry: tuple, *broadcast):
+    """``length`` copies of ``block`` applied in sequence by one ``nn.scan`` (one compiled body,
+    params stacked on a leading axis). ``block(*carry, *broadcast)`` returns a tuple whose first
+    ``len(carry)`` entries are the next carry; returns (carry, every block's outputs stacked)."""
+
+    def body(module, state, *shared):
+        out = module(*state, *shared)
+        return tuple(out[:len(state)]), out
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast,) * len(broadcast), length=length)
+    return scan(block, tuple(carry), *broadcast)
+
+
+def stack_blocks(params: dict, prefix: str, runs) -> dict:
+    """Per-block params (``{prefix}_{i}``) -> the tree of a module scanning ``runs`` (runs of one
+    block stay as they are). The inverse of :func:`unstack_blocks`."""
+    out = dict(params)
+    for start, stop in runs:
+        if stop - start > 1:
+            blocks = [out.pop(f"{prefix}_{i}") for i in range(start, stop)]
+            out[scanned_name(prefix, start, stop)] = jax.tree.map(_stack, *blocks)
+    return out
+
+
+def _stack(*xs):
+    # numpy stays numpy (converted checkpoints are numpy trees), anything else becomes a jax array
+    return np.stack(xs) if all(isinstance(x, np.ndarray) for x in xs) else jnp.stack(xs)
+
+
+def unstack_blocks(params: dict, prefix: str, runs) -> dict:
+    """The tree of a module scanning ``runs`` -> per-block params, as checkpoints name them."""
+    out = dict(params)
+    for start, stop in runs:
+        if stop - start > 1:
+            stacked = out.pop(scanned_name(prefix, start, stop))
+            for j, i in enumerate(range(start, stop)):
+                out[f"{prefix}_{i}"] = jax.tree.map(lambda x, j=j: x[j], stacked)
+    return out

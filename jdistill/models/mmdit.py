@@ -221,14 +221,15 @@ class JointTransformerBlock(nn.Module):
             x = x + gate_msa2[:, None] * layers.Attention(name="attn2", **attn_kw)(mod(h, shift_msa2, scale_msa2))
 
         hh = mod(layers.layer_norm("norm2", 1e-6, affine=False, **kw)(x), shift_mlp, scale_mlp)
-        x = x + gate_mlp[:, None] * FeedForward(d, 4 * d, "gelu_tanh", name="ff", **kw)(hh)
+        x = layers.materialize_cotangent(x + gate_mlp[:, None] * FeedForward(d, 4 * d, "gelu_tanh", name="ff",
+                                                                             **kw)(hh))
         if self.context_pre_only:
             return x, None
 
         context = context + c_gate_msa[:, None] * context_out
         ch = mod(layers.layer_norm("norm2_context", 1e-6, affine=False, **kw)(context), c_shift_mlp, c_scale_mlp)
         context = context + c_gate_mlp[:, None] * FeedForward(d, 4 * d, "gelu_tanh", name="ff_context", **kw)(ch)
-        return x, context
+        return x, layers.materialize_cotangent(context)
 
 
 # Text tokens of SD3's pipelines (77 CLIP + 256 T5); only shapes for init depend on inputs,
@@ -240,7 +241,14 @@ class SD3Transformer2DModel(nn.Module):
     """The SD3 / SD3.5 MMDiT; fields are diffusers' config keys (and defaults); see the module
     docstring for the call. ``out_channels=None`` means ``in_channels``.
     ``caption_projection_dim`` must equal the width ``num_attention_heads * attention_head_dim``
-    (the text stream shares the blocks' width), as in every public config."""
+    (the text stream shares the blocks' width), as in every public config.
+
+    Training levers (no change to the function, nor to the params at the checkpoint boundary):
+    ``remat`` ("none", "full", "dots": ``layers.REMAT_POLICIES``) per block; ``scan_blocks`` runs
+    each run of identical consecutive blocks (SD3.5's dual-attention ones, the plain ones; the
+    ``context_pre_only`` last block stays alone) as one ``nn.scan``, params stacked under
+    ``transformer_blocks_{first}_to_{last}``; :meth:`scanned_params` / :meth:`per_block_params`
+    convert to and from the per-block tree of checkpoints and ``jdistill.convert``."""
 
     sample_size: int = 128
     patch_size: int = 2
@@ -255,8 +263,26 @@ class SD3Transformer2DModel(nn.Module):
     pos_embed_max_size: int | None = 96
     dual_attention_layers: tuple[int, ...] = ()
     qk_norm: str | None = None
+    remat: str = "none"
+    scan_blocks: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+    def _block_kind(self, i: int) -> tuple[bool, bool]:
+        return i == self.num_layers - 1, i in self.dual_attention_layers  # (context_pre_only, dual attention)
+
+    def _runs(self):
+        if not self.scan_blocks:
+            return []
+        return layers.block_runs([self._block_kind(i) for i in range(self.num_layers)])
+
+    def scanned_params(self, params):
+        """Per-block params -> this module's tree (stacked runs of blocks when ``scan_blocks``)."""
+        return layers.stack_blocks(params, "transformer_blocks", self._runs())
+
+    def per_block_params(self, params):
+        """This module's params -> the per-block tree checkpoints use (the inverse of :meth:`scanned_params`)."""
+        return layers.unstack_blocks(params, "transformer_blocks", self._runs())
 
     @property
     def inner_dim(self) -> int:
@@ -299,16 +325,22 @@ class SD3Transformer2DModel(nn.Module):
         context = layers.dense(self.caption_projection_dim, "context_embedder", **kw)(
             jnp.asarray(encoder_hidden_states, self.dtype))
 
-        for i in range(self.num_layers):
-            h, context = JointTransformerBlock(
-                d, self.num_attention_heads, self.attention_head_dim, context_pre_only=i == self.num_layers - 1,
-                qk_norm=self.qk_norm, use_dual_attention=i in self.dual_attention_layers,
-                name=f"transformer_blocks_{i}", **kw,
-            )(h, context, temb)
-            self.sow("intermediates", f"block_{i}", h)
+        block = layers.remat(JointTransformerBlock, self.remat)
+        for start, stop in self._runs() or [(i, i + 1) for i in range(self.num_layers)]:
+            pre_only, dual = self._block_kind(start)
+            fields = dict(dim=d, num_heads=self.num_attention_heads, head_dim=self.attention_head_dim,
+                          context_pre_only=pre_only, qk_norm=self.qk_norm, use_dual_attention=dual, **kw)
+            if stop - start == 1:
+                h, context = block(name=f"transformer_blocks_{start}", **fields)(h, context, temb)
+                self.sow("intermediates", f"block_{start}", h)
+                continue
+            scanned = block(name=layers.scanned_name("transformer_blocks", start, stop), **fields)
+            (h, context), (outs, _) = layers.scan_blocks(scanned, stop - start, (h, context), temb)
+            for j, i in enumerate(range(start, stop)):
+                self.sow("intermediates", f"block_{i}", outs[j])
 
         h = layers.AdaLayerNormContinuous(d, eps=1e-6, elementwise_affine=False, name="norm_out", **kw)(h, temb)
-        h = nn.Dense(p * p * c_out, kernel_init=nn.initializers.zeros, name="proj_out", **kw)(h)
+        h = layers.dense(p * p * c_out, "proj_out", kernel_init=nn.initializers.zeros, **kw)(h)
 
         # tokens (h, w) each holding a (p, q, c) patch -> NHWC
         gh, gw = height // p, width // p

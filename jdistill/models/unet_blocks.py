@@ -197,7 +197,7 @@ class ResnetBlock2D(nn.Module):
         use_shortcut = in_ch != final_ch if self.use_in_shortcut is None else self.use_in_shortcut
         if use_shortcut:
             x = layers.conv(final_ch, 1, "conv_shortcut", use_bias=self.conv_shortcut_bias, **kw)(x)
-        return (x + h) / self.output_scale_factor
+        return layers.materialize_cotangent((x + h) / self.output_scale_factor)
 
 
 class SpatialSelfAttention(layers.Attention):
@@ -230,7 +230,7 @@ class SpatialSelfAttention(layers.Attention):
         out = self.to_out_0(out.reshape(b, h * w, -1)).reshape(b, h, w, -1)
         if self.residual_connection:
             out = out + x
-        return out / self.rescale_output_factor
+        return layers.materialize_cotangent(out / self.rescale_output_factor)
 
 
 def spatial_attention(channels: int, head_dim: int | None, groups: int | None, eps: float,
@@ -262,15 +262,18 @@ class _ResnetStack(nn.Module):
     resnet_skip_time_act: bool = False
     output_scale_factor: float = 1.0
     dropout: float = 0.0
+    remat: str = "none"  # of each resnet and transformer block: layers.REMAT_POLICIES
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def resnet(self, name: str, out_channels: int | None = None, resample: str | None = None) -> ResnetBlock2D:
-        return ResnetBlock2D(out_channels=out_channels or self.out_channels, groups=self.resnet_groups,
-                             eps=self.resnet_eps, act_fn=self.resnet_act_fn,
-                             time_embedding_norm=self.resnet_time_scale_shift, skip_time_act=self.resnet_skip_time_act,
-                             output_scale_factor=self.output_scale_factor, resample=resample, dropout=self.dropout,
-                             dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+        # static_argnums: ``deterministic`` (self is argument 0)
+        block = layers.remat(ResnetBlock2D, self.remat, static_argnums=(3,))
+        return block(out_channels=out_channels or self.out_channels, groups=self.resnet_groups,
+                     eps=self.resnet_eps, act_fn=self.resnet_act_fn,
+                     time_embedding_norm=self.resnet_time_scale_shift, skip_time_act=self.resnet_skip_time_act,
+                     output_scale_factor=self.output_scale_factor, resample=resample, dropout=self.dropout,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
     def attention(self, index: int, channels: int) -> nn.Module | None:
         """The module applied after resnet ``index`` (named ``attentions_{index}``), or None.
@@ -466,7 +469,7 @@ class BasicTransformerBlock(nn.Module):
         h = layers.layer_norm("norm2", self.norm_eps, **kw)(x)
         x = x + attention("attn2")(h, context)
         h = layers.layer_norm("norm3", self.norm_eps, **kw)(x)
-        return x + FeedForward(name="ff", **kw)(h)
+        return layers.materialize_cotangent(x + FeedForward(name="ff", **kw)(h))
 
 
 class Transformer2DModel(nn.Module):
@@ -488,6 +491,7 @@ class Transformer2DModel(nn.Module):
     use_linear_projection: bool = False
     only_cross_attention: bool = False
     upcast_attention: bool = False
+    remat: str = "none"  # of each BasicTransformerBlock: layers.REMAT_POLICIES
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -505,14 +509,15 @@ class Transformer2DModel(nn.Module):
             h = layers.dense(inner, "proj_in", **kw)(h.reshape(b, height * width, channels))
         else:
             h = layers.conv(inner, 1, "proj_in", **kw)(h).reshape(b, height * width, inner)
+        block = layers.remat(BasicTransformerBlock, self.remat)
         for i in range(self.num_layers):
-            h = BasicTransformerBlock(self.heads, self.dim_head, self.only_cross_attention,
-                                      name=f"transformer_blocks_{i}", **kw)(h, encoder_hidden_states)
+            h = block(self.heads, self.dim_head, self.only_cross_attention, name=f"transformer_blocks_{i}",
+                      **kw)(h, encoder_hidden_states)
         if self.use_linear_projection:
             h = layers.dense(channels, "proj_out", **kw)(h).reshape(b, height, width, channels)
         else:
             h = layers.conv(channels, 1, "proj_out", **kw)(h.reshape(b, height, width, inner))
-        return h + x
+        return layers.materialize_cotangent(h + x)
 
 
 class _CrossAttention(_ResnetStack):
@@ -535,7 +540,7 @@ class _CrossAttention(_ResnetStack):
                                   num_layers=depth, norm_groups=self.resnet_groups,
                                   use_linear_projection=self.use_linear_projection,
                                   only_cross_attention=self.only_cross_attention,
-                                  upcast_attention=self.upcast_attention, dtype=self.dtype,
+                                  upcast_attention=self.upcast_attention, remat=self.remat, dtype=self.dtype,
                                   param_dtype=self.param_dtype, name=f"attentions_{index}")
 
 

@@ -125,6 +125,9 @@ class ConditionalEncoder(nn.Module):
     upcast_attention: bool = False
     resnet_time_scale_shift: str = "default"
     projection_class_embeddings_input_dim: int | None = None
+    # rematerialisation of every resnet and transformer block ("none", "full", "dots":
+    # layers.REMAT_POLICIES); not a diffusers option, the function and params are unchanged
+    remat: str = "none"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -302,7 +305,8 @@ class ConditionalEncoder(nn.Module):
 
     def _resnet_fields(self) -> dict:
         return dict(resnet_eps=self.norm_eps, resnet_groups=self.norm_num_groups, resnet_act_fn=self.act_fn,
-                    resnet_time_scale_shift=self.resnet_time_scale_shift, dropout=self.dropout, **self._kw())
+                    resnet_time_scale_shift=self.resnet_time_scale_shift, dropout=self.dropout, remat=self.remat,
+                    **self._kw())
 
     def _cross_fields(self, heads, depth, only_cross) -> dict:
         return dict(num_attention_heads=heads, transformer_layers_per_block=depth,

@@ -1,0 +1,5 @@
+import sys
+
+from jdistill.bench.cli import main
+
+sys.exit(main())
