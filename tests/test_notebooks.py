@@ -21,7 +21,7 @@ def code_cells(path):
 
 
 def test_the_notebooks_exist():
-    assert {p.name for p in NOTEBOOKS} == {"guided_distillation.ipynb", "t_stitch.ipynb"}
+    assert {p.name for p in NOTEBOOKS} == {"codi.ipynb", "guided_distillation.ipynb", "t_stitch.ipynb"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

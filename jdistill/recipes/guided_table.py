@@ -81,8 +81,8 @@ def claims(rows) -> list[dict]:
     return out
 
 
-def format_results(result: dict) -> str:
-    title = (f"Guided distillation on digits: {result['num']} samples per row, FD against the held-out split "
+def format_results(result: dict, method: str = "Guided distillation") -> str:
+    title = (f"{method} on digits: {result['num']} samples per row, FD against the held-out split "
              f"({result['device']}; wall time: the best of 3 runs taken round-robin over all rows, "
              "compilation excluded)")
     lines = [title, "",

@@ -36,17 +36,21 @@ def make_sampler(workdir: str, *, stitch=None, fractions=None, stitch_mode: str 
     return recipe.sampler(run, **options)
 
 
-def sample_to_file(workdir: str, out: str | None = None, *, num: int = 1000, seed: int = 0, batch_size: int = 500,
-                   **options) -> dict:
-    """Sample ``num`` images from ``workdir`` into an .npz with ``images`` uint8 NHWC and ``labels``,
-    plus a PNG grid."""
+def sample_to_file(workdir: str, out: str | None = None, *, num: int | None = None, seed: int = 0,
+                   batch_size: int = 500, **options) -> dict:
+    """Sample ``num`` images (default 1000; with ``condition``, one per condition) from ``workdir`` into an
+    .npz with ``images`` uint8 NHWC and ``labels`` (conditional models: ``condition``), plus a PNG grid."""
     sampler = make_sampler(workdir, **options)
+    if num is None:
+        num = len(sampler.conditions["condition"]) if options.get("condition") else 1000
     images, labels, seconds = sampler.run(num, seed=seed, batch_size=batch_size, progress=True)
     out = out or os.path.join(workdir, "samples.npz")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     arrays = {"images": images}
     if labels is not None:
         arrays["labels"] = labels
+    if sampler.conditions:
+        arrays.update(sampler.cycled(num))
     np.savez(out, **arrays)
     png = images_lib.save_grid(os.path.splitext(out)[0] + ".png", images[:100], ncol=10)
     return {"npz": out, "png": png, "num": len(images), "seconds": seconds, "description": sampler.description}

@@ -96,7 +96,9 @@ def caption_records(data_cfg):
     return np.stack(images), captions
 
 
-def text_task(cfg, with_data: bool = True) -> Task:
+def text_task(cfg, with_data: bool = True, record_fn: Callable | None = None) -> Task:
+    """``record_fn(pixels)``: per-example arrays to add to the records, from the images in [-1, 1]
+    at the data resolution (a conditional task's condition images)."""
     from jdistill.pipelines.text_to_image import TextToImage
 
     t2i = TextToImage.from_pretrained(resolve_model(cfg.teacher.pipeline, cfg.teacher.get("models_dir")),
@@ -117,9 +119,12 @@ def text_task(cfg, with_data: bool = True) -> Task:
         unique = sorted(set(captions))
         table_prompts = unique + prompts
         ids = np.asarray([unique.index(c) for c in captions], np.int32)
-        records = [{"image": latents[i], "caption": ids[i]} for i in range(len(ids))]
+        extra = {k: np.asarray(v) for k, v in (record_fn(np.asarray(pixels)) if record_fn else {}).items()}
+        records = [{"image": latents[i], "caption": ids[i], **{k: v[i] for k, v in extra.items()}}
+                   for i in range(len(ids))]
         source = BatchSource(records, global_batch_size=int(cfg.data.batch_size), seed=int(cfg.seed),
-                             image_shape=latents.shape[1:], keys=("image", "caption"), name=f"{cfg.data.name} latents")
+                             image_shape=latents.shape[1:], keys=("image", "caption", *extra),
+                             name=f"{cfg.data.name} latents")
     cond, uncond = t2i.encode_prompt(table_prompts, None)
     table, null = cond["encoder_hidden_states"], uncond["encoder_hidden_states"][:1]
     offset = len(table_prompts) - len(prompts)
@@ -136,5 +141,5 @@ def text_task(cfg, with_data: bool = True) -> Task:
     return Task(den, source, cond_fn, uncond_fn, sample_cond, t2i.decode)
 
 
-def make_task(cfg, with_data: bool = True) -> Task:
-    return text_task(cfg, with_data) if cfg.teacher.get("pipeline") else class_task(cfg, with_data)
+def make_task(cfg, with_data: bool = True, record_fn: Callable | None = None) -> Task:
+    return text_task(cfg, with_data, record_fn) if cfg.teacher.get("pipeline") else class_task(cfg, with_data)
