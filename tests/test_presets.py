@@ -242,9 +242,15 @@ def test_lcm_pipeline_preset(models, tmp_path):
     small = pipe.get_guidance_scale_embedding(torch.full((1,), 0.5), embedding_dim=256)
     assert_close(layers.guidance_scale_embedding(jnp.full((1,), 1.5), 256), small.numpy(), 1e-4, "at w = 0.5")
     assert_unet_equal(t2i.network, t2i.params["network"], pipe.unet, np.asarray(ours), "LCM UNet with timestep_cond")
-    # the pipeline samples with the scheduler's solver: not in jdistill yet, and it says so
-    with pytest.raises(ValueError, match="no jdistill solver reproduces LCMScheduler"):
-        t2i(["a photo of a cat"], num_steps=4, guidance_scale=w)
+    # one LCM step (no fresh noise, so no RNG to share with torch): the pipeline's denoised latents
+    size = config["sample_size"]
+    z = np.random.default_rng(0).standard_normal((1, size, size, config["in_channels"])).astype(np.float32)
+    pixels = size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    with torch.no_grad():
+        ref = pipe(prompt=["a photo of a cat"], num_inference_steps=1, guidance_scale=w, height=pixels,
+                   width=pixels, latents=torch.from_numpy(nchw(z)), output_type="latent").images
+    ours = t2i(["a photo of a cat"], num_steps=1, guidance_scale=w, latents=z, output_type="latent")
+    assert_close(ours, nhwc(ref.numpy()), 2e-4, "LCM pipeline, one step")
 
 
 def test_sdxl_turbo_pipeline_preset(models, tmp_path):

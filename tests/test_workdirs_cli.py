@@ -95,3 +95,17 @@ def test_training_again_finds_the_run_finished(trained, capsys):
     _, teacher, _ = trained
     assert cli.main(["train", "--config", TEACHER, "--workdir", teacher, "--quiet", *TINY_TEACHER]) == 0
     assert "already finished" in capsys.readouterr().out
+
+
+def test_reading_a_run_prints_no_warnings(trained, caplog, capfd):
+    import logging
+
+    from jdistill.recipes import runs
+
+    _, teacher, guided = trained
+    with caplog.at_level(logging.WARNING):
+        runs.read_params(teacher, part="model")
+        runs.read_config(guided, "steps_001")
+        runs.open_run(guided)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "WARNING" not in capfd.readouterr().err

@@ -39,7 +39,7 @@ def teacher_part(demo: Demo) -> dict:
 
     workdir = demo.teacher("digits_teacher")
     sampler = teacher_lib.make_sampler(runs.open_run(workdir), steps=64, solver="ddim")
-    row, images = evaluation.score(sampler, demo.num)
+    row, images = evaluation.score(sampler, demo.num, repeats=1)  # no timing claim here: one run
     images_lib.save_grid(os.path.join(demo.out("teacher"), "teacher_ddim64.png"), images[:100], ncol=10)
     floor = real_vs_real_fd(load_digits_classifier(), subsample=demo.num)
     ref = floor[f"train{floor['subsample']}_vs_test"]
