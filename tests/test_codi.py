@@ -1,7 +1,7 @@
 """CoDi: adapters that change nothing at init, conditional tasks derived from the data, the CoDi loss
 against its formula with the target read as it is now, PE-CoDi leaving every backbone param
 bit-identical, 8 devices == 1 device, and `jdistill distill` killed by SIGKILL resuming bit-identically
-(then `jdistill sample --condition`)."""
+(then `jdistill sample --condition` and `jdistill eval` on its workdir)."""
 
 import os
 
@@ -212,3 +212,9 @@ def test_distill_killed_resumes_bit_identical_then_samples_conditions(tiny_teach
     assert p.returncode == 0, out[-3000:]
     with np.load(out_file) as f:
         assert f["images"].shape == (6, 8, 8, 1) and f["condition"].shape == (6, 8, 8, 1)
+    p = run_cli(["eval", str(tmp_path / "full" / "codi"), "--num", "20", "--steps", "2"], devices=1)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+    scores = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    assert 0 < float(scores["psnr"]) < 100 and -1 <= float(scores["ssim"]) <= 1, scores
+    assert np.isfinite(float(scores["fd"])) and 0 <= float(scores["class_acc"]) <= 1, scores

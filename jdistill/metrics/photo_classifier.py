@@ -107,6 +107,11 @@ def train_photo_classifier(*, seed: int = 0, steps: int = 2000, batch_size: int 
 @functools.lru_cache(maxsize=1)
 def load_photo_classifier() -> Classifier:
     """The classifier shipped in ``jdistill/assets`` (loaded once, never retrained)."""
+    from jdistill.errors import MissingInput
+
+    if not (ASSETS / f"{STEM}.msgpack").is_file():
+        raise MissingInput(f"no {STEM}.msgpack in {ASSETS}: train it once with `python -m "
+                           "jdistill.metrics.photo_classifier` (the FD on photographs reads its features)")
     return load_classifier(ASSETS, STEM, _module, IMAGE_SHAPE, as_model_input)
 
 

@@ -196,10 +196,12 @@ class Adapted(nn.Module):
         from jdistill.models import registry
 
         args, kwargs = registry.example_inputs(self.backbone, batch)
-        if args:  # UNet2DConditionModel style: (sample, timestep, encoder_hidden_states)
-            x = args[0]
-        else:
-            x = kwargs.get("x", kwargs.get("sample"))
+        if not args:  # DiT names its inputs (x, t), UNet2DModel (sample, timestep): positional here
+            kwargs = dict(kwargs)
+            image = kwargs.pop("x") if "x" in kwargs else kwargs.pop("sample")
+            time = kwargs.pop("t") if "t" in kwargs else kwargs.pop("timestep")
+            args = (image, time)
+        x = args[0]
         size = self.condition_size or x.shape[1]
         cond = jnp.zeros((batch, size, size, self.condition_channels), jnp.float32)
         return args, {**kwargs, "condition": cond}

@@ -31,8 +31,7 @@ import jax.numpy as jnp
 
 from jdistill.denoiser import Denoiser
 from jdistill.objectives.consistency import (check_options, consistency_distance, consistency_pair,
-                                             sample_skip_steps, teacher_step, with_guidance_input)
-from jdistill.objectives.guided import sample_scales
+                                             noised_skip_step, teacher_step, with_guidance_input)
 
 ODE_MODELS = ("model", "teacher")
 
@@ -57,12 +56,7 @@ def codi_loss(model: Denoiser, teacher: Denoiser | None = None, *, cond_fn: Call
 
     def loss_fn(params, inputs, batch, rng):
         x = batch["image"]
-        k_t, k_eps, k_g = jax.random.split(rng, 3)
-        t, s = sample_skip_steps(k_t, model.schedule, x.shape[0], num_steps)
-        eps = jax.random.normal(k_eps, x.shape, x.dtype)
-        a, sig = model.alpha_sigma(t, x)
-        z = a * x + sig * eps
-        g = sample_scales(k_g, x.shape[0], scale_range) if scale_range is not None else None
+        z, t, s, g = noised_skip_step(model, x, rng, num_steps, scale_range)
         cond = with_guidance_input(model.module, cond_fn(batch), g)
         target = model.replace(params=inputs["target"])
         if ode == "model":

@@ -63,6 +63,17 @@ def sample_skip_steps(key, schedule, n: int, num_steps: int):
     return jnp.asarray(starts)[idx], jnp.asarray(ends)[idx]
 
 
+def noised_skip_step(den: Denoiser, x, rng, num_steps: int, scale_range):
+    """One draw of the objective: (z_t, t, s, g) with (t, s) a uniform skip-grid step, z_t = a_t x + s_t eps
+    and g the per-example guidance scales (None without ``scale_range``)."""
+    k_t, k_eps, k_g = jax.random.split(rng, 3)
+    t, s = sample_skip_steps(k_t, den.schedule, x.shape[0], num_steps)
+    eps = jax.random.normal(k_eps, x.shape, x.dtype)
+    a, sig = den.alpha_sigma(t, x)
+    g = sample_scales(k_g, x.shape[0], scale_range) if scale_range is not None else None
+    return a * x + sig * eps, t, s, g
+
+
 def _expand(v, like):
     return v.reshape(v.shape + (1,) * (like.ndim - v.ndim))
 
@@ -130,15 +141,9 @@ def lcm_loss(student: Denoiser, teacher: Denoiser, *, num_steps: int = 50, scale
     scale_range = tuple(scale_range) if scale_range is not None else None
 
     def loss_fn(params, inputs, batch, rng):
-        x = batch["image"]
-        k_t, k_eps, k_g = jax.random.split(rng, 3)
-        t, s = sample_skip_steps(k_t, teacher.schedule, x.shape[0], num_steps)
-        eps = jax.random.normal(k_eps, x.shape, x.dtype)
-        a, sig = teacher.alpha_sigma(t, x)
-        z = a * x + sig * eps
+        z, t, s, g = noised_skip_step(teacher, batch["image"], rng, num_steps, scale_range)
         cond = cond_fn(batch) if cond_fn is not None else {}
         uncond = uncond_fn(batch) if uncond_fn is not None else None
-        g = sample_scales(k_g, x.shape[0], scale_range) if scale_range is not None else None
         z_s = jax.lax.stop_gradient(
             teacher_step(teacher.replace(params=inputs["teacher"]), z, t, s, cond or None, g, uncond, solver))
         student_cond = with_guidance_input(student.module, cond, g) or None
@@ -152,4 +157,4 @@ def lcm_loss(student: Denoiser, teacher: Denoiser, *, num_steps: int = 50, scale
 
 
 __all__ = ["DISTANCES", "TEACHER_SOLVERS", "consistency_distance", "consistency_pair", "guidance_input",
-           "lcm_loss", "sample_skip_steps", "teacher_step", "with_guidance_input"]
+           "lcm_loss", "noised_skip_step", "sample_skip_steps", "teacher_step", "with_guidance_input"]

@@ -8,12 +8,10 @@ FD / class accuracy / wall time, with the LCM target checked on the numbers.
 from __future__ import annotations
 
 from jdistill.errors import InvalidArgument
-from jdistill.recipes import consistency, evaluation, guided_table, runs
-from jdistill.recipes import teacher as teacher_lib
+from jdistill.recipes import consistency, guided_table, runs
 
-TEACHER_STEPS = (1, 2, 4, 8, 16, 64)
+TEACHER_STEPS = guided_table.TEACHER_STEPS
 STUDENT_STEPS = (1, 2, 4, 8)
-GRID_STEPS = (1, 4, 64)
 
 
 def results_table(workdir: str, *, guidance_scales=(1.5,), num: int = 1000, out_dir: str | None = None,
@@ -25,32 +23,14 @@ def results_table(workdir: str, *, guidance_scales=(1.5,), num: int = 1000, out_
         raise InvalidArgument(f"{workdir} is a {run.recipe!r} run; lcm-table reads an LCM distillation's workdir")
     teacher_dir = run.stage_config(consistency.STAGE).teacher.workdir
     teacher_run = runs.open_run(teacher_dir)
-    rows, timed, grids = [], [], {}
-
-    def add(kind, steps, g, sampler, mode):
-        row, images = evaluation.score(sampler, num, seed, repeats=1)
-        row.update(model=kind, steps=steps, guidance_scale=g, w=g - 1.0, mode=mode)
-        rows.append(row)
-        timed.append((row, sampler))
-        if progress:
-            print(f"{kind:8s} {mode:8s} {steps:3d} steps g={g:g}: FD {row['fd']:.2f} acc {row['class_acc']:.3f} "
-                  f"{row['s_per_1000']:.3f} s/1000", flush=True)
-        if steps in GRID_STEPS:
-            grids[f"{kind}_{mode}_{steps}steps_g{g:g}"] = images
-
+    table = guided_table.TableRows(num, seed, progress)
     for g in guidance_scales:
         for n in teacher_steps:
-            add("teacher", n, g, teacher_lib.make_sampler(teacher_run, steps=n, solver="ddim", guidance_scale=g),
-                "ddim+cfg")
+            table.add_teacher(teacher_run, n, g)
         for n in student_steps:
-            add("student", n, g, consistency.make_sampler(run, steps=n, solver="lcm", guidance_scale=g), "lcm")
-        add("student", 4, g, consistency.make_sampler(run, steps=4, solver="codi", guidance_scale=g), "codi")
-    evaluation.retime_round_robin(timed, num, repeats=evaluation.TIMING_REPEATS, seed=seed)
-    result = {"teacher": teacher_dir, "student": workdir, "num": num, "rows": rows,
-              "device": evaluation.device_name(), "checks": claims(rows)}
-    if out_dir:
-        evaluation.write_report(out_dir, result, format_results(result), grids)
-    return result
+            table.add("student", n, g, consistency.make_sampler(run, steps=n, solver="lcm", guidance_scale=g), "lcm")
+        table.add("student", 4, g, consistency.make_sampler(run, steps=4, solver="codi", guidance_scale=g), "codi")
+    return table.report(out_dir, {"teacher": teacher_dir, "student": workdir}, claims, format_results)
 
 
 def _get(rows, model, steps, g, mode):

@@ -94,11 +94,19 @@ def evaluate_file(path: str, *, reference: str = "test", target: str | None = No
 
 
 def evaluate_run(workdir: str, *, num: int = 1000, seed: int = 0, **options) -> dict:
-    """Sample ``num`` images from the run at ``workdir`` and score them (digits: FD + class accuracy)."""
+    """Sample ``num`` images from the run at ``workdir`` and score them (digits: FD + class accuracy;
+    conditional models: PSNR / SSIM against the ground truth, and on digits FD + the share classified
+    as their source digit)."""
     from jdistill.recipes import evaluation
 
     sampler = make_sampler(workdir, **options)
-    if tuple(sampler.image_shape) != (8, 8, 1):
+    digits = tuple(sampler.image_shape) == (8, 8, 1)
+    if sampler.targets is not None:  # a conditional model: scored against its conditions' ground truth
+        images, _, seconds = sampler.run(num, seed=seed)
+        targets, labels = sampler.cycled_targets(num)
+        row = evaluation.evaluate(images, labels, targets, ("paired", "digits") if digits else ("paired",))
+        return {"sampler": sampler.description, "num": num, **row, "s_per_1000": seconds * 1000.0 / num}
+    if not digits:
         raise InvalidArgument(f"{workdir} samples {tuple(sampler.image_shape)} images; scoring a run is defined "
                               "for 8x8x1 digits (sample it to a file and use --target for paired tasks)")
     row, _ = evaluation.score(sampler, num, seed, repeats=1)
