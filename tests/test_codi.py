@@ -173,9 +173,13 @@ def test_pe_codi_leaves_every_backbone_param_bit_identical(tiny_teacher):
     moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params()["adapter"]),
                                                           jax.tree.leaves(start["adapter"]))]
     assert max(moved) > 0  # the adapter did train
-    assert state.parts["student"].opt_state[0].mu["backbone"]["pos_embed"]["proj"]["kernel"] is None
+    # the optimizer holds Adam's two moments of the adapter alone: the backbone has no state to move it
+    adapter_size = sum(np.size(p) for p in jax.tree.leaves(start["adapter"]))
+    moments = sum(np.size(p) for p in jax.tree.leaves(state.parts["student"].opt_state) if np.ndim(p) > 0)
+    assert moments == 2 * adapter_size, (moments, adapter_size)
 
 
+@pytest.mark.slow  # two meshes, two compilations of the CoDi step
 def test_codi_8_devices_equal_1_device(tiny_teacher):
     cfg = codi_cfg(tiny_teacher)
     task = conditional.make_task(cfg)
@@ -185,6 +189,7 @@ def test_codi_8_devices_equal_1_device(tiny_teacher):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # five CLI subprocesses (train, killed, resumed, sample, eval): minutes on 2 cores
 def test_distill_killed_resumes_bit_identical_then_samples_conditions(tiny_teacher, tmp_path):
     args = ["distill", "--config", os.path.join(REPO, "configs", "digits_codi.py"), "--quiet",
             f"--config.teacher.workdir={tiny_teacher}", "--config.teacher.config=", "--config.data.batch_size=16",

@@ -40,6 +40,7 @@ def _overrides(root):
     return [f"--config.teacher.pipeline={root / 'pipeline'}", f"--config.teacher.cache_dir={root / 'cache'}", *DATA]
 
 
+@pytest.mark.slow  # tiny SD pipelines, trained and sampled: minutes on 2 cores
 def test_lcm_student_starts_as_the_teacher_trains_and_samples(pipeline):
     name, root, prediction = pipeline
     cfg = config_lib.load_config(os.path.join(REPO, "configs", f"{name}_lcm.py"),
@@ -62,6 +63,7 @@ def test_lcm_student_starts_as_the_teacher_trains_and_samples(pipeline):
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
 
 
+@pytest.mark.slow  # tiny SD pipelines, trained and sampled: minutes on 2 cores
 def test_codi_controlnet_starts_as_the_unet_trains_and_samples(pipeline):
     name, root, _ = pipeline
     cfg = config_lib.load_config(os.path.join(REPO, "configs", f"{name}_codi.py"), [
