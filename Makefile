@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m jdistill demo
 
-# The default test suite (slow tests are excluded by the pytest config).
+# The default test suite (slow tests are excluded by the pytest config), on two workers, each
+# taking whole test files (module fixtures are built once); the slowest tests are listed at the end.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow

@@ -22,7 +22,7 @@ which label is its null class. :meth:`Denoiser.features` returns the intermediat
 tokens / feature maps of the network's blocks (DiT and MMDiT ``block_{i}``, UNet
 ``down_{i}`` / ``mid`` / ``up_{i}``), differentiable in z, for discriminators and
 oracles. A composite network (a backbone with an adapter) is one Flax module and so
-one Denoiser (``jdistill.models.adapters``).
+one Denoiser (``jdistill.models.controlled_unet``).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from flax import struct
 
 from jdistill.diffusion import guidance as guidance_lib
 from jdistill.diffusion import parameterization as param_lib
+from jdistill.errors import InvalidArgument
 from jdistill.models import registry
 
 
@@ -185,7 +186,7 @@ class Denoiser:
         for b in blocks:
             name = f"block_{b}" if isinstance(b, int) else str(b)
             if name not in sown:
-                raise ValueError(f"{type(self.module).__name__} has no block {name!r}; it sows {sorted(sown)}")
+                raise InvalidArgument(f"{type(self.module).__name__} has no block {name!r}; it sows {sorted(sown)}")
             out[name] = sown[name]
         return out
 

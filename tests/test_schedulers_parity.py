@@ -253,6 +253,24 @@ def test_boundary_scalings_match_lcm_scheduler():
         assert_close(ours[1], c_out.numpy(), 1e-6, "c_out")
 
 
+@pytest.mark.parametrize("scaling", [10.0, 5.0])
+def test_consistency_fn_is_lcm_schedulers_denoised(scaling):
+    """f(z, t) = c_skip z + c_out x0 against ``LCMScheduler.step(...).denoised`` at every timestep
+    of a 4-step schedule, x0 taken from the step's own eps-prediction formula (written out)."""
+    ref = diffusers.LCMScheduler(timestep_scaling=scaling)
+    ref.set_timesteps(4)
+    ab = ref.alphas_cumprod.numpy().astype(np.float64)
+    rng = np.random.default_rng(0)
+    for t in ref.timesteps:
+        z, out = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
+        denoised = ref.step(torch.from_numpy(nchw(out)), t, torch.from_numpy(nchw(z)),
+                            generator=torch.Generator().manual_seed(0)).denoised
+        x0 = (z - np.sqrt(1 - ab[int(t)]) * out) / np.sqrt(ab[int(t)])
+        ours = consistency.consistency_fn(jnp.asarray(z), jnp.asarray(x0, jnp.float32), jnp.full((SHAPE[0],), int(t)),
+                                          timestep_scaling=scaling)
+        assert_close(ours, nhwc(denoised.numpy()), TOL, f"f(z, {int(t)})")
+
+
 @pytest.mark.parametrize("original", [50, 100])
 def test_lcm_timesteps_match_diffusers(original):
     ref = diffusers.LCMScheduler(original_inference_steps=original)

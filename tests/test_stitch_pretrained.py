@@ -2,6 +2,7 @@
 original-layout .pt files (and a diffusers VAE), BK-SDM-tiny -> SD1.5 from pipeline folders.
 At fraction 0 a config's output is the large model's own sampling; in between, both run."""
 
+import functools
 import os
 
 import diffusers
@@ -15,6 +16,7 @@ from test_text_to_image import IMAGE, clip_tower, unet, vae, write_clip_tokenize
 from jdistill import cli
 from jdistill import config as config_lib
 from jdistill.convert.pretrained import load_pretrained
+from jdistill.denoiser import Denoiser, NullClass
 from jdistill.diffusion import schedules
 from jdistill.diffusion.timesteps import make_grid
 from jdistill.images import to_uint8
@@ -47,23 +49,45 @@ def dit_config(root, *extra):
                   "--config.sample.steps=10", "--config.sample.labels=(1, 5, 7)", *extra)
 
 
+def denoiser_by_hand(root, name):
+    """A converted DiT of the pair as a Denoiser with every field written out: DiT's linear betas,
+    eps with a learned variance (8 channels out for 4 in), the null class 10 for guidance."""
+    loaded = load_pretrained(str(root / name), cache_dir=str(root / "cache"))
+    assert loaded.module.num_classes == 10 and loaded.module.output_channels == 8
+    return Denoiser(params=loaded.params, schedule=schedules.DiscreteVP.from_betas("linear", 1000, 1e-4, 0.02),
+                    module=loaded.module, prediction="eps", learned_variance=True, null_cond=NullClass(10))
+
+
+def decode_by_hand(root, z):
+    """The VAE's decoder on z / scaling_factor (SD's VAE has no shift), as uint8."""
+    vae = load_pretrained(str(root / "vae"), cache_dir=str(root / "cache"))
+    decoded = vae.module.apply({"params": vae.params}, z / vae.module.scaling_factor, method="decode")
+    return to_uint8(np.clip(np.asarray(decoded), -1, 1))
+
+
+@functools.partial(jax.jit, static_argnames=("split",))
+def two_segments(small, large, noise, labels, key, split):
+    """DDIM, 10 steps, CFG 1.5: the small DiT for grid steps [0, split), the large one for the rest."""
+    grid = make_grid(large.schedule, 10, "ddim")
+    cond = {"class_labels": labels}
+    state = samplers.init_state(noise)
+    state = samplers.run_steps(small, state, grid, 0, split, rng=key, solver="ddim", cond=cond, guidance_scale=1.5)
+    return samplers.run_steps(large, state, grid, split, 10, rng=key, solver="ddim", cond=cond,
+                              guidance_scale=1.5).z
+
+
 def test_dit_pair_at_fraction_zero_is_the_large_model(dit_pair):
     cfg = dit_config(dit_pair)
     images, labels, desc = stitch_lib.run_config(cfg, fraction=0.0, seed=3)
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.uint8 and list(labels) == [1, 5, 7]
 
     # the large DiT alone, by hand: same noise, sampler, guidance and VAE decode
-    large = load_pretrained(str(dit_pair / "large.pt"), cache_dir=str(dit_pair / "cache"))
-    schedule = schedules.from_config(cfg.diffusion)
-    den = stitch_lib._class_member(cfg, cfg.large, schedule).denoiser
-    assert den.learned_variance and den.module.num_classes == 10 and large.module.depth == 2
+    den = denoiser_by_hand(dit_pair, "large.pt")
+    assert den.module.depth == 2
     key_noise, key_steps = jax.random.split(jax.random.key(3))
     noise = jax.random.normal(key_noise, (3, 4, 4, 4))
-    z = samplers.sample_jit(den, noise, {"class_labels": np.array([1, 5, 7], np.int32)},
-                            grid=make_grid(schedule, 10, "ddim"), solver="ddim", rng=key_steps, guidance_scale=1.5)
-    vae_loaded = load_pretrained(str(dit_pair / "vae"), cache_dir=str(dit_pair / "cache"))
-    alone = vae_loaded.module.apply({"params": vae_loaded.params}, z, method="images_from_latents")
-    np.testing.assert_array_equal(images, to_uint8(alone))
+    z = two_segments(den, den, noise, np.array([1, 5, 7], np.int32), key_steps, split=0)
+    np.testing.assert_array_equal(images, decode_by_hand(dit_pair, z))
 
 
 def test_dit_pair_from_the_command_line(dit_pair, tmp_path, capsys):
@@ -77,9 +101,23 @@ def test_dit_pair_from_the_command_line(dit_pair, tmp_path, capsys):
     assert "outside the 10 classes" in capsys.readouterr().err
     assert cli.main(argv + ["--config.sample.labels=(0, 3, 9)", "--num=5"]) == 0
     with np.load(out) as f:
-        assert f["images"].shape == (5, 8, 8, 3) and list(f["labels"]) == [0, 3, 9, 0, 3]
-        assert np.ptp(f["images"]) > 0
+        images, labels = f["images"], f["labels"]
+    assert images.shape == (5, 8, 8, 3) and list(labels) == [0, 3, 9, 0, 3]
     assert out.with_suffix(".png").is_file()
+
+    # by hand (the CLI's seed 0): the small DiT takes the steps whose timestep t / T >= 1 - 0.5
+    grid_t = np.asarray(make_grid(schedules.DiscreteVP.from_betas("linear", 1000, 1e-4, 0.02), 10, "ddim").t)
+    split = int(np.sum(grid_t / 1000 >= 0.5))
+    assert split == 5 and list(grid_t[:6]) == [900, 800, 700, 600, 500, 400]
+    key_noise, key_steps = jax.random.split(jax.random.key(0))
+    noise = jax.random.normal(key_noise, (5, 4, 4, 4))
+    small, large = denoiser_by_hand(dit_pair, "small.pt"), denoiser_by_hand(dit_pair, "large.pt")
+    z = two_segments(small, large, noise, labels.astype(np.int32), key_steps, split=split)
+    np.testing.assert_array_equal(images, decode_by_hand(dit_pair, z))
+    # both models mattered: either one alone gives other images
+    for den in (small, large):
+        alone = decode_by_hand(dit_pair, two_segments(den, den, noise, labels.astype(np.int32), key_steps, split=0))
+        assert np.abs(alone.astype(int) - images.astype(int)).max() > 8
 
 
 @pytest.fixture(scope="module")
