@@ -201,7 +201,8 @@ def test_distill_killed_resumes_bit_identical_then_samples_conditions(tiny_teach
             "--config.train.ckpt_every=4", "--config.train.keep=10"]
     full = run_cli([*args, "--workdir", str(tmp_path / "full")], devices=1)
     victim = run_cli([*args, "--workdir", str(tmp_path / "killed")], devices=1)
-    done = sigkill_at_checkpoint(victim, tmp_path / "killed" / "codi" / "checkpoints", 4)
+    # a generous wait: the subprocess imports, loads the teacher and compiles the CoDi step first
+    done = sigkill_at_checkpoint(victim, tmp_path / "killed" / "codi" / "checkpoints", 4, timeout=900)
     assert done[-1] < 12, f"the run finished before it was killed: {done}"
     resumed = run_cli([*args, "--workdir", str(tmp_path / "killed")], devices=1)
     for p in (full, resumed):
