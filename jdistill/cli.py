@@ -12,6 +12,9 @@
     jdistill guided-table --workdir runs/digits_guided   (teacher vs students, Meng et al.'s claims checked)
     jdistill synth --config configs/digits_ladd.py       (a teacher's CFG samples as a dataset, resumable)
     jdistill ladd-table --workdir RUN [RUN ...] [--compare NAME=RUN ...]  (one teacher, every method)
+    jdistill lcm-table --workdir runs/digits_lcm         (teacher vs LCM student, the LCM target checked)
+    jdistill codi-table --workdir RUN [RUN ...]          (CoDi / PE-CoDi vs baselines per conditional task)
+    jdistill sample --workdir RUN/codi --condition FILE.npz   (a conditional model on your conditions)
     jdistill demo [PART ...] [--full | --quick]          (the README's main job)
     jdistill sample --workdir LARGE --stitch SMALL --fractions 0.4     (T-Stitch)
     jdistill stitch-sweep --small SMALL --large LARGE [--steps 16 64]  (table + plot over the fraction)
@@ -241,10 +244,29 @@ def cmd_sample(args, overrides):
         return
     if not args.workdir:
         raise UserError("sample needs --workdir (a trained run) or --config (a pretrained-pair config)")
-    out = sample_lib.sample_to_file(args.workdir, args.out, num=args.num or 1000, seed=args.seed,
+    extra = {"condition": args.condition} if args.condition else {}
+    out = sample_lib.sample_to_file(args.workdir, args.out, num=args.num, seed=args.seed,
                                     batch_size=args.batch_size, stitch=args.stitch, fractions=args.fractions,
-                                    stitch_mode=args.stitch_mode, **_sampling_options(args))
+                                    stitch_mode=args.stitch_mode, **_sampling_options(args), **extra)
     print(f"{out['description']}: wrote {out['npz']} ({out['num']} samples, {out['seconds']:.2f} s) and {out['png']}")
+
+
+def cmd_codi_table(args, overrides):
+    from jdistill.recipes import codi_table
+
+    result = codi_table.results_table(args.workdir, num=args.num, out_dir=args.out)
+    print(codi_table.format_results(result))
+    if args.out:
+        print(f"table and pictures in {args.out}")
+
+
+def cmd_lcm_table(args, overrides):
+    from jdistill.recipes import lcm_table
+
+    result = lcm_table.results_table(args.workdir, guidance_scales=args.guidance, num=args.num, out_dir=args.out)
+    print(lcm_table.format_results(result))
+    if args.out:
+        print(f"table and grids in {args.out}")
 
 
 def cmd_stitch_sweep(args, overrides):
@@ -405,7 +427,22 @@ def build_parser():
                    help="T-Stitch: smaller models' workdirs (small to large) that take the early steps")
     s.add_argument("--fractions", nargs="+", type=fraction, help="T-Stitch: fraction of the trajectory per --stitch model")
     s.add_argument("--stitch-mode", default="timestep", choices=["timestep", "step"])
+    s.add_argument("--condition", metavar="FILE.npz",
+                   help="conditional models (CoDi): the conditions, an .npz with 'condition' (see docs/consistency.md)")
     s.set_defaults(fn=cmd_sample)
+
+    ct = sub.add_parser("codi-table", help="CoDi / PE-CoDi vs their baselines: PSNR / SSIM / FD / time table + claims")
+    ct.add_argument("--workdir", required=True, nargs="+", help="CoDi workdirs, one per conditional task")
+    ct.add_argument("--num", type=positive_int, default=1000)
+    ct.add_argument("--out")
+    ct.set_defaults(fn=cmd_codi_table)
+
+    lt = sub.add_parser("lcm-table", help="teacher vs LCM student: FD / accuracy / time table + the LCM target")
+    lt.add_argument("--workdir", required=True, help="the LCM distillation's workdir")
+    lt.add_argument("--guidance", nargs="+", type=finite_float, default=[1.5])
+    lt.add_argument("--num", type=positive_int, default=1000)
+    lt.add_argument("--out")
+    lt.set_defaults(fn=cmd_lcm_table)
 
     sw = sub.add_parser("stitch-sweep", help="T-Stitch speed / quality sweep over the fraction: table + plot")
     sw.add_argument("--small", required=True)

@@ -37,6 +37,12 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
     return ml_collections.ConfigDict(cfg)
 
 
+def sibling_config(here: str, name: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of ``NAME.py`` in the folder of the config file ``here`` (pass ``__file__``):
+    a config built on another one."""
+    return load_config_file(os.path.join(os.path.dirname(os.path.abspath(here)), f"{name}.py"))
+
+
 def _all_keys(cfg, prefix=""):
     for k, v in cfg.items():
         full = f"{prefix}{k}"

@@ -24,8 +24,8 @@ def code_cells(path):
 
 
 def test_the_notebooks_exist():
-    assert {p.name for p in NOTEBOOKS} == {"adaptive_collaboration.ipynb", "guided_distillation.ipynb", "ladd.ipynb",
-                                               "t_stitch.ipynb"}
+    assert {p.name for p in NOTEBOOKS} == {"adaptive_collaboration.ipynb", "codi.ipynb", "guided_distillation.ipynb",
+                                           "ladd.ipynb", "t_stitch.ipynb"}
     assert set(CHECKS) == {p.name for p in NOTEBOOKS}  # every notebook's printed numbers are checked
 
 
@@ -37,7 +37,7 @@ def test_code_cells_compile(path):
         compile(src, f"{path.name}[cell {i}]", "exec")
 
 
-HEADERS = ("model", "steps", "g", "budget", "claim")  # first cells of the tables' header rows
+HEADERS = ("model", "steps", "g", "budget", "claim", "task")  # first cells of the tables' header rows
 
 
 def printed_rows(stdout: str, columns: int) -> list[list[str]]:
@@ -85,6 +85,28 @@ def check_stitch(stdout: str, work: pathlib.Path):
     assert line and (float(line[1]), float(line[2])) == (round(best["fraction"], 1), round(best["fd"], 2))
 
 
+def check_codi(stdout: str, work: pathlib.Path):
+    results = {}
+    for name in ("lcm_table", "codi_table"):
+        with open(work / "runs" / "colab_codi" / name / "results.json") as f:
+            results[name] = json.load(f)
+    lcm, codi = results["lcm_table"], results["codi_table"]
+    printed = printed_rows(stdout, 7)
+    assert len(printed) == len(lcm["rows"]) == 6  # teacher at 4, 64 steps; student lcm 1, 2, 4 and codi 4
+    for cells, row in zip(printed, lcm["rows"]):
+        assert cells[:3] == [row["model"], row["mode"], str(row["steps"])]
+        assert float(cells[4]) == round(row["fd"], 2) and sane_fd(row["fd"]) and row["s_per_1000"] > 0
+    printed = printed_rows(stdout, 9)
+    assert len(printed) == len(codi["rows"]) == 8  # finetune at 50, 4; codi and pe_codi at 1, 2, 4
+    for cells, row in zip(printed, codi["rows"]):
+        assert cells[1:4] == [row["method"], row["sampler"], str(row["steps"])]
+        assert float(cells[4]) == round(row["psnr"], 2) and float(cells[6]) == round(row["fd"], 2)
+        assert 0 < row["psnr"] < 100 and -1 <= row["ssim"] <= 1 and sane_fd(row["fd"]) and row["s_per_1000"] > 0
+    claims = printed_rows(stdout, 5)
+    assert [c[1] for c in claims] == [c["claim"] for c in lcm["checks"] + codi["checks"]]
+
+
+
 def check_collab(stdout: str, work: pathlib.Path):
     with open(work / "runs" / "colab_collab" / "sweep" / "results.json") as f:
         result = json.load(f)
@@ -115,7 +137,7 @@ def check_ladd(stdout: str, work: pathlib.Path):
     assert [c[0] for c in claims] == [c["claim"] for c in result["checks"]]
 
 
-CHECKS = {"ladd.ipynb": check_ladd, "guided_distillation.ipynb": check_guided, "t_stitch.ipynb": check_stitch,
+CHECKS = {"codi.ipynb": check_codi, "ladd.ipynb": check_ladd, "guided_distillation.ipynb": check_guided, "t_stitch.ipynb": check_stitch,
           "adaptive_collaboration.ipynb": check_collab}
 
 

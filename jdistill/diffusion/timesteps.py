@@ -84,6 +84,17 @@ def lcm_timesteps(T: int, n: int, original_steps: int = 50) -> np.ndarray:
     return origin[np.floor(np.linspace(0, original_steps, n, endpoint=False)).astype(np.int64)].astype(np.int32)
 
 
+def lcm_unit_grid(schedule, n: int, original_steps: int = 50) -> TimeGrid:
+    """LCM / CoDi sampling on a continuous schedule: LCMScheduler's picks from the skip grid of
+    ``original_steps`` unit times (the grid a consistency student was trained on, see
+    ``diffusion.consistency.skip_grid``), each step landing on the next pick, the last on 0."""
+    picks = (lcm_timesteps(1000 * original_steps, n, original_steps) + 1) // 1000
+    u = np.concatenate([picks, [0]]).astype(np.float64) / original_steps
+    if isinstance(schedule, RectifiedFlow) and schedule.shift != 1.0:
+        u = shift_time(u, schedule.shift)
+    return _grid(u[:-1].astype(np.float32), u[1:].astype(np.float32), jnp.float32)
+
+
 def _grid(ts, ts_next, dtype):
     return TimeGrid(t=jnp.asarray(np.asarray(ts), dtype), t_next=jnp.asarray(np.asarray(ts_next), dtype))
 
@@ -208,7 +219,7 @@ def make_grid(schedule, num_steps: int, solver: str = "ddim", spacing: str | Non
     DPM-Solver and UniPC chain their listed timesteps; Heun and Euler ancestral interpolate
     sigmas; LCM / CoDi pick from the ``original_inference_steps`` grid); ``timesteps``: a custom
     list (``custom_grid``). Continuous schedules use equal steps in t (``unit_grid``), flow
-    schedules diffusers' sigma list.
+    schedules diffusers' sigma list; LCM / CoDi there pick from the unit skip grid (``lcm_unit_grid``).
     """
     if isinstance(schedule, DiscreteVP):
         T = schedule.num_train_timesteps
@@ -228,6 +239,8 @@ def make_grid(schedule, num_steps: int, solver: str = "ddim", spacing: str | Non
                          "dpmpp_2m, dpmpp_sde, unipc, heun, euler_ancestral, lcm or codi; euler is for flow schedules)")
     if timesteps is not None:
         raise ValueError("custom timesteps need a discrete schedule")
+    if solver in ("lcm", "codi"):
+        return lcm_unit_grid(schedule, num_steps, original_inference_steps)
     if isinstance(schedule, RectifiedFlow):
         return flow_grid(num_steps, schedule.shift, schedule.num_train_timesteps)
     if isinstance(schedule, CosineVP):

@@ -20,7 +20,7 @@ import hashlib
 import json
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -93,19 +93,22 @@ def as_model_input(images) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class DigitsClassifier:
-    """A trained :class:`DigitsCNN` with its params; methods take any batch size, return numpy."""
+class Classifier:
+    """A trained classifier (logits, features) with its params; methods take any batch size, return
+    numpy. ``prepare`` turns images into the network's input of shape ``image_shape``."""
 
-    module: DigitsCNN
+    module: Any
     params: Any
     config: dict
+    image_shape: tuple = IMAGE_SHAPE
+    prepare: Callable = as_model_input
 
     @functools.cached_property
     def _apply(self):
         return jax.jit(lambda p, x: self.module.apply({"params": p}, x))
 
     def _run(self, images) -> tuple[np.ndarray, np.ndarray]:
-        x = as_model_input(images)
+        x = self.prepare(images)
         n = x.shape[0]
         # Fixed chunk shapes: one compilation whatever the number of images.
         chunk = _CHUNK if n >= _CHUNK else max(8, 1 << (max(n, 1) - 1).bit_length())
@@ -114,7 +117,7 @@ class DigitsClassifier:
             part = x[s:s + chunk]
             pad = chunk - part.shape[0]
             if pad:
-                part = np.concatenate([part, np.full((pad, *IMAGE_SHAPE), -1.0, np.float32)])
+                part = np.concatenate([part, np.full((pad, *self.image_shape), -1.0, np.float32)])
             lg, ft = self._apply(self.params, part)
             logits.append(np.asarray(lg)[:chunk - pad])
             feats.append(np.asarray(ft)[:chunk - pad])
@@ -138,6 +141,9 @@ class DigitsClassifier:
         return float(np.mean(self.predict(images) == np.asarray(labels)))
 
 
+DigitsClassifier = Classifier  # the digits' (its defaults)
+
+
 def _module_from_config(model_cfg: dict) -> DigitsCNN:
     return DigitsCNN(channels=tuple(model_cfg["channels"]), feature_dim=int(model_cfg["feature_dim"]),
                      num_classes=int(model_cfg["num_classes"]))
@@ -152,31 +158,20 @@ def _shift(images, key, max_shift: int):
     return jax.vmap(crop)(pad, offsets)
 
 
-def train_digits_classifier(*, seed: int = 0, steps: int = 1500, batch_size: int = 128,
-                            learning_rate: float = 3e-3, weight_decay: float = 1e-4,
-                            channels: tuple[int, int] = (32, 64), feature_dim: int = 64,
-                            max_shift: int = 1) -> DigitsClassifier:
-    """Train :class:`DigitsCNN` on the digits ``train`` split; the config records held-out accuracy.
-
-    Deterministic for a given seed on a given backend: the batch order comes
-    from ``numpy.random.default_rng(seed)``, init and augmentation from
-    ``jax.random.key(seed)``. Augmentation: random shifts of up to
-    ``max_shift`` pixels, so the features care about shape more than position.
-    """
-    t0 = time.time()
-    train, test = digits_arrays("train"), digits_arrays("test")
-    x_train, y_train = as_model_input(train["image"]), train["label"]
-    module = DigitsCNN(channels=tuple(channels), feature_dim=feature_dim)
+def fit(module, x_train, y_train, *, seed: int, steps: int, batch_size: int, learning_rate: float,
+        weight_decay: float, augment: Callable | None = None):
+    """(params, final loss): AdamW with warmup + cosine on softmax cross-entropy, batches drawn
+    from ``numpy.random.default_rng(seed)``, init and ``augment(x, key)`` keys from ``key(seed)``."""
     key_init, key_aug = jax.random.split(jax.random.key(seed))
-    params = module.init(key_init, jnp.zeros((1, *IMAGE_SHAPE)))["params"]
+    params = module.init(key_init, jnp.zeros((1, *x_train.shape[1:])))["params"]
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(100, steps // 10), steps)
     opt = optax.adamw(schedule, weight_decay=weight_decay)
     opt_state = opt.init(params)
 
     @jax.jit
     def step(params, opt_state, x, y, key):
-        if max_shift:
-            x = _shift(x, key, max_shift)
+        if augment is not None:
+            x = augment(x, key)
 
         def loss_fn(p):
             logits, _ = module.apply({"params": p}, x)
@@ -195,7 +190,27 @@ def train_digits_classifier(*, seed: int = 0, steps: int = 1500, batch_size: int
         pos += batch_size
         params, opt_state, loss = step(params, opt_state, x_train[idx], y_train[idx],
                                        jax.random.fold_in(key_aug, i))
-    params = jax.device_get(params)
+    return jax.device_get(params), loss
+
+
+def train_digits_classifier(*, seed: int = 0, steps: int = 1500, batch_size: int = 128,
+                            learning_rate: float = 3e-3, weight_decay: float = 1e-4,
+                            channels: tuple[int, int] = (32, 64), feature_dim: int = 64,
+                            max_shift: int = 1) -> DigitsClassifier:
+    """Train :class:`DigitsCNN` on the digits ``train`` split; the config records held-out accuracy.
+
+    Deterministic for a given seed on a given backend: the batch order comes
+    from ``numpy.random.default_rng(seed)``, init and augmentation from
+    ``jax.random.key(seed)``. Augmentation: random shifts of up to
+    ``max_shift`` pixels, so the features care about shape more than position.
+    """
+    t0 = time.time()
+    train, test = digits_arrays("train"), digits_arrays("test")
+    x_train, y_train = as_model_input(train["image"]), train["label"]
+    module = DigitsCNN(channels=tuple(channels), feature_dim=feature_dim)
+    augment = (lambda x, key: _shift(x, key, max_shift)) if max_shift else None
+    params, loss = fit(module, x_train, y_train, seed=seed, steps=steps, batch_size=batch_size,
+                       learning_rate=learning_rate, weight_decay=weight_decay, augment=augment)
     clf = DigitsClassifier(module, params, {})
     config = {
         "model": {"channels": list(channels), "feature_dim": feature_dim, "num_classes": NUM_CLASSES},
@@ -231,29 +246,32 @@ def real_vs_real_fd(clf: DigitsClassifier, subsample: int = 1000, seed: int = 0)
     }
 
 
-def save_classifier(clf: DigitsClassifier, directory: str | pathlib.Path = ASSETS) -> pathlib.Path:
-    """Write ``digits_classifier.msgpack`` + ``.json`` (config, accuracy, weights' SHA-256) to ``directory``."""
+def save_classifier(clf: Classifier, directory: str | pathlib.Path = ASSETS,
+                    stem: str = "digits_classifier") -> pathlib.Path:
+    """Write ``<stem>.msgpack`` + ``.json`` (config, accuracy, weights' SHA-256) to ``directory``."""
     directory = pathlib.Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     blob = serialization.to_bytes(clf.params)
     config = dict(clf.config, weights_sha256=hashlib.sha256(blob).hexdigest())
-    (directory / WEIGHTS_FILE).write_bytes(blob)
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (directory / f"{stem}.msgpack").write_bytes(blob)
+    (directory / f"{stem}.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 
 
-def load_classifier(directory: str | pathlib.Path) -> DigitsClassifier:
-    """A classifier saved by :func:`save_classifier` (checks the weights' SHA-256)."""
+def load_classifier(directory: str | pathlib.Path, stem: str = "digits_classifier",
+                    module_from_config: Callable = None, image_shape: tuple = IMAGE_SHAPE,
+                    prepare: Callable = as_model_input) -> Classifier:
+    """A classifier saved by :func:`save_classifier` (checks the weights' SHA-256); the digits' by default."""
     directory = pathlib.Path(directory)
-    config = json.loads((directory / CONFIG_FILE).read_text())
-    blob = (directory / WEIGHTS_FILE).read_bytes()
+    config = json.loads((directory / f"{stem}.json").read_text())
+    blob = (directory / f"{stem}.msgpack").read_bytes()
     if hashlib.sha256(blob).hexdigest() != config["weights_sha256"]:
-        raise ValueError(f"{directory / WEIGHTS_FILE} does not match the SHA-256 recorded in {CONFIG_FILE}")
-    module = _module_from_config(config["model"])
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))["params"])
+        raise ValueError(f"{directory / (stem + '.msgpack')} does not match the SHA-256 recorded in {stem}.json")
+    module = (module_from_config or _module_from_config)(config["model"])
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *image_shape)))["params"])
     target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract)
     params = serialization.from_bytes(target, blob)
-    return DigitsClassifier(module, params, config)
+    return Classifier(module, params, config, tuple(image_shape), prepare)
 
 
 @functools.lru_cache(maxsize=1)

@@ -28,7 +28,8 @@ through the generic rule alone; the original layout adds renames and a qkv split
 
 Call: ``module.apply({"params": p}, x, t, class_labels)`` with x NHWC (B, H, W, C),
 t (B,) float timesteps (0..999 for the public checkpoints) and integer labels
-(B,) in [0, num_classes], ``num_classes`` being the null (unconditional) label.
+(B,) in [0, num_classes], ``num_classes`` being the null (unconditional) label
+(``num_classes=0``: an unconditional DiT without a label table, called without labels).
 Label dropout for classifier-free training is the caller's business (pass the
 null label); the module is deterministic. Returns (B, H, W, out_channels), the
 first ``in_channels`` channels the noise prediction and, with a learned sigma,
@@ -109,6 +110,8 @@ class TimestepLabelEmbedding(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         feats = layers.timestep_embedding(t, TIMESTEP_FEATURES, flip_sin_to_cos=True, freq_shift=self.freq_shift)
         t_emb = layers.TimestepEmbedding(self.dim, name="timestep_embedder", **kw)(feats.astype(self.dtype))
+        if not self.num_classes:  # an unconditional DiT: no label table
+            return t_emb
         y_emb = LabelEmbedding(self.num_classes, self.dim, self.null_class, name="class_embedder", **kw)(labels)
         return t_emb + y_emb
 
@@ -291,15 +294,26 @@ class DiT(nn.Module):
         return self.output_channels == 2 * self.in_channels
 
     @nn.compact
-    def __call__(self, x, t, class_labels, guidance=None):
+    def __call__(self, x, t, class_labels=None, guidance=None, *, block_controls=None, input_residual=None,
+                 return_blocks: bool = False):
+        """``block_controls``: an adapter's control of each block's output tokens (``layers.fuse``:
+        None, a residual, or a gated-fusion pair), one per block. ``input_residual``: tokens added to
+        the patch embedding (a ControlNet copy's condition). ``return_blocks``: return the blocks'
+        output tokens instead of the image (no output layer is built: a ControlNet copy)."""
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if (class_labels is None) != (not self.num_classes):
+            raise ValueError("class_labels go with a class-conditional DiT (num_classes > 0), and only with one")
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         d, p, c_out = self.hidden_size, self.patch_size, self.output_channels
         b, height, width, _ = x.shape
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32).reshape(-1), (b,))
 
         h = PatchEmbed(d, p, self.input_size, name="pos_embed", **kw)(jnp.asarray(x, self.dtype))
+        if input_residual is not None:
+            h = h + input_residual.astype(h.dtype)
+        if block_controls is not None and len(block_controls) != self.depth:
+            raise ValueError(f"{len(block_controls)} block controls for a DiT of depth {self.depth}")
 
         extra = None
         if self.guidance_embed:
@@ -321,18 +335,25 @@ class DiT(nn.Module):
         fields = (d, self.num_heads, self.mlp_ratio, not self.shared_embedder, self.num_classes, self.freq_shift,
                   self.null_class, self.norm_eps, self.norm_elementwise_affine, self.attention_bias, self.activation)
         if self._runs():
+            if block_controls is not None or return_blocks:
+                raise ValueError("block controls and return_blocks need per-block DiT params (scan_blocks=False)")
             scanned = block(*fields, name=layers.scanned_name("transformer_blocks", 0, self.depth), **kw)
             (h,), (outs, conds) = layers.scan_blocks(scanned, self.depth, (h,), cond, t, class_labels, extra)
             final_cond = conds[0]  # diffusers' output layer reads block 0's embedder
             for i in range(self.depth):
                 self.sow("intermediates", f"block_{i}", outs[i])
         else:
-            final_cond = cond
+            final_cond, blocks = cond, []
             for i in range(self.depth):
                 h, block_cond = block(*fields, name=f"transformer_blocks_{i}", **kw)(h, cond, t, class_labels, extra)
                 if i == 0:
                     final_cond = block_cond  # diffusers' output layer reads block 0's embedder
+                if block_controls is not None:
+                    h = layers.fuse(h, block_controls[i])
                 self.sow("intermediates", f"block_{i}", h)
+                blocks.append(h)
+            if return_blocks:
+                return tuple(blocks)
 
         shift, scale = jnp.split(_dense(2 * d, "proj_out_1", self, zero=True)(nn.silu(final_cond)), 2, axis=-1)
         h = layers.layer_norm("norm_out", 1e-6, affine=False, **kw)(h)
@@ -373,8 +394,9 @@ def dit_config(name: str, input_size: int = 32, in_channels: int = 4, num_classe
 def example_inputs(module: DiT, batch: int = 1) -> dict:
     """Arguments of the right shapes and dtypes for ``module.init`` / ``abstract_params``."""
     s = module.input_size
-    out = dict(x=jnp.zeros((batch, s, s, module.in_channels), module.dtype), t=jnp.zeros((batch,), jnp.float32),
-               class_labels=jnp.zeros((batch,), jnp.int32))
+    out = dict(x=jnp.zeros((batch, s, s, module.in_channels), module.dtype), t=jnp.zeros((batch,), jnp.float32))
+    if module.num_classes:
+        out["class_labels"] = jnp.zeros((batch,), jnp.int32)
     if module.guidance_embed:
         out["guidance"] = jnp.zeros((batch,), jnp.float32)
     return out

@@ -290,6 +290,18 @@ class Attention(nn.Module):
         return self.to_out_0(out.reshape(out.shape[:2] + (-1,)))
 
 
+def fuse(h, control):
+    """A backbone feature ``h`` under an adapter's ``control``: None leaves it; an array is a
+    residual added to it (ControlNet's zero-initialised residuals); a pair ``(a, mu)`` is the
+    gated fusion (1 - mu) h + mu a of CoDi (Mei et al.), written h + mu (a - h)."""
+    if control is None:
+        return h
+    if isinstance(control, (tuple, list)):
+        a, mu = control
+        return h + jnp.asarray(mu, h.dtype) * (a.astype(h.dtype) - h)
+    return h + control.astype(h.dtype)
+
+
 class GuidanceEmbedding(nn.Module):
     """Embedding of a guidance weight for guidance-conditioned students (Meng et al.):
     sinusoidal features of ``scale * w`` -> linear_1 -> SiLU -> linear_2, the last layer

@@ -205,7 +205,11 @@ class UNet2DModel(nn.Module):
         return learned
 
     @nn.compact
-    def __call__(self, sample, timestep, class_labels=None, guidance=None, *, train: bool = False):
+    def __call__(self, sample, timestep, class_labels=None, guidance=None, *, train: bool = False,
+                 down_block_additional_residuals=None, mid_block_additional_residual=None):
+        """An adapter's controls, as diffusers' UNet2DConditionModel takes ControlNet residuals: one
+        per skip state (applied after the down path) and one for the mid block's output; each an
+        array (added) or a gated-fusion pair (``layers.fuse``)."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         batch = sample.shape[0]
         deterministic = not train
@@ -256,13 +260,21 @@ class UNet2DModel(nn.Module):
             x, states = block(x, emb, deterministic=deterministic)
             self.sow("intermediates", f"down_{i}", x)
             skips += states
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"{len(down_block_additional_residuals)} down_block_additional_residuals for "
+                                 f"{len(skips)} skip states")
+            skips = [layers.fuse(s, c) for s, c in zip(skips, down_block_additional_residuals)]
 
         if self.mid_block_type is not None:
             x = UNetMidBlock2D(**{**blocks, "num_layers": 1}, output_scale_factor=self.mid_block_scale_factor,
                                add_attention=self.add_attention, attention_head_dim=self.attention_head_dim,
                                attn_groups=self.attn_norm_num_groups, name="mid_block")(
                 x, emb, deterministic=deterministic)
+            x = layers.fuse(x, mid_block_additional_residual)
             self.sow("intermediates", "mid", x)
+        elif mid_block_additional_residual is not None:
+            raise ValueError("mid_block_additional_residual given to a UNet2DModel without a mid block")
 
         for i, name in enumerate(self.up_block_types):
             cls, fixed = UP_BLOCKS[_block_type(name)]

@@ -42,6 +42,8 @@ RECIPES = {
     "teacher": "jdistill.recipes.teacher",
     "guided": "jdistill.recipes.guided",
     "stitch": "jdistill.recipes.stitch_pretrained",
+    "lcm": "jdistill.recipes.consistency",
+    "codi": "jdistill.recipes.codi",
     "ladd": "jdistill.recipes.ladd",
     "collab": "jdistill.recipes.collab",
 }

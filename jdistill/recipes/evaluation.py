@@ -40,6 +40,9 @@ class Sampler:
     description: str
     model_calls_per_step: int = 1
     plan: object = None  # stitched samplers: which model serves which steps
+    conditions: dict | None = None  # conditional models: per-sample condition arrays (cycled to ``num``)
+    targets: np.ndarray | None = None  # paired tasks: the ground truth of each condition (uint8, cycled)
+    source_labels: np.ndarray | None = None  # digits tasks: the class of each ground truth (cycled)
 
     @classmethod
     def for_denoiser(cls, den, *, steps: int, solver: str, guidance_scale=None, num_classes=None, grid: TimeGrid = None,
@@ -62,8 +65,20 @@ class Sampler:
         """(uint8 images (N, H, W, C), labels or None, seconds; the best of ``repeats`` timings)."""
         labels = self.labels(num)
         images, seconds = generate(self.fn, self.image_shape, labels, num=num, batch_size=min(batch_size, num),
-                                   seed=seed, progress=progress, repeats=repeats)
+                                   seed=seed, progress=progress, repeats=repeats, conditions=self.cycled(num))
         return images_lib.to_uint8(images), labels, seconds
+
+    def cycled(self, num: int) -> dict | None:
+        """The per-sample conditions for ``num`` samples (the evaluation set repeated)."""
+        if not self.conditions:
+            return None
+        return {k: np.asarray(v)[np.arange(num) % len(v)] for k, v in self.conditions.items()}
+
+    def cycled_targets(self, num: int):
+        """(ground truth, its labels) of ``num`` samples of a paired task, or Nones."""
+        rows = np.arange(num)
+        return (None if self.targets is None else np.asarray(self.targets)[rows % len(self.targets)],
+                None if self.source_labels is None else np.asarray(self.source_labels)[rows % len(self.source_labels)])
 
 
 # -- evaluators ----------------------------------------------------------------------
@@ -92,12 +107,22 @@ def digits(images, labels=None, targets=None) -> dict:
 
 @register("paired")
 def paired(images, labels=None, targets=None) -> dict:
-    """Mean PSNR / SSIM against the ground truth of a paired task."""
+    """Mean PSNR / SSIM against the ground truth of a paired task. SSIM's window is Wang et al.'s
+    (Gaussian sigma 1.5, 11 x 11) where it fits, else sigma 0.5 (5 x 5: the 8x8 digits)."""
     from jdistill.metrics.image import psnr, ssim
 
     if targets is None:
         raise ValueError("the paired evaluator needs targets")
-    return {"psnr": float(np.mean(psnr(images, targets))), "ssim": float(np.mean(ssim(images, targets)))}
+    sigma = 1.5 if min(np.shape(images)[1:3]) >= 11 else 0.5
+    return {"psnr": float(np.mean(psnr(images, targets))), "ssim": float(np.mean(ssim(images, targets, sigma=sigma)))}
+
+
+@register("photos")
+def photos(images, labels=None, targets=None) -> dict:
+    """FD against the held-out photo_patches crops in the shipped photo classifier's features."""
+    from jdistill.metrics.photo_classifier import photo_fd
+
+    return {"fd": float(photo_fd(images))}
 
 
 def evaluate(images, labels=None, targets=None, evaluators=("digits",)) -> dict:

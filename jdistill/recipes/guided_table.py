@@ -16,6 +16,39 @@ STUDENT_STEPS = (1, 2, 4, 8)
 GRID_STEPS = (1, 4, 64)
 
 
+class TableRows:
+    """The rows of a teacher-vs-student table: each sampler scored once and kept for the round-robin
+    retiming, the sample grids of ``GRID_STEPS`` kept for the report (the LCM table shares it)."""
+
+    def __init__(self, num: int, seed: int, progress: bool):
+        self.num, self.seed, self.progress = num, seed, progress
+        self.rows, self.timed, self.grids = [], [], {}
+
+    def add(self, kind, steps, g, sampler, mode):
+        row, images = evaluation.score(sampler, self.num, self.seed, repeats=1)
+        row.update(model=kind, steps=steps, guidance_scale=g, w=g - 1.0, mode=mode)
+        self.rows.append(row)
+        self.timed.append((row, sampler))
+        if self.progress:
+            print(f"{kind:8s} {mode:10s} {steps:3d} steps g={g:g}: FD {row['fd']:.2f} acc {row['class_acc']:.3f} "
+                  f"{row['s_per_1000']:.3f} s/1000", flush=True)
+        if steps in GRID_STEPS:
+            self.grids[f"{kind}_{mode}_{steps}steps_g{g:g}"] = images
+
+    def add_teacher(self, teacher_run, steps, g):
+        self.add("teacher", steps, g, teacher_lib.make_sampler(teacher_run, steps=steps, solver="ddim",
+                                                               guidance_scale=g), "ddim+cfg")
+
+    def report(self, out_dir, result: dict, claims_fn, format_fn) -> dict:
+        """Retime every row, check the claims, write the report to ``out_dir`` (if given)."""
+        evaluation.retime_round_robin(self.timed, self.num, repeats=evaluation.TIMING_REPEATS, seed=self.seed)
+        result = dict(result, num=self.num, rows=self.rows, device=evaluation.device_name(),
+                      checks=claims_fn(self.rows))
+        if out_dir:
+            evaluation.write_report(out_dir, result, format_fn(result), self.grids)
+        return result
+
+
 def results_table(workdir: str, *, guidance_scales=(1.5, 2.0), num: int = 1000, out_dir: str | None = None,
                   teacher_steps=TEACHER_STEPS, student_steps=STUDENT_STEPS, seed: int = 0, stochastic: bool = True,
                   progress: bool = True) -> dict:
@@ -32,35 +65,17 @@ def results_table(workdir: str, *, guidance_scales=(1.5, 2.0), num: int = 1000, 
         raise InvalidArgument(f"{workdir} is a {run.recipe!r} run; guided-table reads a guided distillation's workdir")
     teacher_dir = run.stage_config("stage1").teacher.workdir
     teacher_run = runs.open_run(teacher_dir)
-    rows, timed, grids = [], [], {}
-
-    def add(kind, steps, g, sampler, mode):
-        row, images = evaluation.score(sampler, num, seed, repeats=1)
-        row.update(model=kind, steps=steps, guidance_scale=g, w=g - 1.0, mode=mode)
-        rows.append(row)
-        timed.append((row, sampler))
-        if progress:
-            print(f"{kind:8s} {mode:10s} {steps:3d} steps g={g:g}: FD {row['fd']:.2f} acc {row['class_acc']:.3f} "
-                  f"{row['s_per_1000']:.3f} s/1000", flush=True)
-        if steps in GRID_STEPS:
-            grids[f"{kind}_{mode}_{steps}steps_g{g:g}"] = images
-
+    table = TableRows(num, seed, progress)
     for g in guidance_scales:
         for n in teacher_steps:
-            add("teacher", n, g, teacher_lib.make_sampler(teacher_run, steps=n, solver="ddim", guidance_scale=g),
-                "ddim+cfg")
+            table.add_teacher(teacher_run, n, g)
         for n in student_steps:
             for stoch in ((False, True) if stochastic else (False,)):
                 if stoch and n == 1:
                     continue  # one step has only the (deterministic) last step
-                add("student", n, g, guided.make_sampler(run, steps=n, guidance_scale=g, stochastic=stoch),
-                    "stochastic" if stoch else "ddim")
-    evaluation.retime_round_robin(timed, num, repeats=evaluation.TIMING_REPEATS, seed=seed)
-    result = {"teacher": teacher_dir, "student": workdir, "num": num, "rows": rows,
-              "device": evaluation.device_name(), "checks": claims(rows)}
-    if out_dir:
-        evaluation.write_report(out_dir, result, format_results(result), grids)
-    return result
+                table.add("student", n, g, guided.make_sampler(run, steps=n, guidance_scale=g, stochastic=stoch),
+                          "stochastic" if stoch else "ddim")
+    return table.report(out_dir, {"teacher": teacher_dir, "student": workdir}, claims, format_results)
 
 
 def _get(rows, model, steps, g, mode):
@@ -88,8 +103,8 @@ def claims(rows) -> list[dict]:
     return out
 
 
-def format_results(result: dict) -> str:
-    title = (f"Guided distillation on digits: {result['num']} samples per row, FD against the held-out split "
+def format_results(result: dict, method: str = "Guided distillation") -> str:
+    title = (f"{method} on digits: {result['num']} samples per row, FD against the held-out split "
              f"({result['device']}; wall time: the best of 3 runs taken round-robin over all rows, "
              "compilation excluded)")
     lines = [title, "",

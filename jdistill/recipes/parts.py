@@ -4,6 +4,9 @@
 * ``guided``: Meng et al.'s guided distillation of it (stage 1, then halvings), the
   teacher-vs-student table and the paper's claims;
 * ``stitch``: T-Stitch of the small digits teacher before the large one;
+* ``consistency``: LCM of the digits teacher (a 4-step student with guidance as an input), then a
+  slice of CoDi: 2x super-resolution from the teacher as an unconditional prior, CoDi against the
+  fine-tuned conditional model.
 * ``ladd``: LADD of the digits flow teacher (synthetic data, then the adversarial stage), its
   unguided 1- / 4-step students against the teacher's Euler + CFG, and the paper's claims.
 * ``collab``: adaptive teacher-student collaboration: the guided part's 1-step student, an oracle,
@@ -20,8 +23,8 @@ import os
 import jax
 
 from jdistill import images as images_lib
-from jdistill.recipes import collab_report, collab_sweep, evaluation, guided, guided_table, ladd, ladd_table, runs
-from jdistill.recipes import stitch
+from jdistill.recipes import codi, codi_table, collab_report, collab_sweep, consistency, evaluation, guided
+from jdistill.recipes import guided_table, ladd, ladd_table, lcm_table, runs, stitch
 from jdistill.recipes import teacher as teacher_lib
 from jdistill.recipes.demo import Demo, Part, claim, run
 from jdistill.train.loop import training_seconds
@@ -97,6 +100,39 @@ def stitch_part(demo: Demo) -> dict:
     return {"rows": sweep["rows"], "claims": claims, "device": f"{jax.devices()[0].platform}"}
 
 
+# The demo's consistency part: LCM, then CoDi against the fine-tuned conditional model on 2x
+# super-resolution (``--full``: configs/digits_lcm.py and configs/digits_codi.py as they are).
+LCM_DEMO = ["--config.lcm.steps=600"]
+LCM_QUICK = ["--config.lcm.steps=10", "--config.train.ckpt_every=10"]
+CODI_DEMO = ["--config.methods=('finetune', 'codi')", "--config.finetune.steps=400", "--config.codi.steps=400"]
+CODI_QUICK = ["--config.methods=('finetune', 'codi')", "--config.finetune.steps=10", "--config.codi.steps=10",
+              "--config.train.ckpt_every=10"]
+
+
+def consistency_part(demo: Demo) -> dict:
+    teacher_dir = demo.teacher("digits_teacher")
+    teacher = [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config="]
+    lcm_budget = LCM_QUICK if demo.quick else [] if demo.full else LCM_DEMO
+    lcm_dir = demo.run_dir("digits_lcm" if demo.full else "digits_lcm_demo")
+    cfg = demo.config("digits_lcm", [*teacher, *lcm_budget])
+    consistency.train(cfg, lcm_dir)
+    kw = {} if demo.full else dict(teacher_steps=(4, 64), student_steps=(1, 4))
+    table = lcm_table.results_table(lcm_dir, guidance_scales=(1.5,), num=demo.num, out_dir=demo.out("lcm"),
+                                    progress=False, **kw)
+    print(lcm_table.format_results(table))
+    claims = [dict(c, claim=f"LCM g={c['g']:g}: {c['claim']}") for c in table["checks"]]
+
+    codi_budget = CODI_QUICK if demo.quick else [] if demo.full else CODI_DEMO
+    codi_dir = demo.run_dir("digits_codi_sr2" if demo.full else "digits_codi_sr2_demo")
+    codi.train(demo.config("digits_codi", [*teacher, *codi_budget]), codi_dir)
+    conditional = codi_table.results_table([codi_dir], num=demo.num, out_dir=demo.out("codi"), progress=False)
+    print(codi_table.format_results(conditional))
+    claims += [dict(c, claim=f"CoDi {c['task']}: {c['claim']}") for c in conditional["checks"]]
+    for c in claims:
+        claim(c["claim"], c["value"], c["target"], c["ok"])
+    return {"lcm_rows": table["rows"], "codi_rows": conditional["rows"], "claims": claims}
+
+
 # The demo's LADD: one seed on fewer synthetic samples and steps (``--full``: configs/digits_ladd.py as
 # is, three seeds, and the progressive students of the same teacher in the table).
 LADD_DEMO = ["--config.synth.num=3000", "--config.train.steps=400"]
@@ -147,6 +183,7 @@ PARTS = {p.name: p for p in (
     Part("teacher", "the digits teacher (64-step DDIM + CFG)", teacher_part),
     Part("guided", "guided distillation (Meng et al.)", guided_part),
     Part("stitch", "T-Stitch: the small teacher for the early steps", stitch_part),
+    Part("consistency", "consistency distillation (LCM) and CoDi", consistency_part),
     Part("ladd", "LADD: adversarial distillation of the flow teacher (Sauer et al.)", ladd_part),
     Part("collab", "adaptive teacher-student collaboration (Starodubcev et al.)", collab_part),
 )}

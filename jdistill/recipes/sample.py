@@ -40,21 +40,26 @@ def make_sampler(workdir: str, *, stitch=None, fractions=None, stitch_mode: str 
     return recipe.sampler(run, **options)
 
 
-def sample_to_file(workdir: str, out: str | None = None, *, num: int = 1000, seed: int = 0, batch_size: int = 500,
-                   **options) -> dict:
-    """Sample ``num`` images from ``workdir`` into an .npz with ``images`` uint8 NHWC and ``labels``,
-    plus a PNG grid."""
-    check_positive_int("--num", num)
+def sample_to_file(workdir: str, out: str | None = None, *, num: int | None = None, seed: int = 0,
+                   batch_size: int = 500, **options) -> dict:
+    """Sample ``num`` images (default 1000; with ``condition``, one per condition) from ``workdir`` into an
+    .npz with ``images`` uint8 NHWC and ``labels`` (conditional models: ``condition``), plus a PNG grid."""
+    if num is not None:
+        check_positive_int("--num", num)
     check_positive_int("--batch-size", batch_size)
     check_seed(seed, "--seed")
     out = out or os.path.join(workdir, "samples.npz")
     check_output_file(out, ".npz")
     sampler = make_sampler(workdir, **options)
+    if num is None:
+        num = len(sampler.conditions["condition"]) if options.get("condition") else 1000
     images, labels, seconds = sampler.run(num, seed=seed, batch_size=batch_size, progress=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     arrays = {"images": images}
     if labels is not None:
         arrays["labels"] = labels
+    if sampler.conditions:
+        arrays.update(sampler.cycled(num))
     np.savez(out, **arrays)
     png = images_lib.save_grid(os.path.splitext(out)[0] + ".png", images[:100], ncol=10)
     return {"npz": out, "png": png, "num": len(images), "seconds": seconds, "description": sampler.description}
@@ -117,13 +122,21 @@ def evaluate_file(path: str, *, reference: str = "test", target: str | None = No
 
 
 def evaluate_run(workdir: str, *, num: int = 1000, seed: int = 0, **options) -> dict:
-    """Sample ``num`` images from the run at ``workdir`` and score them (digits: FD + class accuracy)."""
+    """Sample ``num`` images from the run at ``workdir`` and score them (digits: FD + class accuracy;
+    conditional models: PSNR / SSIM against the ground truth, and on digits FD + the share classified
+    as their source digit)."""
     from jdistill.recipes import evaluation
 
     check_positive_int("--num", num)
     check_seed(seed, "--seed")
     sampler = make_sampler(workdir, **options)
-    if tuple(sampler.image_shape) != (8, 8, 1):
+    digits = tuple(sampler.image_shape) == (8, 8, 1)
+    if sampler.targets is not None:  # a conditional model: scored against its conditions' ground truth
+        images, _, seconds = sampler.run(num, seed=seed)
+        targets, labels = sampler.cycled_targets(num)
+        row = evaluation.evaluate(images, labels, targets, ("paired", "digits") if digits else ("paired",))
+        return {"sampler": sampler.description, "num": num, **row, "s_per_1000": seconds * 1000.0 / num}
+    if not digits:
         raise InvalidArgument(f"{workdir} samples {tuple(sampler.image_shape)} images; scoring a run is defined "
                               "for 8x8x1 digits (sample it to a file and use --target for paired tasks)")
     row, _ = evaluation.score(sampler, num, seed, repeats=1)

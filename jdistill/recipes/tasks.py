@@ -96,9 +96,11 @@ def caption_records(data_cfg):
     return np.stack(images), captions
 
 
-def text_task(cfg, with_data: bool = True, captions=None) -> Task:
+def text_task(cfg, with_data: bool = True, captions=None, record_fn: Callable | None = None) -> Task:
     """``captions``: the prompts a batch's ``caption`` ids index (synthetic data made from a prompt
-    list); by default the data's own captions (``with_data``)."""
+    list); by default the data's own captions (``with_data``). ``record_fn(pixels)``: per-example
+    arrays to add to the records, from the images in [-1, 1] at the data resolution (a conditional
+    task's condition images)."""
     from jdistill.pipelines.text_to_image import TextToImage
 
     t2i = TextToImage.from_pretrained(resolve_model(cfg.teacher.pipeline, cfg.teacher.get("models_dir")),
@@ -119,9 +121,12 @@ def text_task(cfg, with_data: bool = True, captions=None) -> Task:
         unique = sorted(set(data_captions))
         table_prompts = unique + prompts
         ids = np.asarray([unique.index(c) for c in data_captions], np.int32)
-        records = [{"image": latents[i], "caption": ids[i]} for i in range(len(ids))]
+        extra = {k: np.asarray(v) for k, v in (record_fn(np.asarray(pixels)) if record_fn else {}).items()}
+        records = [{"image": latents[i], "caption": ids[i], **{k: v[i] for k, v in extra.items()}}
+                   for i in range(len(ids))]
         source = BatchSource(records, global_batch_size=int(cfg.data.batch_size), seed=int(cfg.seed),
-                             image_shape=latents.shape[1:], keys=("image", "caption"), name=f"{cfg.data.name} latents")
+                             image_shape=latents.shape[1:], keys=("image", "caption", *extra),
+                             name=f"{cfg.data.name} latents")
     # every input the network reads (SD3 adds pooled_projections), one row per prompt
     table, null = t2i.encode_prompt(table_prompts, None)
     offset = len(table_prompts) - len(prompts)
@@ -139,14 +144,15 @@ def text_task(cfg, with_data: bool = True, captions=None) -> Task:
     return Task(den, source, cond_fn, uncond_fn, sample_cond, t2i.decode)
 
 
-def make_task(cfg, with_data: bool = True, captions=None) -> Task:
-    """The task a config names; ``captions``: the prompt list of a text task's synthetic data."""
+def make_task(cfg, with_data: bool = True, captions=None, record_fn: Callable | None = None) -> Task:
+    """The task a config names; ``captions``: the prompt list of a text task's synthetic data;
+    ``record_fn``: see :func:`text_task`."""
     if cfg.teacher.get("checkpoint"):
         raise InvalidArgument(f"teacher.checkpoint={cfg.teacher.checkpoint!r}: distilling a pretrained "
                               "class-conditional checkpoint on its own data set (ImageNet through the VAE) is planned "
                               "(`jdistill plan`) but not trained yet; train from a jdistill teacher run "
                               "(teacher.workdir) or a text-to-image pipeline (teacher.pipeline)")
-    return text_task(cfg, with_data, captions) if cfg.teacher.get("pipeline") else class_task(cfg, with_data)
+    return text_task(cfg, with_data, captions, record_fn) if cfg.teacher.get("pipeline") else class_task(cfg, with_data)
 
 
 def model_fields(cfg) -> dict:

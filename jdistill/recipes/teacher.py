@@ -19,7 +19,7 @@ from jdistill.diffusion import schedules
 from jdistill.diffusion.timesteps import make_grid
 from jdistill.errors import MissingInput
 from jdistill.models import registry
-from jdistill.objectives.denoising import denoising_loss
+from jdistill.objectives.denoising import denoising_loss, labels_cond
 from jdistill.recipes import Recipe, common, runs, stages
 from jdistill.recipes.evaluation import Sampler
 from jdistill.recipes.members import Member, run_name
@@ -39,6 +39,7 @@ def template(cfg) -> Denoiser:
 def stage(cfg) -> stages.Stage:
     den = template(cfg)
     loss_fn = denoising_loss(den, weighting=cfg.loss.weighting, cond_drop_prob=float(cfg.loss.cond_drop_prob),
+                             cond_fn=labels_cond if den.num_classes else None,
                              min_snr_gamma=float(cfg.loss.get("min_snr_gamma", 5.0)),
                              time_sampling=cfg.loss.get("time_sampling", "uniform"),
                              logit_mean=float(cfg.loss.get("logit_mean", 0.0)),

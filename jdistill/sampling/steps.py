@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jdistill.diffusion import solvers, unipc
-from jdistill.diffusion.consistency import boundary_scalings
+from jdistill.diffusion.consistency import scalings_at
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +174,7 @@ def unipc_step(step: Step, state, solver_order=2, solver_type=None, lower_order_
 def lcm(step: Step, state, timestep_scaling=10.0):
     """LCMScheduler: the consistency output at t, re-noised with fresh noise to t_next but on the last step."""
     x0 = step.predict(state.z).x0
-    c_skip, c_out = boundary_scalings(step.t, timestep_scaling=timestep_scaling)
+    c_skip, c_out = scalings_at(step.denoiser.schedule, step.t, timestep_scaling=timestep_scaling)
     a_s, s_s = step.levels(True)
     z = solvers.lcm_step(state.z, x0, c_skip, c_out, a_s, s_s, step.noise(state.z), step.is_last)
     return state.replace(z=z, x0_prev=x0)
@@ -183,7 +183,7 @@ def lcm(step: Step, state, timestep_scaling=10.0):
 def codi(step: Step, state, timestep_scaling=10.0):
     """CoDi's deterministic multistep sampler on the LCM grid (no fresh noise)."""
     pred = step.predict(state.z)
-    c_skip, c_out = boundary_scalings(step.t, timestep_scaling=timestep_scaling)
+    c_skip, c_out = scalings_at(step.denoiser.schedule, step.t, timestep_scaling=timestep_scaling)
     a_s, s_s = step.levels(True)
     z = solvers.codi_step(state.z, pred.x0, pred.eps, c_skip, c_out, a_s, s_s)
     return state.replace(z=z, x0_prev=pred.x0)

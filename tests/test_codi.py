@@ -1,0 +1,231 @@
+"""CoDi: adapters that change nothing at init, conditional tasks derived from the data, the CoDi loss
+against its formula with the target read as it is now, PE-CoDi leaving every backbone param
+bit-identical, 8 devices == 1 device, and `jdistill distill` killed by SIGKILL resuming bit-identically
+(then `jdistill sample --condition` and `jdistill eval` on its workdir)."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from cli_helpers import REPO, run_cli, sigkill_at_checkpoint
+
+from jdistill import config as config_lib
+from jdistill.data import conditions
+from jdistill.denoiser import Denoiser
+from jdistill.diffusion import schedules
+from jdistill.diffusion.consistency import consistency_output
+from jdistill.errors import InvalidArgument
+from jdistill.models import adapters, dit, unet2d
+from jdistill.objectives.codi import codi_loss
+from jdistill.recipes import codi, conditional, runs, stages
+from jdistill.recipes import teacher as teacher_lib
+from jdistill.train import mesh as mesh_lib
+
+TINY_TEACHER = ["--config.model.hidden_size=32", "--config.model.depth=2", "--config.model.num_heads=2",
+                "--config.data.batch_size=16", "--config.train.steps=2", "--config.train.sample_every=0",
+                "--config.optim.warmup=1"]
+
+
+def perturbed(params, scale=0.05, seed=1):
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return tree.unflatten([p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def _dit():
+    return dit.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+
+
+def _unet():
+    return unet2d.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                              down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                              layers_per_block=1, norm_num_groups=4)
+
+
+@pytest.mark.parametrize("backbone,kind", [(_dit, "gated"), (_dit, "controlnet"), (_unet, "gated")],
+                         ids=["dit-gated", "dit-controlnet", "unet-gated"])
+def test_adapter_at_init_changes_nothing(backbone, kind):
+    bb = backbone()
+    from jdistill.recipes.common import init_params
+
+    params = perturbed(init_params(bb, 0))  # a backbone whose zero-initialised layers are not zero
+    net = adapters.Adapted(bb, adapters.make_adapter(kind, bb), 2)
+    full = adapters.init_adapted(net, params, jax.random.key(4))
+    x, t = jax.random.normal(jax.random.key(2), (3, 8, 8, 1)), jnp.asarray([3.0, 400.0, 990.0])
+    c = jax.random.normal(jax.random.key(3), (3, 8, 8, 2))
+    kw = {"class_labels": jnp.asarray([1, 2, 10])} if isinstance(bb, dit.DiT) else {}
+    want = bb.apply({"params": params}, x, t, **kw)
+    np.testing.assert_array_equal(net.apply({"params": full}, x, t, condition=c, **kw), want)
+    # the same composite with a trained-looking adapter does read the condition
+    moved = dict(full, adapter=perturbed(full["adapter"], 0.1, 5))
+    assert float(jnp.abs(net.apply({"params": moved}, x, t, condition=c, **kw) - want).max()) > 1e-3
+    if kind == "controlnet":  # the copy starts as the backbone's own first block
+        np.testing.assert_array_equal(full["adapter"]["copy"]["transformer_blocks_0"]["attn1"]["to_q"]["kernel"],
+                                      params["transformer_blocks_0"]["attn1"]["to_q"]["kernel"])
+
+
+def test_conditions_are_derived_from_the_images():
+    x = np.random.default_rng(0).uniform(-1, 1, (6, 8, 8, 1)).astype(np.float32)
+    sr = conditions.make(conditions.parse("sr2"), x)
+    np.testing.assert_allclose(sr[:, :2, :2].mean(axis=(1, 2)), x[:, :2, :2].mean(axis=(1, 2)), rtol=1e-5)
+    assert sr.shape == (6, 8, 8, 1) and np.all(sr[:, 0, 0] == sr[:, 1, 1])
+    spec = conditions.parse("inpaint")
+    a = conditions.make(spec, x, np.random.default_rng(1))
+    b = conditions.make(spec, x, np.random.default_rng(1))
+    np.testing.assert_array_equal(a, b)
+    mask = (a[..., 1:] + 1) / 2
+    assert a.shape == (6, 8, 8, 2) and np.all(mask.sum(axis=(1, 2, 3)) == 32)  # one half masked
+    np.testing.assert_array_equal(a[..., :1] * (1 - mask), a[..., :1])
+    np.testing.assert_array_equal(a[..., :1], x * (1 - mask))
+    edges = conditions.make(conditions.parse("edges"), np.repeat(x, 3, axis=-1))
+    assert edges.shape == (6, 8, 8, 1) and set(np.unique(edges)) <= {-1.0, 1.0}
+    with pytest.raises(InvalidArgument, match="unknown condition"):
+        conditions.parse("sr")
+
+
+def test_condition_files(tmp_path):
+    spec, shape = conditions.parse("sr2"), (8, 8, 1)
+    low = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 1)).astype(np.uint8)
+    np.savez(tmp_path / "low.npz", condition=low)
+    got = conditions.read_condition_file(str(tmp_path / "low.npz"), spec, shape)
+    np.testing.assert_allclose(got[:, ::2, ::2], low.astype(np.float32) / 127.5 - 1, rtol=1e-6)
+    np.savez(tmp_path / "bad.npz", condition=np.zeros((5, 3, 3, 1), np.float32))
+    with pytest.raises(InvalidArgument, match="reads conditions of shape"):
+        conditions.read_condition_file(str(tmp_path / "bad.npz"), spec, shape)
+    np.savez(tmp_path / "none.npz", images=low)
+    with pytest.raises(InvalidArgument, match="no 'condition'"):
+        conditions.read_condition_file(str(tmp_path / "none.npz"), spec, shape)
+
+
+def test_codi_loss_formula_reads_the_target_and_the_teacher_option():
+    bb = _dit()
+    from jdistill.recipes.common import init_params
+
+    prior = Denoiser.for_module(bb, schedules.CosineVP(), "v", perturbed(init_params(bb, 0)))
+    net = adapters.Adapted(bb, adapters.make_adapter("gated", bb), 1)
+    model = Denoiser.for_module(net, prior.schedule, "v")
+    online = perturbed(adapters.init_adapted(net, prior.params, jax.random.key(1)), 0.02, 2)
+    target = perturbed(online, 0.02, 3)
+    x = jax.random.uniform(jax.random.key(4), (4, 8, 8, 1), minval=-1, maxval=1)
+    batch = {"image": x, "condition": x * 0.5}
+    null = {"class_labels": jnp.full((4,), 10)}
+
+    def cond_fn(b):
+        return {**null, "condition": b["condition"]}
+
+    rng = jax.random.key(9)
+    for ode in ("model", "teacher"):
+        loss_fn = codi_loss(model, prior.replace(params=None), cond_fn=cond_fn, teacher_cond_fn=lambda b: null,
+                            num_steps=10, guidance_weight=0.7, ode=ode)
+        got, metrics = loss_fn(online, {"target": target, "teacher": prior.params}, batch, rng)
+        # by hand: the same draws, the PF-ODE step by theta^- (or the prior), f at both ends
+        k_t, k_eps, _ = jax.random.split(rng, 3)
+        idx = jax.random.randint(k_t, (4,), 0, 10)
+        t, s = (idx + 1) / 10, idx / 10
+        eps = jax.random.normal(k_eps, x.shape)
+        a, sig = model.alpha_sigma(t, x)
+        z = a * x + sig * eps
+        stepper = model.replace(params=target) if ode == "model" else prior
+        pred = stepper.predict(z, t, cond_fn(batch) if ode == "model" else null)
+        (a_s, s_s) = model.alpha_sigma(s, x)
+        z_s = a_s * pred.x0 + s_s * pred.eps
+        x0 = model.replace(params=online).predict(z, t, cond_fn(batch)).x0
+        f_on = consistency_output(model.schedule, z, x0, t)
+        f_tg = consistency_output(model.schedule, z_s, model.replace(params=target).predict(z_s, s, cond_fn(batch)).x0, s)
+        want = jnp.mean((f_on - f_tg) ** 2) + 0.7 * jnp.mean((x0 - x) ** 2)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5, err_msg=ode)
+        np.testing.assert_allclose(float(metrics["x_mse"]), float(jnp.mean((x0 - x) ** 2)), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("codi_teacher")
+    cfg = config_lib.load_config(os.path.join(REPO, "configs", "digits_teacher.py"), TINY_TEACHER)
+    teacher_lib.train(cfg, str(root / "teacher"), progress=False)
+    return str(root / "teacher")
+
+
+def codi_cfg(teacher_dir, *extra):
+    return config_lib.load_config(os.path.join(REPO, "configs", "digits_codi.py"), [
+        f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config=", "--config.data.batch_size=16",
+        "--config.codi.steps=3", "--config.finetune.steps=2", "--config.lcm.steps=2",
+        "--config.two_stage.finetune_steps=2", "--config.optim.warmup=1", "--config.train.ckpt_every=2", *extra])
+
+
+def _steps(stage, task, mesh, n=3):
+    s = stages.setup(stage, None, config_lib.from_dict({"ckpt_every": 100, "keep": 1}), mesh)
+    state = s.state
+    for k in range(n):
+        state, _ = s.step_fn(state, stage.frozen, mesh_lib.global_batch(task.source[k], mesh))
+    return jax.device_get(state)
+
+
+def test_pe_codi_leaves_every_backbone_param_bit_identical(tiny_teacher):
+    cfg = codi_cfg(tiny_teacher)
+    task = conditional.make_task(cfg)
+    stage = codi.codi_stage(cfg, task, "pe_codi")
+    state = _steps(stage, task, mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1]))
+    start = stage.init()["student"]
+    for a, b in zip(jax.tree.leaves(state.params()["backbone"]), jax.tree.leaves(start["backbone"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    moved = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params()["adapter"]),
+                                                          jax.tree.leaves(start["adapter"]))]
+    assert max(moved) > 0  # the adapter did train
+    # Adam's moments exist for the adapter alone: the backbone has no optimizer state to move it
+    adam = next(s for s in jax.tree.leaves(state.parts["student"].opt_state,
+                                           is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+                if isinstance(s, optax.ScaleByAdamState))
+    assert jax.tree.leaves(adam.mu["backbone"]) == []
+    assert [np.shape(m) for m in jax.tree.leaves(adam.mu["adapter"])] == [np.shape(p) for p in
+                                                                         jax.tree.leaves(start["adapter"])]
+
+
+@pytest.mark.slow  # two meshes, two compilations of the CoDi step
+def test_codi_8_devices_equal_1_device(tiny_teacher):
+    cfg = codi_cfg(tiny_teacher)
+    task = conditional.make_task(cfg)
+    one = _steps(codi.codi_stage(cfg, task), task, mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1]))
+    eight = _steps(codi.codi_stage(cfg, task), task, mesh_lib.make_mesh(4, 2))
+    for a, b in zip(jax.tree.leaves(eight.parts), jax.tree.leaves(one.parts), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow  # five CLI subprocesses (train, killed, resumed, sample, eval): minutes on 2 cores
+def test_distill_killed_resumes_bit_identical_then_samples_conditions(tiny_teacher, tmp_path):
+    args = ["distill", "--config", os.path.join(REPO, "configs", "digits_codi.py"), "--quiet",
+            f"--config.teacher.workdir={tiny_teacher}", "--config.teacher.config=", "--config.data.batch_size=16",
+            "--config.methods=('codi',)", "--config.codi.steps=12", "--config.optim.warmup=1",
+            "--config.train.ckpt_every=4", "--config.train.keep=10"]
+    full = run_cli([*args, "--workdir", str(tmp_path / "full")], devices=1)
+    victim = run_cli([*args, "--workdir", str(tmp_path / "killed")], devices=1)
+    # a generous wait: the subprocess imports, loads the teacher and compiles the CoDi step first
+    done = sigkill_at_checkpoint(victim, tmp_path / "killed" / "codi" / "checkpoints", 4, timeout=900)
+    assert done[-1] < 12, f"the run finished before it was killed: {done}"
+    resumed = run_cli([*args, "--workdir", str(tmp_path / "killed")], devices=1)
+    for p in (full, resumed):
+        out, _ = p.communicate(timeout=900)
+        assert p.returncode == 0, out[-3000:]
+    for part_average in (None, "target", "ema"):
+        a = runs.read_params(str(tmp_path / "full"), "codi", part="student", average=part_average)
+        b = runs.read_params(str(tmp_path / "killed"), "codi", part="student", average=part_average)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    low = np.random.default_rng(0).integers(0, 256, (6, 4, 4, 1)).astype(np.uint8)
+    np.savez(tmp_path / "low.npz", condition=low)
+    out_file = tmp_path / "out.npz"
+    p = run_cli(["sample", "--workdir", str(tmp_path / "full" / "codi"), "--condition", str(tmp_path / "low.npz"),
+                 "--steps", "2", "--out", str(out_file)], devices=1)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+    with np.load(out_file) as f:
+        assert f["images"].shape == (6, 8, 8, 1) and f["condition"].shape == (6, 8, 8, 1)
+    # FD fits a Gaussian to 64-d features: at least 65 samples
+    p = run_cli(["eval", str(tmp_path / "full" / "codi"), "--num", "80", "--steps", "2"], devices=1)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out[-3000:]
+    scores = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    assert 0 < float(scores["psnr"]) < 100 and -1 <= float(scores["ssim"]) <= 1, scores
+    assert np.isfinite(float(scores["fd"])) and 0 <= float(scores["class_acc"]) <= 1, scores
