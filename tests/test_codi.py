@@ -45,7 +45,8 @@ def _unet():
                               layers_per_block=1, norm_num_groups=4)
 
 
-@pytest.mark.parametrize("backbone,kind", [(_dit, "gated"), (_dit, "controlnet"), (_unet, "gated")],
+@pytest.mark.parametrize("backbone,kind", [(_dit, "gated"), (_dit, "controlnet"),
+                                           pytest.param(_unet, "gated", marks=pytest.mark.slow)],  # a minute
                          ids=["dit-gated", "dit-controlnet", "unet-gated"])
 def test_adapter_at_init_changes_nothing(backbone, kind):
     bb = backbone()
