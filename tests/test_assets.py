@@ -12,6 +12,7 @@ from cli_helpers import REPO
 
 from jdistill import cli
 from jdistill import config as config_lib
+from jdistill.errors import InvalidArgument, MissingInput
 from jdistill.recipes import assets, runs, teacher
 
 SHIPPED = [n for n in ("digits_teacher", "digits_teacher_small", "digits_flow_teacher") if assets.available(n)]
@@ -59,3 +60,31 @@ def test_the_config_retrains_the_asset_bit_for_bit(name, tmp_path):
     trained = runs.read_params(str(tmp_path / name), part="model")
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_the_guided_stage1_asset_is_the_demos_finished_stage1(tmp_path, capsys):
+    from jdistill.recipes import demo, guided, parts, stages, tasks
+
+    teacher_dir = assets.install("digits_teacher", str(tmp_path / "teacher"))
+    workdir = str(tmp_path / "guided")
+    with pytest.raises(MissingInput, match="name its teacher's workdir"):
+        assets.install(parts.GUIDED_STAGE1, workdir)
+    params, record = assets.read(parts.GUIDED_STAGE1)
+    assets.install(parts.GUIDED_STAGE1, workdir, teacher_workdir=teacher_dir)
+    assert runs.is_finished(workdir, "stage1", record["steps"])
+    for a, b in zip(jax.tree.leaves(runs.read_params(workdir, "stage1", part="student")), jax.tree.leaves(params),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the demo's guided config (its teacher: the shipped one) finds stage 1 finished: nothing retrained
+    cfg = demo.Demo(workdir=str(tmp_path)).config(
+        "digits_guided", [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config=", *parts.GUIDED_DEMO])
+    stage = guided.stage1(cfg, tasks.make_task(cfg, with_data=False))
+    assert stages.run(stage, workdir, cfg, batches=None) is None
+    assert f"{os.path.join(workdir, 'stage1')}: finished ({record['steps']} steps), reused" in capsys.readouterr().out
+    # another run's checkpoints in the way are refused, not mixed with the asset's
+    other = str(tmp_path / "other")
+    assets.install(parts.GUIDED_STAGE1, other, teacher_workdir=teacher_dir)
+    os.rename(os.path.join(other, "stage1", "checkpoints", str(record["steps"])),
+              os.path.join(other, "stage1", "checkpoints", "600"))
+    with pytest.raises(InvalidArgument, match="holds another run's checkpoints"):
+        assets.install(parts.GUIDED_STAGE1, other, teacher_workdir=teacher_dir)

@@ -6,10 +6,15 @@ The demo reuses them instead of training each for minutes on every fresh clone:
     jdistill/assets/<name>.json      the run's config, its step count and training time,
                                      and the weights' SHA-256
 
+An asset is a teacher's whole run or one stage of a distillation (``digits_guided_stage1``: the
+guidance-conditioned student that the halvings start from, ``stage`` in its record). A stage asset
+records the teacher it was distilled from (``teacher.workdir`` in its config); :func:`install` points
+that at the caller's copy of the shipped teacher, which is the same network.
+
 :func:`install` turns an asset into an ordinary run (an Orbax checkpoint of its last step
 in ``<workdir>/checkpoints``, config beside it), so every command reads it like a run it
 trained itself; ``jdistill train`` on it finds it finished. :func:`export` makes an asset
-from a finished run (``python -m jdistill.recipes.assets export WORKDIR NAME``). The
+from a finished run (``python -m jdistill.recipes.assets export WORKDIR NAME [STAGE]``). The
 configs in ``configs/`` retrain each of them bit for bit (tests/test_assets.py).
 """
 
@@ -25,13 +30,13 @@ import jax
 import numpy as np
 from flax import serialization
 
-from jdistill.errors import MissingInput
+from jdistill.errors import InvalidArgument, MissingInput
 from jdistill.recipes import runs
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train.loop import training_seconds
 
 ASSETS = pathlib.Path(__file__).resolve().parent.parent / "assets"
-RECIPE_PART = {"teacher": "model"}
+RECIPE_PART = {"teacher": "model", "guided": "student"}
 
 
 def _paths(name: str) -> tuple[pathlib.Path, pathlib.Path]:
@@ -54,34 +59,47 @@ def read(name: str) -> tuple[dict, dict]:
     return serialization.msgpack_restore(blob), record
 
 
-def install(name: str, workdir: str) -> str:
-    """Write asset ``name`` into ``workdir`` as a finished run (unless a finished run is there)."""
+def install(name: str, workdir: str, *, teacher_workdir: str | None = None) -> str:
+    """Write asset ``name`` into ``workdir`` as a finished run or stage (unless one is there); a stage
+    asset's config names ``teacher_workdir`` (required for it) as its teacher."""
     params, record = read(name)
-    steps = int(record["steps"])
-    if runs.is_finished(workdir, "", steps):
+    steps, stage, config = int(record["steps"]), record.get("stage", ""), dict(record["config"])
+    if stage:
+        if teacher_workdir is None:
+            raise MissingInput(f"asset {name!r} is stage {stage!r} of a distillation: name its teacher's workdir")
+        config["teacher"] = dict(config["teacher"], workdir=os.path.abspath(teacher_workdir))
+    if runs.is_finished(workdir, stage, steps):
         return workdir
-    part = RECIPE_PART[record["config"].get("recipe", "teacher")]
+    if runs.latest_step(workdir, stage) is not None:
+        raise InvalidArgument(f"{runs.checkpoint_dir(workdir, stage)} holds another run's checkpoints (step "
+                              f"{runs.latest_step(workdir, stage)}); installing {name!r} would mix the two: move "
+                              "it aside or use another workdir")
+    part = RECIPE_PART[config.get("recipe", "teacher")]
     state = {"parts": {part: {"params": jax.tree.map(np.asarray, params)}}}
-    with ckpt_lib.Checkpointer(runs.checkpoint_dir(workdir), save_every=1, keep=1, async_save=False) as ck:
-        ck.save(steps, state, config=record["config"], meta={"step": steps, "asset": name}, force=True)
-    with open(os.path.join(workdir, "timing.json"), "w") as f:
+    with ckpt_lib.Checkpointer(runs.checkpoint_dir(workdir, stage), save_every=1, keep=1, async_save=False) as ck:
+        ck.save(steps, state, config=config, meta={"step": steps, "asset": name}, force=True)
+    with open(os.path.join(workdir, stage, "timing.json"), "w") as f:
         json.dump([{"first_step": 0, "last_step": steps, "seconds": record["train_seconds"],
                     "device": record["device"], "asset": name}], f, indent=1)
     return workdir
 
 
-def export(workdir: str, name: str) -> pathlib.Path:
-    """Make asset ``name`` from the finished run in ``workdir`` (its EMA params)."""
-    cfg = runs.read_config(workdir)
+def export(workdir: str, name: str, stage: str = "") -> pathlib.Path:
+    """Make asset ``name`` from the finished run (or ``stage`` of it) in ``workdir``: its EMA params."""
+    cfg = runs.read_config(workdir, stage)
     part = RECIPE_PART[cfg.get("recipe", "teacher")]
-    steps = runs.latest_step(workdir)
-    if steps != int(cfg.train.steps):
-        raise MissingInput(f"{workdir} is not finished ({steps} of {cfg.train.steps} steps)")
-    params = jax.device_get(runs.read_params(workdir, part=part, average="ema"))
+    steps = runs.latest_step(workdir, stage)
+    total = int(cfg.stage.steps) if stage else int(cfg.train.steps)
+    if steps != total:
+        raise MissingInput(f"{os.path.join(workdir, stage)} is not finished ({steps} of {total} steps)")
+    params = jax.device_get(runs.read_params(workdir, stage, part=part, average="ema"))
     blob = serialization.msgpack_serialize(jax.tree.map(np.asarray, params))
-    timing = json.load(open(os.path.join(workdir, "timing.json")))
-    record = {"config": cfg.to_dict(), "steps": steps, "train_seconds": training_seconds(workdir),
+    stage_dir = os.path.join(workdir, stage)
+    timing = json.load(open(os.path.join(stage_dir, "timing.json")))
+    record = {"config": cfg.to_dict(), "steps": steps, "train_seconds": training_seconds(stage_dir),
               "device": timing[-1]["device"], "weights_sha256": hashlib.sha256(blob).hexdigest()}
+    if stage:
+        record["stage"] = stage
     blob_path, record_path = _paths(name)
     blob_path.write_bytes(blob)
     record_path.write_text(json.dumps(record, indent=1) + "\n")
@@ -89,6 +107,6 @@ def export(workdir: str, name: str) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "export":
-        sys.exit("usage: python -m jdistill.recipes.assets export WORKDIR NAME")
-    print(export(sys.argv[2], sys.argv[3]))
+    if len(sys.argv) not in (4, 5) or sys.argv[1] != "export":
+        sys.exit("usage: python -m jdistill.recipes.assets export WORKDIR NAME [STAGE]")
+    print(export(*sys.argv[2:]))
