@@ -24,7 +24,7 @@ step was traced (the reference CoDi code's bug). A step runs its updates in orde
 i-th ``fold_in(key, i)``.
 
 Every update passes the non-finite guard: when its loss, gradient norm or new params are
-not all finite, the part and its averages keep their old values and ``state.skipped``
+not all finite (or the new params' float32 norm overflows: diverged, though each is finite), the part and its averages keep their old values and ``state.skipped``
 grows. No host sync: the loop reads the counter where it already syncs (logging and
 checkpoints) and applies the configured policy (skip on, or stop).
 
@@ -139,7 +139,10 @@ class Engine:
         updates, opt_state = part.optimizer.update(grads, old.opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         grad_norm = optax.global_norm(grads)
-        ok = jnp.isfinite(grad_norm) & all_finite(new_trainable)
+        # finite params whose squared norm overflows float32 (|w| ~ 1e19 and up) are diverged all the
+        # same: the next forward pass overflows, so they are refused here, before a checkpoint keeps them
+        param_norm = optax.global_norm(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), new_trainable))
+        ok = jnp.isfinite(grad_norm) & jnp.isfinite(param_norm) & all_finite(new_trainable)
         if loss is not None:
             ok = ok & jnp.isfinite(loss)
         new = PartState(combine(new_trainable, fixed), opt_state, old.count + 1)
