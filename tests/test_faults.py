@@ -360,3 +360,17 @@ def test_teacher_with_exploding_lr_stops_by_name_and_keeps_good_checkpoints(lr, 
     assert ckpt.latest_step() == 4
     for step in ckpt.all_steps():
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(ckpt.read_params("model", None, step=step)))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--workdir", "{file}", "teacher"], "is a file, not a folder"),
+    (["train", "--config", TEACHER, "--workdir", "{file}/run"], "is a file, so no folder can be made under it"),
+    (["sample", "--workdir", "{tmp}", "--out", "{file}/s.npz"], "is a file, so no folder can be made under it"),
+    (["demo", "--workdir", "/proc/jdistill_nowhere", "teacher"], "cannot write into /proc"),
+])
+def test_an_unwritable_output_is_named_before_any_work(argv, message, tmp_path, capsys):
+    obstacle = tmp_path / "obstacle"
+    obstacle.write_text("a file")
+    argv = [a.format(file=obstacle, tmp=tmp_path) for a in argv]
+    assert message in refused(argv, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["obstacle"]  # nothing written
