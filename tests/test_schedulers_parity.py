@@ -197,6 +197,19 @@ def test_named_solver_samples_as_its_class_from_config(monkeypatch):
         assert_close(ours, expected, TOL, f"{solver} from an Euler Karras config")
 
 
+def test_a_named_solver_drops_the_used_defaults_as_from_config_does(monkeypatch):
+    """A live scheduler's config lists the keys its class filled with defaults; another class built
+    ``from_config`` takes its own defaults for them (DDIM's 'leading' spacing becomes DPMSolver's
+    'linspace'), and so does the plan."""
+    ddim = diffusers.DDIMScheduler(**SD)
+    assert "timestep_spacing" in ddim.config._use_default_values
+    ref = diffusers.DPMSolverMultistepScheduler.from_config(ddim.config)
+    assert ref.config.timestep_spacing == "linspace"
+    z0, key = unit_noise(3), jax.random.key(5)
+    ours, plan = run_plan(config_of(ddim), z0, 9, key, solver="dpmpp_2m")
+    assert_close(ours, run_diffusers(monkeypatch, ref, z0, 9), TOL, "dpmpp_2m from a DDIM config's used defaults")
+
+
 # ------------------------------------------------------------------------------- low-level path
 
 

@@ -87,6 +87,14 @@ _FLOW_DEFAULTS = {
 _FLOW_SOLVERS = ("ddim", "ddpm", "dpmpp_2m", "euler", "stochastic")  # as before the sigma-grid solvers
 
 
+def without_used_defaults(config: dict) -> dict:
+    """The config as diffusers' ``from_config`` reads it: the keys a live scheduler lists in
+    ``_use_default_values`` (its class's defaults, never set by its config) dropped, so another
+    class built from it takes its own defaults (DDIM's 'leading' spacing is not DPMSolver's)."""
+    used = set(config.get("_use_default_values") or ())
+    return {k: v for k, v in config.items() if k not in used and k != "_use_default_values"}
+
+
 def class_name(config: dict) -> str:
     return config.get("_class_name", "")
 
@@ -194,6 +202,7 @@ def plan(config: dict, num_steps: int | None, solver: str | None = None, schedul
     scheduler class does; with ``solver``, as that solver's diffusers scheduler built
     ``from_config(config)`` does (``SOLVER_SCHEDULERS``). ``timesteps``: a custom list, as
     ``set_timesteps(timesteps=[...])`` (then ``num_steps`` may be None)."""
+    config = without_used_defaults(config)
     if timesteps is not None:
         timesteps = np.asarray(timesteps)
         if num_steps not in (None, len(timesteps)):

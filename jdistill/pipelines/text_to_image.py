@@ -262,7 +262,7 @@ class TextToImage:
         ``_class_name`` (a scheduler_config.json), or a diffusers scheduler object."""
         if hasattr(scheduler, "config"):  # a live scheduler: its config does not name its class
             scheduler = {**dict(scheduler.config), "_class_name": type(scheduler).__name__}
-        return dataclasses.replace(self, scheduler_config=dict(scheduler))
+        return dataclasses.replace(self, scheduler_config=scheduling.without_used_defaults(dict(scheduler)))
 
     # ------------------------------------------------------------------ parts
 
