@@ -131,7 +131,5 @@ def format_results(result: dict) -> str:
         acc = f"{r['class_acc']:.3f}" if r.get("class_acc") is not None else "-"
         lines.append(f"| {r['task']} | {r['method']} | {r['sampler']} | {r['steps']} | {r['psnr']:.2f} | "
                      f"{r['ssim']:.3f} | {r['fd']:.2f} | {acc} | {r['s_per_1000']:.3f} |")
-    lines += ["", "| task | claim | value | target | met |", "|---|---|---|---|---|"]
-    for c in result["checks"]:
-        lines.append(f"| {c['task']} | {c['claim']} | {c['value']:.3f} | {c['target']} | {'yes' if c['ok'] else 'NO'} |")
+    lines += ["", evaluation.claims_table(result["checks"], key="task")]
     return "\n".join(lines)

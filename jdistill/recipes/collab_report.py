@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from jdistill.recipes import evaluation
+
 STRATEGIES = ("student", "teacher", "refine_all", "adaptive_refine", "adaptive_regen")
 NAMES = {"student": "student alone", "teacher": "teacher alone (DDIM + CFG)", "refine_all": "refine everything",
          "adaptive_refine": "adaptive refinement", "adaptive_regen": "adaptive regeneration"}
@@ -51,12 +53,6 @@ def full_table(result) -> str:
     return "\n".join(lines)
 
 
-def claims_table(checks) -> str:
-    lines = ["| claim | value | target | met |", "|---|---|---|---|"]
-    lines += [f"| {c['claim']} | {c['value']:.3f} | {c['target']} | {'yes' if c['ok'] else 'NO'} |" for c in checks]
-    return "\n".join(lines)
-
-
 def format_results(result) -> str:
     s = result["student"]
     title = (f"Adaptive teacher-student collaboration on digits: student {s['sampler']}; teacher "
@@ -64,7 +60,7 @@ def format_results(result) -> str:
              f"{result['form']} ({result['solver']}); {result['num']} samples per row ({result['device']}; wall time: "
              "the best of the timed runs taken round-robin over all rows, compilation excluded)")
     return "\n".join([title, "", "Best setting per strategy at each budget of average network evaluations "
-                      "(a CFG step is two):", "", summary_table(result), "", claims_table(result["checks"]), "",
+                      "(a CFG step is two):", "", summary_table(result), "", evaluation.claims_table(result["checks"]), "",
                       "Every row of the sweep:", "", full_table(result)])
 
 

@@ -167,6 +167,18 @@ def write_report(out_dir: str, result: dict, markdown: str, grids: dict | None =
     return paths
 
 
+def claims_table(checks: list[dict], key: str | None = None) -> str:
+    """The paper's claims as a Markdown table (``key``: a leading column, e.g. the task or g)."""
+    head, rule = ("| claim | value | target | met |", "|---|---|---|---|")
+    if key:
+        head, rule = f"| {key} {head}", f"|---{rule}"
+    lines = [head, rule]
+    for c in checks:
+        lead = "" if not key else f"| {c[key]:g} " if isinstance(c[key], (int, float)) else f"| {c[key]} "
+        lines.append(f"{lead}| {c['claim']} | {c['value']:.3f} | {c['target']} | {'yes' if c['ok'] else 'NO'} |")
+    return "\n".join(lines)
+
+
 def device_name() -> str:
     import jax
 

@@ -113,12 +113,6 @@ def format_results(result: dict, method: str = "Guided distillation") -> str:
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['mode']} | {r['steps']} | {r['guidance_scale']:g} ({r['w']:g}) | "
                      f"{r['fd']:.2f} | {r['class_acc']:.3f} | {r['s_per_1000']:.3f} |")
-    lines += ["", claims_table(result["checks"])]
+    lines += ["", evaluation.claims_table(result["checks"], key="g")]
     return "\n".join(lines)
 
-
-def claims_table(checks: list[dict]) -> str:
-    lines = ["| g | claim | value | target | met |", "|---|---|---|---|---|"]
-    for c in checks:
-        lines.append(f"| {c['g']:g} | {c['claim']} | {c['value']:.3f} | {c['target']} | {'yes' if c['ok'] else 'NO'} |")
-    return "\n".join(lines)

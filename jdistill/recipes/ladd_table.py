@@ -136,7 +136,5 @@ def format_results(result: dict) -> str:
     for s in result["seeds"]:
         lines.append(f"| {s['steps']} | {', '.join(f'{x:.2f}' for x in s['fd'])} | {s['mean']:.2f} | "
                      f"{s['std']:.2f} | {s['worst_over_best']:.3f} |")
-    lines += ["", "| claim | value | target | met |", "|---|---|---|---|"]
-    for c in result["checks"]:
-        lines.append(f"| {c['claim']} | {c['value']:.3f} | {c['target']} | {'yes' if c['ok'] else 'NO'} |")
+    lines += ["", evaluation.claims_table(result["checks"])]
     return "\n".join(lines)
