@@ -13,24 +13,24 @@ kind of preset loaded from a tiny local copy built with its published config's s
   weights (<= 1e-4 relative, with LCM's timestep_cond and SDXL's time ids), and the pipeline
   gets the preset's scheduler.
 
-Every published sampler plans onto the timesteps diffusers' scheduler steps through, except
-TCD (Hyper-SD's one-step LoRAs), which jdistill has no solver for and refuses by name. Each kind
-of student is sampled as published and equals the diffusers pipeline's final latents for the
-same initial latents (1e-4; 2e-4 where LCM's w embedding enters):
+Every published sampler plans onto the timesteps diffusers' scheduler steps through (TCD,
+Hyper-SD's one-step sampler, included). Each kind of student is sampled as published and equals
+the diffusers pipeline's final latents for the same initial latents (1e-4; 2e-4 where LCM's w
+embedding enters):
 
-* LCM Dreamshaper v7 (pipeline), LCM-SDXL (UNet folder), LCM-LoRA SDXL: 4 LCM steps, and
-  SDXL-Turbo: 4 trailing Euler ancestral steps. Both schedulers draw fresh noise at each step:
-  diffusers' scheduler is fed the noise jdistill draws (step i's from fold_in(key, i)).
+* LCM Dreamshaper v7 (pipeline), LCM-SDXL (UNet folder), LCM-LoRA SDXL and LCM-LoRA SD 1.5: 4 LCM
+  steps, and SDXL-Turbo: 4 trailing Euler ancestral steps. Both schedulers draw fresh noise at
+  each step: diffusers' scheduler is fed the noise jdistill draws (step i's from fold_in(key, i)).
 * Hyper-SDXL 1-step UNet: one LCMScheduler step at the published timestep 800.
+* Hyper-SD15 2-step LoRA (trailing DDIM) and 1-step LoRA (TCD, eta 1, at timestep 800) on a tiny
+  SD 1.5 pipeline (PNDM base scheduler config, all four block types).
+* Hyper-SD3's 4-step CFG LoRA: fused at 1/8, 4 flow Euler steps at guidance 3; diffusers'
+  ``fuse_lora(lora_scale=0.125)`` and ``set_adapters(..., [0.125])`` agree.
 
 LCM-SDXL, the Hyper-SDXL UNet and the Lightning LoRA sample in the slow suite (a whole SDXL
 pipeline each); the default suite loads them.
 * SDXL-Lightning UNet and LoRA (4 steps, trailing Euler), Hyper-SDXL 4-step LoRA (trailing DDIM),
   SD3.5 Large Turbo (4 flow Euler steps): the whole trajectory.
-
-Not sampled here: LCM-LoRA SD 1.5 (the LCM-LoRA SDXL route on the SD 1.5 pipeline, whose LCM
-sampling test_lcm_pipeline_preset covers), Hyper-SD3's CFG LoRAs (their LoRA scale is tested;
-flow Euler with guidance is tests/test_text_to_image.py's SD3 test).
 """
 
 import dataclasses
@@ -60,8 +60,6 @@ from jdistill.testing import assert_close, nchw, nhwc
 
 TOL = 1e-4
 STUDENTS = [p for p in presets.PRESETS.values() if p.sampler is not None]
-# published samplers jdistill has no solver for (Hyper-SD's one-step LoRAs: TCD), refused by name
-REFUSED_SCHEDULERS = ("TCDScheduler",)
 
 
 # ------------------------------------------------------------------------------- published data
@@ -129,10 +127,6 @@ def test_published_samplers_are_diffusers_schedulers(preset):
         if (preset.name, n) in PUBLISHED_TIMESTEPS:
             assert ts == PUBLISHED_TIMESTEPS[preset.name, n]
         config = s.scheduler_config(base)
-        if s.scheduler in REFUSED_SCHEDULERS:
-            with pytest.raises(scheduling.UnsupportedSchedulerOption, match=f"{s.scheduler} config sets _class_name"):
-                scheduling.plan(config, n, timesteps=s.timesteps)
-            continue
         # the grid jdistill samples the preset on is the one diffusers' scheduler steps through
         grid_t = np.asarray(scheduling.plan(config, n, timesteps=s.timesteps).grid.t, np.float64)
         scale = 1000.0 if scheduling.is_flow(config) else 1.0  # flow grids run over t in [0, 1]
@@ -189,6 +183,17 @@ def sdxl_pipeline(folder, unet_config, scheduler, seed=0):
         text_encoder_2=clip_tower(n2, seed + 3, 16, "gelu", 16), tokenizer_2=tok2,
         unet=randomize_(diffusers.UNet2DConditionModel(**unet_config), seed=seed + 4).eval(), scheduler=scheduler,
         add_watermarker=False)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def sd15_pipeline(folder, unet_config, scheduler, seed=0, cls=diffusers.StableDiffusionPipeline):
+    """A tiny SD 1.5-layout pipeline (one CLIP tower, no safety checker) saved to ``folder``."""
+    tok, n = write_clip_tokenizer(folder.parent / f"{folder.name}-tok")
+    torch.manual_seed(seed)
+    pipe = cls(vae=vae(seed + 1), text_encoder=clip_tower(n, seed + 2), tokenizer=tok,
+               unet=randomize_(diffusers.UNet2DConditionModel(**unet_config), seed=seed + 3).eval(),
+               scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder)
     return pipe
 
@@ -251,14 +256,8 @@ def test_lcm_pipeline_preset(models, tmp_path, monkeypatch):
     guidance embedding as timestep_cond equals diffusers' LatentConsistencyModelPipeline's."""
     root, register = models
     config = tiny_unet_config(presets.LCM_SD15_UNET)
-    tok, n = write_clip_tokenizer(tmp_path / "tok")
-    torch.manual_seed(0)
-    pipe = diffusers.LatentConsistencyModelPipeline(
-        vae=vae(1), text_encoder=clip_tower(n, 2), tokenizer=tok,
-        unet=randomize_(diffusers.UNet2DConditionModel(**config), seed=3).eval(),
-        scheduler=diffusers.LCMScheduler.from_config(presets.LCM_SCHEDULER), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(root / "lcm-dreamshaper-v7")
+    pipe = sd15_pipeline(root / "lcm-dreamshaper-v7", config, diffusers.LCMScheduler.from_config(presets.LCM_SCHEDULER),
+                         cls=diffusers.LatentConsistencyModelPipeline)
     preset = register("lcm-dreamshaper-v7", configs={**presets.get("lcm-dreamshaper-v7").configs, "unet": config},
                       expect={"unet": {"time_cond_proj_dim": 256, "cross_attention_dim": 32},
                               "scheduler": {"original_inference_steps": 50}})
@@ -536,11 +535,11 @@ def test_preset_not_found_names_the_repo_file(models):
 PROMPTS = ["a photo of a cat", "a red dog"]
 
 
-def base_scheduler(root, sampler):
+def base_scheduler(root, sampler, base="sdxl"):
     """The student's scheduler on its base pipeline's scheduler_config.json, as a diffusers user loads
     it (from the folder: an in-memory config lists its class defaults in ``_use_default_values``,
     and ``from_config`` then swaps them for the new class's defaults, LCM's scaled_linear betas)."""
-    return getattr(diffusers, sampler.scheduler).from_pretrained(root / "sdxl", subfolder="scheduler", **sampler.options)
+    return getattr(diffusers, sampler.scheduler).from_pretrained(root / base, subfolder="scheduler", **sampler.options)
 
 
 def feed_step_noise(monkeypatch, pipe, shape, steps, seed=0):
@@ -626,3 +625,96 @@ def test_sdxl_lora_sampled_as_published(name, tiny_sdxl, models, tmp_path):
                                                                                  **preset.sampler.options)
     ref = diffusers_latents(theirs, z, steps, guidance_scale=g)
     assert_close(ours, ref, TOL, f"{name}, {preset.sampler.scheduler} (trailing)")
+
+
+@pytest.fixture
+def tiny_sd15(models, tmp_path):
+    """A tiny SD 1.5 pipeline standing in for the "sd15" preset: SD 1.5's UNet config scaled down (four
+    blocks, three with cross-attention, one without), its published PNDMScheduler config."""
+    root, register = models
+    config = tiny_unet_config(presets.SD15_UNET)
+    pipe = sd15_pipeline(root / "sd15", config, diffusers.PNDMScheduler.from_config(BASE_SCHEDULERS["sd15"]), seed=10)
+    register("sd15", expect={"unet": {"cross_attention_dim": 32, "block_out_channels": config["block_out_channels"]}})
+    return pipe, config
+
+
+def save_lora(folder, preset, pipeline_cls, component, model, targets, seed):
+    """A PEFT LoRA on ``model`` (random factors, nonzero B), saved with diffusers' save_lora_weights
+    under the preset's published file name."""
+    torch.manual_seed(seed)
+    model.add_adapter(peft_config(targets))
+    folder.mkdir()
+    pipeline_cls.save_lora_weights(folder, weight_name=preset.filename,
+                                   **{f"{component}_lora_layers": peft.get_peft_model_state_dict(model)})
+    return folder / preset.filename
+
+
+# the trailing-DDIM LoRA route samples by default on SDXL (test_sdxl_lora_sampled_as_published)
+@pytest.mark.parametrize("name", ["lcm-lora-sdv1-5", pytest.param("hyper-sd15-2step-lora", marks=pytest.mark.slow),
+                                  "hyper-sd15-1step-lora"])
+def test_sd15_lora_sampled_as_published(name, tiny_sd15, models, tmp_path, monkeypatch):
+    """SD 1.5's LoRA students on the base pipeline: LCM-LoRA (4 LCM steps, guidance 1, diffusers fed
+    jdistill's step noise), Hyper-SD15 2 steps (trailing DDIM) and Hyper-SD15 1 step (TCD at
+    timestep 800, eta 1); each equal to diffusers' StableDiffusionPipeline with the LoRA loaded and
+    fused and the published scheduler, on the same initial latents."""
+    root, register = models
+    preset = presets.get(name)
+    s = preset.sampler
+    unet = diffusers.UNet2DConditionModel.from_pretrained(root / "sd15" / "unet")
+    lora_file = save_lora(root / name, preset, diffusers.StableDiffusionPipeline, "unet", unet,
+                          ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "ff.net.2"], seed=8)
+    t2i = TextToImage.from_preset(name, cache_dir=tmp_path / "cache")
+    steps = s.steps[0]
+    timesteps = list(s.timesteps) if s.timesteps is not None else None
+    assert t2i.scheduler_config["_class_name"] == s.scheduler
+    assert t2i.plan(steps, timesteps=timesteps).solver == {"LCMScheduler": "lcm", "DDIMScheduler": "ddim",
+                                                           "TCDScheduler": "tcd"}[s.scheduler]
+    eta = s.eta if s.eta is not None else 0.0
+    z = np.random.default_rng(9).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ours = t2i(PROMPTS, num_steps=steps, guidance_scale=s.guidance_scale, latents=z, output_type="latent",
+               timesteps=timesteps, eta=eta)
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(root / "sd15", safety_checker=None,
+                                                               requires_safety_checker=False)
+    theirs.load_lora_weights(lora_file)
+    theirs.fuse_lora(components=["unet"])
+    theirs.scheduler = base_scheduler(root, s, base="sd15")
+    if s.scheduler == "LCMScheduler":
+        feed_step_noise(monkeypatch, theirs, z.shape, steps)
+    ref = diffusers_latents(theirs, z, steps, guidance_scale=s.guidance_scale, eta=eta,
+                            **({"timesteps": timesteps} if timesteps else {}))
+    assert_close(ours, ref, TOL, f"{name}: {steps} {s.scheduler} steps")
+    # the LoRA is in (merged into the weights both sides sampled with): the base UNet's differ
+    base = TextToImage.from_preset("sd15", cache_dir=tmp_path / "cache").params["network"]
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), base, t2i.params["network"])
+    assert sum(jax.tree.leaves(changed)) >= 10
+
+
+def test_hyper_sd3_cfg_lora_sampled_as_published(tiny_sd3, models, tmp_path):
+    """Hyper-SD3's 4-step CFG LoRA: merged at the published 1/8 into SD3, 4 FlowMatch Euler steps at
+    guidance 3, equal to diffusers' pipeline with the LoRA fused at ``lora_scale=0.125`` (the card's
+    route); diffusers' other route, the adapter kept and weighted by ``set_adapters``, gives the same."""
+    root, register = models
+    pipe, _ = tiny_sd3
+    pipe.save_pretrained(root / "sd3-medium")
+    register("sd3-medium", expect={"transformer": {"num_layers": 2}}, components={})
+    preset = presets.get("hyper-sd3-4step-cfg-lora")
+    s = preset.sampler
+    transformer = diffusers.SD3Transformer2DModel.from_pretrained(root / "sd3-medium" / "transformer")
+    lora_file = save_lora(root / preset.name, preset, diffusers.StableDiffusion3Pipeline, "transformer", transformer,
+                          ["to_q", "to_k", "to_v", "add_q_proj", "ff.net.2"], seed=6)
+    t2i = TextToImage.from_preset(preset.name, cache_dir=tmp_path / "cache")
+    steps = s.steps[0]
+    assert t2i.plan(steps).solver == "euler" and s.guidance_scale == 3.0 and s.lora_scale == 0.125
+    z = np.random.default_rng(3).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ours = t2i(PROMPTS, num_steps=steps, guidance_scale=s.guidance_scale, latents=z, output_type="latent",
+               max_sequence_length=8)
+    fused = diffusers.StableDiffusion3Pipeline.from_pretrained(root / "sd3-medium")
+    fused.load_lora_weights(lora_file)
+    fused.fuse_lora(components=["transformer"], lora_scale=s.lora_scale)
+    ref = diffusers_latents(fused, z, steps, guidance_scale=s.guidance_scale, max_sequence_length=8)
+    assert_close(ours, ref, TOL, "Hyper-SD3 4 steps, guidance 3, LoRA fused at 1/8")
+    weighted = diffusers.StableDiffusion3Pipeline.from_pretrained(root / "sd3-medium")
+    weighted.load_lora_weights(lora_file, adapter_name="hyper")
+    weighted.set_adapters(["hyper"], adapter_weights=[s.lora_scale])
+    assert_close(diffusers_latents(weighted, z, steps, guidance_scale=s.guidance_scale, max_sequence_length=8), ref,
+                 TOL, "set_adapters at 1/8 == fuse_lora(lora_scale=1/8)")

@@ -36,6 +36,7 @@ _RANDN_MODULES = {
     diffusers.DDPMScheduler: diffusers.schedulers.scheduling_ddpm,
     diffusers.EulerAncestralDiscreteScheduler: diffusers.schedulers.scheduling_euler_ancestral_discrete,
     diffusers.LCMScheduler: diffusers.schedulers.scheduling_lcm,
+    diffusers.TCDScheduler: diffusers.schedulers.scheduling_tcd,
 }
 
 
@@ -43,8 +44,9 @@ def config_of(ref) -> dict:
     return {**dict(ref.config), "_class_name": type(ref).__name__}
 
 
-def run_diffusers(monkeypatch, ref, z0, n=None, custom=None, noises=()):
-    """The scheduler's trajectory from unit noise ``z0``; step i's noise is ``noises[i]``."""
+def run_diffusers(monkeypatch, ref, z0, n=None, custom=None, noises=(), **step_kw):
+    """The scheduler's trajectory from unit noise ``z0``; step i's noise is ``noises[i]``;
+    ``step_kw``: what a pipeline passes its ``step`` (TCD's eta)."""
     ref.set_timesteps(timesteps=list(custom)) if custom is not None else ref.set_timesteps(n)
     feed = iter(noises)
     if type(ref) in _RANDN_MODULES:
@@ -55,16 +57,17 @@ def run_diffusers(monkeypatch, ref, z0, n=None, custom=None, noises=()):
     for i, t in enumerate(ref.timesteps):
         out = torch_analytic(ref.scale_model_input(x, t), float(t))
         kw = {"variance_noise": torch.from_numpy(nchw(noises[i]))} if sde else {}
-        x = ref.step(out, t, x, **kw).prev_sample
+        x = ref.step(out, t, x, **kw, **step_kw).prev_sample
     return nhwc(x.numpy())
 
 
-def run_plan(config, z0, n, key, solver=None, custom=None):
-    """jdistill through the mapper, as TextToImage samples: noise scale, solver options, final scale."""
+def run_plan(config, z0, n, key, solver=None, custom=None, **call_options):
+    """jdistill through the mapper, as TextToImage samples: noise scale, solver options, final scale;
+    ``call_options``: what the caller adds (TCD's eta)."""
     plan = scheduling.plan(config, n, solver, timesteps=custom)
     den = make_denoiser(scheduling.schedule_from_config(config), scheduling.prediction_type(config))
     z = samplers.sample_jit(den, jnp.asarray(z0) * plan.noise_scale, grid=plan.grid, solver=plan.solver, rng=key,
-                            **plan.sample_options())
+                            **plan.sample_options(), **call_options)
     return np.asarray(z) * plan.final_scale, plan
 
 
@@ -250,6 +253,42 @@ def test_make_grid_and_solver_match_diffusers(monkeypatch, solver, cls, kw, n, c
                                grid=grid, solver=solver, rng=key)
     expected = run_diffusers(monkeypatch, ref, z0, n, custom, step_noises(key, grid.num_steps))
     assert_close(ours, expected, TOL, f"{solver} via make_grid")
+
+
+# ------------------------------------------------------------------------------- TCD
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_tcd_trajectory_matches_diffusers(monkeypatch, n, eta):
+    """TCDScheduler (Hyper-SD's one-step sampler, eta = gamma) through the mapper: LCM's timesteps,
+    a DDIM step to floor((1 - eta) t_next), re-noised to t_next with the fed noise but on the last
+    step, which lands on timestep 0."""
+    ref = diffusers.TCDScheduler(**SD)
+    z0, key = unit_noise(4), jax.random.key(7)
+    ours, plan = run_plan(config_of(ref), z0, n, key, eta=eta)
+    assert plan.solver == "tcd" and int(plan.grid.t_next[-1]) == 0
+    # diffusers draws noise on every step but the last, and only with eta > 0
+    noises = step_noises(key, n - 1) if eta > 0 else ()
+    expected = run_diffusers(monkeypatch, ref, z0, n, None, noises, eta=eta)
+    assert_close(ours, expected, TOL, f"TCD, {n} steps, eta {eta}")
+    if n > 1 and eta > 0:  # the noise is used: a different key gives other latents
+        other, _ = run_plan(config_of(ref), z0, n, jax.random.key(8), eta=eta)
+        assert np.abs(other - ours).max() > 1e-3
+
+
+@pytest.mark.parametrize("kw,n,custom,eta", [
+    (dict(SD), None, [800], 1.0),  # Hyper-SD's published one step
+    (dict(SD), None, [999, 700, 333], 0.5),
+    (dict(SD, original_inference_steps=100, prediction_type="v_prediction"), 8, None, 0.3),
+    (dict(ZERO_SNR, prediction_type="v_prediction"), 4, None, 0.3),
+], ids=["one-step-800", "custom", "v-orig100", "zero-snr"])
+def test_tcd_options_match_diffusers(monkeypatch, kw, n, custom, eta):
+    ref = diffusers.TCDScheduler(**kw)
+    z0, key = unit_noise(5), jax.random.key(9)
+    ours, plan = run_plan(config_of(ref), z0, n, key, custom=custom, eta=eta)
+    expected = run_diffusers(monkeypatch, ref, z0, n, custom, step_noises(key, plan.num_steps - 1), eta=eta)
+    assert_close(ours, expected, TOL, f"TCD {kw} {n or custom} eta {eta}")
 
 
 # ------------------------------------------------------------------------------- LCM and CoDi

@@ -72,8 +72,8 @@ class Sampler:
     embedding, w - 1 = guidance_scale - 1), a stochastic sampler's ``eta`` and the LoRA scale.
 
     jdistill samples each with the solver of ``jdistill.pipelines.scheduling`` that reproduces its
-    scheduler (tests/test_presets.py), except TCD (Hyper-SD's one-step LoRAs), which has none
-    and is refused by name (``UnsupportedSchedulerOption``)."""
+    scheduler (tests/test_presets.py), TCD (Hyper-SD's one-step LoRAs) included, ``eta`` passed
+    as the pipeline's ``eta`` is."""
 
     scheduler: str
     options: Mapping[str, Any] = field(default_factory=dict)

@@ -29,7 +29,7 @@ class UnsupportedSchedulerOption(InvalidArgument):
 
 
 # rescale_betas_zero_snr leaves alpha_bar[-1] = 0 exactly in these classes...
-ZERO_SNR_EXACT = ("DDIMScheduler", "DDPMScheduler", "LCMScheduler")
+ZERO_SNR_EXACT = ("DDIMScheduler", "DDPMScheduler", "LCMScheduler", "TCDScheduler")
 # ...and these put 2**-24 in its place, so that sigma = sqrt((1 - ab) / ab) stays finite
 ZERO_SNR_FLOORED = ("DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                     "UniPCMultistepScheduler")

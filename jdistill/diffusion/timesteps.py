@@ -193,7 +193,7 @@ def check_custom(timesteps, T: int) -> np.ndarray:
 
 
 # solvers whose diffusers scheduler takes a custom timestep list, and how the list becomes a grid
-CUSTOM_TIMESTEPS = ("ddpm", "dpmpp_2m", "dpmpp_sde", "heun", "lcm", "codi")
+CUSTOM_TIMESTEPS = ("ddpm", "dpmpp_2m", "dpmpp_sde", "heun", "lcm", "codi", "tcd")
 
 
 def custom_grid(schedule, solver: str, timesteps) -> TimeGrid:
@@ -207,7 +207,13 @@ def custom_grid(schedule, solver: str, timesteps) -> TimeGrid:
         return euler_grid(schedule.alphas_cumprod, ts.astype(np.float32))
     if not np.array_equal(ts, np.round(ts)):
         raise ValueError(f"solver {solver!r} takes integer timesteps, got {ts}")
-    return chain_grid(ts.astype(np.int32))
+    return _solver_chain(solver, ts.astype(np.int32))
+
+
+def _solver_chain(solver: str, ts) -> TimeGrid:
+    """The listed timesteps chained; TCDScheduler's last step lands on timestep 0, not the clean end."""
+    grid = chain_grid(ts)
+    return final_grid(grid, 0) if solver == "tcd" else grid
 
 
 def make_grid(schedule, num_steps: int, solver: str = "ddim", spacing: str | None = None,
@@ -233,12 +239,14 @@ def make_grid(schedule, num_steps: int, solver: str = "ddim", spacing: str | Non
             return chain_grid(dpm_timesteps(T, num_steps, spacing or "linspace", steps_offset))
         if solver in ("heun", "euler_ancestral"):
             return euler_grid(schedule.alphas_cumprod, euler_timesteps(T, num_steps, spacing or "linspace", steps_offset))
-        if solver in ("lcm", "codi"):
-            return chain_grid(lcm_timesteps(T, num_steps, original_inference_steps))
+        if solver in ("lcm", "codi", "tcd"):  # TCDScheduler picks its timesteps as LCMScheduler does
+            return _solver_chain(solver, lcm_timesteps(T, num_steps, original_inference_steps))
         raise ValueError(f"solver {solver!r} has no grid on a discrete VP schedule (ddim, stochastic, ddpm, "
-                         "dpmpp_2m, dpmpp_sde, unipc, heun, euler_ancestral, lcm or codi; euler is for flow schedules)")
+                         "dpmpp_2m, dpmpp_sde, unipc, heun, euler_ancestral, lcm, codi or tcd; euler is for flow schedules)")
     if timesteps is not None:
         raise ValueError("custom timesteps need a discrete schedule")
+    if solver == "tcd":
+        raise ValueError("solver 'tcd' steps between integer timesteps: it needs a discrete schedule")
     if solver in ("lcm", "codi"):
         return lcm_unit_grid(schedule, num_steps, original_inference_steps)
     if isinstance(schedule, RectifiedFlow):

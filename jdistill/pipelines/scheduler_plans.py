@@ -273,3 +273,13 @@ def lcm(req: Request, solver: str) -> SamplingPlan:
         req.T, req.num_steps, int(req.get("original_inference_steps", 50)))
     options = _options(timestep_scaling=(float(req.get("timestep_scaling", 10.0)), 10.0))
     return SamplingPlan(solver, _chained(ts), clip_x0=req.clip(False), options=options)
+
+
+def tcd(req: Request) -> SamplingPlan:
+    """TCDScheduler: LCMScheduler's timesteps (no spacing, no offset), each step landing on the next,
+    the last on timestep 0. Its step reads neither clip_sample nor thresholding nor
+    timestep_scaling, and neither does the plan; eta (its gamma) is a call option, as in diffusers'
+    pipelines (``pipe(..., eta=)``, default 0)."""
+    ts = req.timesteps if req.timesteps is not None else ts_lib.lcm_timesteps(
+        req.T, req.num_steps, int(req.get("original_inference_steps", 50)))
+    return SamplingPlan("tcd", ts_lib.custom_grid(req.schedule, "tcd", ts))

@@ -17,6 +17,7 @@ EulerAncestralDiscreteScheduler        euler_ancestral  its interpolated sigmas
 HeunDiscreteScheduler                  heun             its interpolated (or Karras) sigmas
 UniPCMultistepScheduler                unipc            its timesteps (or Karras sigmas), chained
 LCMScheduler                           lcm              from its original_inference_steps grid
+TCDScheduler                           tcd              LCM's picks, the last step to timestep 0
 FlowMatchEulerDiscreteScheduler        euler            its shifted sigmas
 ====================================  ===============  ======================================
 
@@ -58,6 +59,7 @@ SCHEDULER_SOLVERS = {
     "HeunDiscreteScheduler": "heun",
     "UniPCMultistepScheduler": "unipc",
     "LCMScheduler": "lcm",
+    "TCDScheduler": "tcd",
     "FlowMatchEulerDiscreteScheduler": "euler",
 }
 # the diffusers class a named solver samples as
@@ -73,6 +75,7 @@ SOLVER_SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
     "lcm": "LCMScheduler",
     "codi": "LCMScheduler",
+    "tcd": "TCDScheduler",
 }
 # FlowMatchEulerDiscreteScheduler options reproduced only at their defaults
 _FLOW_DEFAULTS = {
@@ -193,6 +196,8 @@ def _class_plan(req: plans.Request, solver: str, config: dict) -> SamplingPlan:
         return plans.unipc(req)
     if name == "LCMScheduler":
         return plans.lcm(req, solver)
+    if name == "TCDScheduler":
+        return plans.tcd(req)
     raise UnsupportedSchedulerOption(name, {"_class_name": name}, "no jdistill planner for this class")
 
 

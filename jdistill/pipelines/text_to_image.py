@@ -431,7 +431,7 @@ class TextToImage:
         (B, height / f, width / f, C); else drawn from ``seed``, which also seeds stochastic
         solvers. ``height`` / ``width`` in pixels (default: the latents', else the network's
         training size). ``output_type``: "uint8" (numpy NHWC), "float" ([-1, 1]) or "latent"
-        (the final latents, diffusers' ``output_type="latent"``). ``options``: ``eta`` (DDIM),
+        (the final latents, diffusers' ``output_type="latent"``). ``options``: ``eta`` (DDIM, TCD),
         ``max_sequence_length`` (SD3's T5 tokens, default 256), SDXL's ``original_size`` /
         ``crops_coords_top_left`` / ``target_size``, the SDXL refiner's ``aesthetic_score`` /
         ``negative_aesthetic_score`` / ``negative_original_size`` / ``negative_crops_coords_top_left``,

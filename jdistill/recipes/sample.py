@@ -201,10 +201,12 @@ def text_to_image_to_file(source: str, prompts, out: str, *, negative_prompt: st
             and solver is None:
         timesteps = list(published.timesteps)
     plan = t2i.plan(steps, solver, timesteps=timesteps)  # a refused scheduler option fails before any sampling
+    # a stochastic sampler's published eta (TCD's gamma) goes with its scheduler
+    eta = published.eta if published is not None and published.eta is not None and solver is None else 0.0
     negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
     start = time.perf_counter()
     images = t2i(prompts, negative, num_steps=steps, guidance_scale=guidance_scale, solver=solver, seed=seed,
-                 height=height, width=width, timesteps=timesteps)
+                 height=height, width=width, timesteps=timesteps, eta=eta)
     seconds = time.perf_counter() - start
     description = (f"{preset.name if preset else source}: {steps} step{'s' * (steps != 1)} of {plan.solver}, guidance {guidance_scale:g}"
                    + (f", timesteps {timesteps}" if timesteps else ""))

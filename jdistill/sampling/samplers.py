@@ -11,7 +11,8 @@ diffusers does), "euler" (rectified flow) and "stochastic" (Meng et al.'s
 N-step sampler for distilled students: a deterministic step twice as long,
 then re-noise to the next grid time; the last step is deterministic).
 Added in ``steps.py``: "dpmpp_sde" (sde-dpmsolver++), "euler_ancestral", "heun" (two model
-calls a step), "unipc", "lcm" (LCMScheduler: fresh noise between steps), "codi" (CoDi's
+calls a step), "unipc", "lcm" (LCMScheduler: fresh noise between steps), "tcd" (TCDScheduler: eta is its
+gamma), "codi" (CoDi's
 deterministic consistency sampler) and "renoise" (LADD / ADD: x0, re-noised with fresh noise to the
 next time). Grids with their own sigmas (``TimeGrid.sigma``: Karras,
 interpolated) run with "ddim", "dpmpp_2m", "dpmpp_sde", "euler_ancestral", "heun" and "unipc".
@@ -35,7 +36,7 @@ from jdistill.diffusion.timesteps import TimeGrid
 from jdistill.sampling import steps
 
 SOLVERS = ("ddim", "ddpm", "dpmpp_2m", "euler", "stochastic", "dpmpp_sde", "euler_ancestral", "heun", "unipc",
-           "lcm", "codi", "renoise")
+           "lcm", "codi", "renoise", "tcd")
 SIGMA_GRID_SOLVERS = ("ddim", "dpmpp_2m", "dpmpp_sde", "euler_ancestral", "heun", "unipc")
 
 
@@ -84,6 +85,8 @@ def _new_step(step: steps.Step, state, solver, eta, solver_order, solver_type, l
         return steps.unipc_step(step, state, solver_order, solver_type, lower_order_final)
     if solver == "lcm":
         return steps.lcm(step, state, timestep_scaling)
+    if solver == "tcd":
+        return steps.tcd(step, state, eta)
     if solver == "codi":
         return steps.codi(step, state, timestep_scaling)
     if solver == "renoise":

@@ -180,6 +180,24 @@ def lcm(step: Step, state, timestep_scaling=10.0):
     return state.replace(z=z, x0_prev=x0)
 
 
+def tcd(step: Step, state, eta=0.0):
+    """TCDScheduler (Zheng et al.; Hyper-SD's one-step sampler), eta being the paper's gamma: a
+    deterministic DDIM step past t_next to the integer timestep floor((1 - eta) t_next), then the
+    forward process back up to t_next with fresh noise, except on the last step (which lands there:
+    timestep 0, as the grid's last t_next). It is the "stochastic" solver's shape with TCD's
+    landing point."""
+    pred = step.predict(state.z)
+    # in float32 and floored, as torch computes (1 - eta) * prev_timestep on a long tensor
+    t_far = jnp.floor((1.0 - eta) * step.t_next.astype(jnp.float32)).astype(jnp.int32)
+    a_f, s_f = step.denoiser.schedule.alpha_sigma(t_far)
+    z_far = solvers.ddim_step(pred.x0, pred.eps, *step.levels(), a_f, s_f)
+    if isinstance(eta, (int, float)) and eta == 0:  # static: t_far is t_next, no noise to draw
+        return state.replace(z=z_far, x0_prev=pred.x0)
+    a_s, s_s = step.levels(True)
+    z = jnp.where(step.is_last, z_far, solvers.renoise(z_far, a_f, s_f, a_s, s_s, step.noise(state.z)))
+    return state.replace(z=z, x0_prev=pred.x0)
+
+
 def codi(step: Step, state, timestep_scaling=10.0):
     """CoDi's deterministic multistep sampler on the LCM grid (no fresh noise)."""
     pred = step.predict(state.z)
