@@ -162,7 +162,7 @@ class ControlNetAdapter(nn.Module):
     @nn.compact
     def __call__(self, x, t, condition, backbone_kwargs):
         kw = {k: v for k, v in backbone_kwargs.items() if k in ("class_labels",)}
-        cn = self.controlnet.clone(name="controlnet", parent=self)
+        cn = self.controlnet  # a dataclass field: Flax binds it as the submodule "controlnet"
         down, mid = cn(x, t, backbone_kwargs["encoder_hidden_states"], condition,
                        added_cond_kwargs=backbone_kwargs.get("added_cond_kwargs"), **kw)
         return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
@@ -202,7 +202,9 @@ class Adapted(nn.Module):
             time = kwargs.pop("t") if "t" in kwargs else kwargs.pop("timestep")
             args = (image, time)
         x = args[0]
-        size = self.condition_size or x.shape[1]
+        # the condition keeps its ratio to the latents (a ControlNet's 8x) at the smallest valid latents
+        size = x.shape[1] * self.condition_size // registry.image_shape(self.backbone)[0] if self.condition_size \
+            else x.shape[1]
         cond = jnp.zeros((batch, size, size, self.condition_channels), jnp.float32)
         return args, {**kwargs, "condition": cond}
 

@@ -168,27 +168,60 @@ def sampler_call(name: str, denoisers, fractions, grid, batch_size: int, *, solv
     return CallStep(name, fn, [d.params for d in denoisers], batch, description, modules, loops=loops)
 
 
+# a pipeline a config names by a local folder / hub name with no preset of its own -> a preset
+# of the same network and scheduler (SD3.5 Large Turbo is a LADD student of SD3.5 Large: same MMDiT config)
+SAME_NETWORK = {"stable-diffusion-3.5-large": "sd35-large-turbo", "stabilityai/stable-diffusion-3.5-large":
+                "sd35-large-turbo"}
+
+
+def pipeline_preset(name: str):
+    """The preset of a config's ``teacher.pipeline`` (a preset name, alias, hub id, or a hub id's last
+    part such as "stable-diffusion-v1-5"); a plan builds the network from its published config."""
+    from jdistill.convert import presets
+    from jdistill.errors import InvalidArgument
+
+    key = SAME_NETWORK.get(str(name), str(name))
+    found = presets.find(key) or next((p for p in presets.PRESETS.values()
+                                       if any(h.rsplit("/", 1)[-1] == key for h in p.hub_ids())), None)
+    if found is None:
+        raise InvalidArgument(f"pipeline {name!r}: no preset names its network, so it cannot be planned without its "
+                              f"weights; known: {', '.join(presets.PRESETS)}")
+    return found
+
+
+def preset_denoiser(preset: str, dtype=None, **fields):
+    """The Denoiser of a preset's network built from its published config (params as
+    ShapeDtypeStructs, never read), with its published scheduler's schedule and prediction type;
+    ``dtype`` (compute and params) and ``fields`` (e.g. a reduced depth) are set on the module."""
+    from jdistill.convert.pretrained import published_module
+    from jdistill.denoiser import Denoiser
+    from jdistill.pipelines import scheduling
+
+    p = pipeline_preset(preset)
+    fields = dict(fields)
+    if dtype is not None:
+        fields.update(dtype=dtype, param_dtype=dtype)
+    module = published_module(p.name, **fields)
+    scheduler = {"_class_name": (p.components.get("scheduler") or ("",))[0], **p.expect.get("scheduler", {})}
+    schedule = scheduling.schedule_from_config(scheduler)
+    return Denoiser.for_module(module, schedule, scheduling.prediction_type(scheduler), module_params(module)), p
+
+
 def preset_sampler_call(preset: str, batch_size: int, *, guidance_scale: float | None = None, solver: str = "ddim",
-                        size: int | None = None, dtype: str = "float32") -> CallStep:
+                        size: int | None = None, dtype: str = "float32", name: str | None = None,
+                        fields: Mapping | None = None) -> CallStep:
     """One sampler step of a preset network alone (``jdistill plan --model PRESET``), at ``batch_size``
     latents of its published size (or ``size`` latent pixels), with classifier-free guidance
     (two passes as one batch) unless ``guidance_scale`` is None or 1: what any sampling method built
     on it (T-Stitch, adaptive collaboration) runs per step of that network. The schedule and the
-    prediction type are the preset's published scheduler's."""
-    from jdistill.convert import presets
-    from jdistill.convert.pretrained import published_module
-    from jdistill.denoiser import Denoiser
+    prediction type are the preset's published scheduler's; ``fields`` are set on the network."""
     from jdistill.diffusion.timesteps import make_grid
-    from jdistill.pipelines import scheduling
 
-    p = presets.get(preset)
-    module = published_module(p.name, dtype=dtype, param_dtype=dtype)
-    scheduler = {"_class_name": (p.components.get("scheduler") or ("",))[0], **p.expect.get("scheduler", {})}
-    schedule = scheduling.schedule_from_config(scheduler)
-    den = Denoiser.for_module(module, schedule, scheduling.prediction_type(scheduler), module_params(module))
+    den, p = preset_denoiser(preset, dtype, **dict(fields or {}))
+    module = den.module
     g = None if guidance_scale in (None, 1, 1.0) else float(guidance_scale)
     h, w, _ = latent_shape(module, size)
-    return sampler_call(f"{p.name} step", [den], [1.0], make_grid(schedule, 1, solver), batch_size, solver=solver,
-                        guidance_scales=[g], size=size,
+    return sampler_call(name or f"{p.name} step", [den], [1.0], make_grid(den.schedule, 1, solver), batch_size,
+                        solver=solver, guidance_scales=[g], size=size,
                         description=f"one {solver} step of {p.name} ({type(module).__name__}, {dtype}) on {h}x{w} "
                         f"latents" + (f", CFG {g:g} (2 passes as one batch)" if g else ", no guidance"))

@@ -75,6 +75,21 @@ def codi_stage(cfg, task: conditional.ConditionalTask, name: str = "codi") -> st
                   task.teacher.params if c.ode == "teacher" else None)
 
 
+def plan_steps(cfg) -> list:
+    """For `jdistill plan`: the CoDi and PE-CoDi steps the config's ``methods`` name (PE-CoDi: the same
+    program, the optimizer state only for the adapter); the prior's weights are never read."""
+    from jdistill.plan.steps import TrainStep
+
+    task = conditional.plan_task(cfg)
+    batch = conditional.plan_batch(cfg, task)
+    modules = {"teacher": task.teacher.module, PART: task.model.module}
+    what = {"codi": "backbone and adapter train", "pe_codi": "the adapter trains, the backbone is frozen"}
+    return [TrainStep.of_stage(codi_stage(cfg, task, name), batch, modules=modules,
+                               description=f"{name}: one PF-ODE step of the conditional model ({cfg.codi.ode}) with "
+                               f"CFG, the target average, the model forward and backward; {what[name]}")
+            for name in ("codi", "pe_codi") if name in cfg.methods]
+
+
 def stage_sequence(cfg, task: conditional.ConditionalTask):
     methods = list(cfg.methods)
     unknown = [m for m in methods if m not in METHODS]
@@ -170,4 +185,4 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
 
 
 RECIPE = Recipe("codi", "CoDi / PE-CoDi and their baselines: few-step conditional samplers from a prior", "distill",
-                train=train, sampler=make_sampler)
+                train=train, sampler=make_sampler, plan=plan_steps)

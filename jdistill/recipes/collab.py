@@ -142,8 +142,25 @@ def _no_training(cfg, workdir, **kw):
                           "--config CONFIG`, or compose trained runs with `jdistill collab-sweep`")
 
 
+def plan_steps(cfg) -> list:
+    """For `jdistill plan` (a text-to-image pair config): one sampler step of the student and one of
+    the teacher (with CFG unless its guidance is off), at ``sample.batch_size`` latents of the config's
+    size; the ``model`` section's fields are set on both networks (e.g. a reduced depth)."""
+    from jdistill.plan.steps import preset_sampler_call
+
+    size = cfg.sample.get("size")
+    out = []
+    for role in ("student", "teacher"):
+        section = cfg[role]
+        den_size = int(size[0]) // 8 if size else None  # the SD VAEs' 8x
+        out.append(preset_sampler_call(section.pipeline, int(cfg.sample.batch_size),
+                                       guidance_scale=float(section.guidance_scale) or None, size=den_size,
+                                       name=f"{role} step", fields=dict(cfg.get("model") or {})))
+    return out
+
+
 __all__ = ["Calibration", "CalibrationMismatch", "CollabPlan", "Student", "calibrate", "collab_sampler",
            "load_student", "load_teacher"]
 
 RECIPE = Recipe("collab", "adaptive teacher-student collaboration (training-free)", "", train=_no_training,
-                sample_config=collab_t2i.save_config_samples)
+                sample_config=collab_t2i.save_config_samples, plan=plan_steps)

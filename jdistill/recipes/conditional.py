@@ -22,6 +22,7 @@ import numpy as np
 
 from jdistill.data import conditions
 from jdistill.denoiser import Denoiser
+from jdistill.errors import InvalidArgument
 from jdistill.models import adapters, registry
 from jdistill.recipes import tasks
 
@@ -92,17 +93,41 @@ def _text_task(cfg, spec, with_data: bool) -> ConditionalTask:
     """An SD pipeline as the prior: latents and prompts as in ``tasks.text_task``; the condition made
     from the pixels at the data resolution (fixed per example), read by a ControlNet in pixel space.
     With ``codi.scale_range`` the backbone reads the guidance scale (LCM's w embedding, zero at init)."""
-    from jdistill.recipes import consistency
-
     rng = np.random.default_rng([int(cfg.seed), 0xC0D1])
     prior = tasks.make_task(cfg, with_data, record_fn=lambda pixels: {"condition": conditions.make(spec, pixels, rng)})
+    return _adapt_text_prior(cfg, spec, prior, lambda init: init())
+
+
+def _adapt_text_prior(cfg, spec, prior: tasks.Task, evaluate: Callable) -> ConditionalTask:
+    """The conditional task around a text prior; ``evaluate(init)`` makes the backbone's initial params
+    (the real task runs ``init``, a plan traces it abstractly)."""
+    from jdistill.recipes import consistency
+
     teacher = prior.teacher
     guided = bool(cfg.codi.get("scale_range"))
     backbone = consistency.student_template(teacher, guided)
     module = adapted_module(cfg, backbone.module, spec, 3, condition_size=int(cfg.data.resolution))
     model = Denoiser.for_module(module, teacher.schedule, teacher.prediction)
-    return ConditionalTask(prior, spec, model, prior.source, prior.cond_fn, prior.uncond_fn,
-                           consistency.init_student(teacher, int(cfg.seed), guided) if guided else None)
+    start = evaluate(lambda: consistency.init_student(teacher, int(cfg.seed), guided)) if guided else None
+    return ConditionalTask(prior, spec, model, prior.source, prior.cond_fn, prior.uncond_fn, start)
+
+
+def plan_task(cfg) -> ConditionalTask:
+    """The conditional task for ``jdistill plan`` (a text prior: ``tasks.plan_text_task``); batches
+    carry ``condition`` (see :func:`plan_batch`)."""
+    from jdistill.plan.steps import abstract_value
+
+    if not cfg.teacher.get("pipeline"):
+        raise InvalidArgument("planning CoDi is supported for a text-to-image prior (teacher.pipeline)")
+    return _adapt_text_prior(cfg, conditions.parse(cfg.condition.kind), tasks.plan_text_task(cfg), abstract_value)
+
+
+def plan_batch(cfg, task: ConditionalTask) -> dict:
+    """A global batch: latents, prompt embeddings and the condition image in pixel space (the data
+    resolution, the adapter's channels)."""
+    r = int(cfg.data.resolution)
+    condition = jax.ShapeDtypeStruct((int(cfg.data.batch_size), r, r, task.spec.channels(3)), jnp.float32)
+    return tasks.plan_batch(task.prior, cfg.data.batch_size, extra={"condition": condition})
 
 
 @dataclasses.dataclass

@@ -136,6 +136,20 @@ def train(cfg, workdir: str, *, progress: bool = True, mesh=None) -> dict:
                                progress=progress)
 
 
+def plan_steps(cfg) -> list:
+    """The LCM step, for `jdistill plan`: one teacher solver step (with CFG when guided: 2 passes) to
+    the target average's estimate, the student forward and backward; teacher weights never read."""
+    from jdistill.plan.steps import TrainStep
+
+    task = tasks.plan_task(cfg)
+    st = lcm_stage(cfg, task)
+    modules = {"teacher": task.teacher.module, PART: student_template(task.teacher).module}
+    return [TrainStep.of_stage(st, tasks.plan_batch(task, cfg.data.batch_size), modules=modules,
+                               description=f"LCM step: one {cfg.lcm.solver} step of the frozen teacher"
+                               + (" with CFG (2 passes)" if scale_range(cfg) else "") + ", the target average "
+                               "(no gradient) and the student (forward and backward)")]
+
+
 def grid_sampler(cfg, task: tasks.Task, student: Denoiser, guided: bool, num: int = 100):
     grid = make_grid(student.schedule, int(cfg.sample.steps), cfg.sample.solver)
     noise = jax.random.normal(jax.random.key(1234), (num, *registry.image_shape(student.module)))
@@ -189,4 +203,4 @@ def member(run: runs.Run, guidance_scale: float) -> Member:
 
 
 RECIPE = Recipe("lcm", "latent consistency distillation (LCM): a few-step student of any teacher", "distill",
-                train=train, sampler=make_sampler, member=member)
+                train=train, sampler=make_sampler, member=member, plan=plan_steps)

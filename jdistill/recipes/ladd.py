@@ -70,7 +70,9 @@ def init_discriminator(module: Discriminator, task: tasks.Task, seed: int):
     teacher = task.teacher
     z, t = jnp.zeros((1, *registry.image_shape(teacher.module))), jnp.full((1,), 0.5)
     cond = task.sample_cond(1)
-    feats = jax.eval_shape(lambda: teacher.features(z, t, cond, blocks=module.blocks))
+    # the params as an argument: a plan's are ShapeDtypeStructs
+    feats = jax.eval_shape(lambda p: teacher.replace(params=p).features(z, t, cond, blocks=module.blocks),
+                           teacher.params)
     feats = {k: jnp.zeros(v.shape, v.dtype) for k, v in feats.items()}
     return module.init(jax.random.key(seed), feats, teacher.schedule.model_time(t), **discriminator_cond(cond))["params"]
 
@@ -104,6 +106,20 @@ def stage(cfg, task: tasks.Task) -> stages.Stage:
     return stages.Stage("", steps, engine(cfg, task, steps), init, seed + 1, stored, task.teacher.params,
                         identity=IDENTITY_SECTIONS, part=PART, jit_init=False,
                         sample_fn=grid_sampler(cfg, task))
+
+
+def plan_steps(cfg) -> list:
+    """The two-part LADD step, for `jdistill plan`: the discriminator's update, then the generator's
+    (student forward and backward through the frozen teacher's features and the heads); the teacher's
+    weights are never read, the batch is the synthetic latents with their prompts' embeddings."""
+    from jdistill.plan.steps import TrainStep
+
+    task = tasks.plan_task(cfg)
+    heads = discriminator_module(cfg, task.teacher)
+    modules = {"teacher": task.teacher.module, PART: task.teacher.module}
+    return [TrainStep.of_stage(stage(cfg, task), tasks.plan_batch(task, cfg.data.batch_size), modules=modules,
+                               description=f"LADD step: discriminator ({len(heads.blocks)} heads on the frozen "
+                               "teacher's tokens) then generator, every part's optimizer state")]
 
 
 def setup(cfg, workdir: str | None, mesh=None):
@@ -175,4 +191,5 @@ def member(run: runs.Run, guidance_scale: float) -> Member:
 
 
 RECIPE = Recipe("ladd", "LADD: adversarial distillation on synthetic data, the frozen teacher as the "
-                "discriminator's feature network", "distill", train=train, sampler=make_sampler, member=member)
+                "discriminator's feature network", "distill", train=train, sampler=make_sampler, member=member,
+                plan=plan_steps)

@@ -164,15 +164,15 @@ def model_fields(cfg) -> dict:
 def plan_task(cfg) -> Task:
     """The task with the teacher's params as ShapeDtypeStructs and no data: what ``jdistill plan``
     compiles. The teacher's network comes from its preset's published config
-    (``teacher.checkpoint``) or from the teacher run's config (``teacher.config``)."""
+    (``teacher.checkpoint``, or ``teacher.pipeline``: :func:`plan_text_task`) or from the teacher
+    run's config (``teacher.config``)."""
     from jdistill import config as config_lib
     from jdistill.convert.pretrained import published_module
     from jdistill.diffusion import schedules
     from jdistill.plan.steps import module_params
 
     if cfg.teacher.get("pipeline"):
-        raise InvalidArgument("planning a text-to-image distillation (teacher.pipeline) is not supported yet: its "
-                              "prompt-embedding table is built from the data; plan a class-conditional config")
+        return plan_text_task(cfg)
     if cfg.teacher.get("checkpoint"):
         module = published_module(cfg.teacher.checkpoint, **model_fields(cfg))
         den = Denoiser.for_module(module, schedules.from_config(cfg.diffusion), cfg.diffusion.prediction)
@@ -182,3 +182,37 @@ def plan_task(cfg) -> Task:
         raise InvalidArgument("a plan needs the teacher's network: set teacher.checkpoint (a preset) or "
                               "teacher.config (the teacher run's config)")
     return from_teacher(den.replace(params=module_params(den.module)))
+
+
+def plan_text_task(cfg) -> Task:
+    """A text-to-image task for ``jdistill plan``: the pipeline's network from its preset's published
+    config (``model`` fields set on it), and the prompt embeddings carried by the batch as ``text``
+    (the real task indexes a table of them by caption id: the same arrays per example). The
+    unconditional input is one row broadcast, as the real task's empty prompt is."""
+    from jdistill.plan.steps import preset_denoiser, sampling_cond
+
+    den, _ = preset_denoiser(cfg.teacher.pipeline, **model_fields(cfg))
+
+    def cond_fn(batch):
+        return batch["text"]
+
+    def uncond_fn(batch):
+        return jax.tree.map(lambda v: jnp.broadcast_to(jnp.zeros((1,) + v.shape[1:], v.dtype), v.shape), batch["text"])
+
+    def sample_cond(n):  # zeros from calloc: untouched pages cost nothing until a sampler reads them
+        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), sampling_cond(den.module, n))
+
+    return Task(den, None, cond_fn, uncond_fn, sample_cond, lambda x: x)
+
+
+def plan_batch(task: Task, batch_size: int, extra=None) -> dict:
+    """One global batch of ``task`` as ShapeDtypeStructs: latents (and labels for a class task, the
+    prompt embeddings as ``text`` for a text task), plus ``extra``."""
+    from jdistill.plan.steps import image_batch, sampling_cond
+
+    text = task.num_classes is None and task.uncond_fn is not None
+    more = dict(extra or {})
+    if text:
+        more["text"] = sampling_cond(task.teacher.module, batch_size)
+    return image_batch(batch_size, registry.image_shape(task.teacher.module), label=bool(task.num_classes),
+                       extra=more)
