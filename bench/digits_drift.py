@@ -31,7 +31,8 @@ def train(config: str, steps: int, out: str) -> None:
     state, batches = s.state, source.iterate(0, steps)
     for _ in range(steps):
         state, _ = s.step_fn(state, None, mesh_lib.global_batch(next(batches), s.mesh))
-    flat = traverse_util.flatten_dict(jax.device_get(state.parts["student"].params), sep="/")
+    (part,) = state.parts.values()  # the teacher recipe trains one part ("model")
+    flat = traverse_util.flatten_dict(jax.device_get(part.params), sep="/")
     np.savez(out, **{k: np.asarray(v) for k, v in flat.items()})
     print(f"{out}: params after {steps} steps of {config} (jax {jax.__version__})")
 

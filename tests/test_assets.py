@@ -13,6 +13,7 @@ from cli_helpers import REPO
 from jdistill import cli
 from jdistill import config as config_lib
 from jdistill.errors import InvalidArgument, MissingInput
+from jdistill.models import layers
 from jdistill.recipes import assets, runs, teacher
 
 SHIPPED = [n for n in ("digits_teacher", "digits_teacher_small", "digits_flow_teacher") if assets.available(n)]
@@ -51,8 +52,10 @@ def test_a_damaged_asset_is_refused(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
-def test_the_config_retrains_the_asset_bit_for_bit(name, tmp_path):
+def test_the_config_retrains_the_asset_bit_for_bit(name, tmp_path, monkeypatch):
     params, record = assets.read(name)
+    if record.get("kernels") == "reference":  # trained before the CPU speed-ups: their rounding
+        monkeypatch.setenv(layers.REFERENCE_KERNELS, "1")
     cfg = config_lib.from_dict(record["config"])
     shipped_config = config_lib.load_config(os.path.join(REPO, "configs", f"{name}.py"))
     assert config_lib.to_dict(shipped_config) == json.loads(json.dumps(record["config"]))

@@ -140,3 +140,31 @@ def test_cudnn_matches_xla_where_there_is_a_gpu(monkeypatch):
     assert_close(np.asarray(loss_c), np.asarray(loss_x), 2e-2, "cudnn loss")
     for name, a, b in zip("qkv", grads_c, grads_x):
         assert_close(np.asarray(a, np.float32), np.asarray(b, np.float32), 5e-2, f"cudnn d{name}")
+
+
+def test_reference_kernels_switch_every_cpu_speed_up_off_and_keep_forward_values(monkeypatch):
+    """JDISTILL_REFERENCE_KERNELS=1: plain dot_general linears, XLA attention, no compile option on
+    CPU (training as before the speed-ups, bit for bit: bench/digits_drift.py); a DiT's forward
+    values are the same in both modes."""
+    from jdistill.models import registry
+    from jdistill.models.dit import DiT
+    from jdistill.train import engine
+
+    q = jnp.ones((2, 4, 2, 8))
+    module = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    args, kwargs = registry.example_inputs(module, batch=3)  # DiT: keyword inputs (x, t, y)
+    kwargs = {k: jax.random.normal(jax.random.key(0), v.shape) if k == "x" else v for k, v in kwargs.items()}
+    params = module.init(jax.random.key(1), *args, **kwargs)
+    fast = module.apply(params, *args, **kwargs)
+    assert layers.attention_implementation(q, q, q, platform="cpu") == "einsum"
+    assert engine.compiler_options("cpu") is not None
+    monkeypatch.setenv(layers.REFERENCE_KERNELS, "1")
+    assert layers.attention_implementation(q, q, q, platform="cpu") == "xla"
+    assert engine.compiler_options("cpu") is None
+    calls = []
+    monkeypatch.setattr(jax.lax, "dot_general", lambda *a, **k: calls.append(a[0].shape) or jnp.zeros(()), raising=True)
+    layers.matmul_last_axis(jnp.ones((2, 3, 4)), jnp.ones((4, 5)), (((2,), (0,)), ((), ())))
+    assert calls == [(2, 3, 4)]  # not flattened to (6, 4)
+    monkeypatch.undo()
+    monkeypatch.setenv(layers.REFERENCE_KERNELS, "1")
+    np.testing.assert_array_equal(np.asarray(module.apply(params, *args, **kwargs)), np.asarray(fast))

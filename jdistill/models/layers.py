@@ -11,6 +11,7 @@ separately, so bf16 compute over fp32 params is one argument away.
 from __future__ import annotations
 
 import math
+import os
 from functools import partial
 from typing import Any
 
@@ -66,6 +67,21 @@ def activation(name: str):
     return fns[name]
 
 
+REFERENCE_KERNELS = "JDISTILL_REFERENCE_KERNELS"  # environment variable: 1 = compute as before the CPU speed-ups
+
+
+def reference_kernels() -> bool:
+    """Whether the models and the train step compute as jdistill did before its CPU speed-ups
+    (docs/performance.md): linears through plain ``dot_general``, attention through
+    ``jax.nn.dot_product_attention``'s XLA path, no barrier-keeping compile option.
+
+    Forward values are the same either way; training rounds differently (the speed-ups change
+    the order of the backward's sums), so FD tables measured before them reproduce to the last
+    digit only with ``JDISTILL_REFERENCE_KERNELS=1`` (on the processor they were measured on).
+    Read when a step is traced, so set it before the first one."""
+    return os.environ.get(REFERENCE_KERNELS, "") not in ("", "0")
+
+
 def matmul_last_axis(x, kernel, dimension_numbers, precision=None, preferred_element_type=None):
     """``lax.dot_general`` for :func:`dense`: the leading axes of ``x`` flattened into one, so that
     a linear layer on tokens (B, T, C) is one 2-D product (B T, C) x (C, F).
@@ -78,7 +94,7 @@ def matmul_last_axis(x, kernel, dimension_numbers, precision=None, preferred_ele
     (docs/performance.md). On GPU and TPU the reshape of leading axes is free.
     """
     ((x_axes, k_axes), batch) = dimension_numbers
-    if x.ndim <= 2 or batch != ((), ()) or tuple(x_axes) != (x.ndim - 1,):
+    if x.ndim <= 2 or batch != ((), ()) or tuple(x_axes) != (x.ndim - 1,) or reference_kernels():
         return jax.lax.dot_general(x, kernel, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type)
     y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), kernel, (((1,), k_axes), ((), ())), precision=precision,
@@ -160,13 +176,14 @@ def attention_implementation(q, k, v, mask=None, platform: str | None = None) ->
       shapes and dtypes cuDNN takes: bf16 / fp16 inputs, head width <= 128 and a multiple of 8,
       no mask;
     * "einsum" (:func:`attention_einsum`) on CPU, where ``jax.nn.dot_product_attention``'s XLA
-      path (a grouped-query 5-D form) ran 2-3x slower than the same math on 4-D arrays;
+      path (a grouped-query 5-D form) ran 2-3x slower than the same math on 4-D arrays ("xla"
+      under :func:`reference_kernels`);
     * "xla" (``jax.nn.dot_product_attention(implementation="xla")``) elsewhere (TPU; GPU shapes
       cuDNN refuses).
     """
     platform = platform or jax.default_backend()
     if platform == "cpu":
-        return "einsum"
+        return "xla" if reference_kernels() else "einsum"
     head = q.shape[-1]
     if (platform in ("gpu", "cuda") and _is_cuda() and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)
             and q.dtype == k.dtype == v.dtype and head <= 128 and head % 8 == 0 and k.shape[-1] == head):

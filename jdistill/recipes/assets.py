@@ -15,7 +15,9 @@ that at the caller's copy of the shipped teacher, which is the same network.
 in ``<workdir>/checkpoints``, config beside it), so every command reads it like a run it
 trained itself; ``jdistill train`` on it finds it finished. :func:`export` makes an asset
 from a finished run (``python -m jdistill.recipes.assets export WORKDIR NAME [STAGE]``). The
-configs in ``configs/`` retrain each of them bit for bit (tests/test_assets.py).
+configs in ``configs/`` retrain each of them bit for bit (tests/test_assets.py) on the processor
+and with the kernels (``"kernels"`` in the record: ``JDISTILL_REFERENCE_KERNELS=1`` for
+"reference", see ``models/layers.reference_kernels``) it was trained with.
 """
 
 from __future__ import annotations
@@ -80,7 +82,8 @@ def install(name: str, workdir: str, *, teacher_workdir: str | None = None) -> s
         ck.save(steps, state, config=config, meta={"step": steps, "asset": name}, force=True)
     with open(os.path.join(workdir, stage, "timing.json"), "w") as f:
         json.dump([{"first_step": 0, "last_step": steps, "seconds": record["train_seconds"],
-                    "device": record["device"], "asset": name}], f, indent=1)
+                    "device": record["device"], "kernels": record.get("kernels", "unrecorded"), "asset": name}],
+                  f, indent=1)
     return workdir
 
 
@@ -96,8 +99,10 @@ def export(workdir: str, name: str, stage: str = "") -> pathlib.Path:
     blob = serialization.msgpack_serialize(jax.tree.map(np.asarray, params))
     stage_dir = os.path.join(workdir, stage)
     timing = json.load(open(os.path.join(stage_dir, "timing.json")))
+    kernels = {session.get("kernels", "unrecorded") for session in timing}  # how to retrain it bit for bit
     record = {"config": cfg.to_dict(), "steps": steps, "train_seconds": training_seconds(stage_dir),
-              "device": timing[-1]["device"], "weights_sha256": hashlib.sha256(blob).hexdigest()}
+              "device": timing[-1]["device"], "kernels": kernels.pop() if len(kernels) == 1 else "mixed",
+              "weights_sha256": hashlib.sha256(blob).hexdigest()}
     if stage:
         record["stage"] = stage
     blob_path, record_path = _paths(name)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from jdistill import images as images_lib
 from jdistill.errors import UserError
+from jdistill.models import layers
 from jdistill.train import mesh as mesh_lib
 
 
@@ -167,7 +168,8 @@ def record_time(workdir: str, first: int, last: int, seconds: float) -> None:
     path = os.path.join(workdir, "timing.json")
     sessions = json.load(open(path)) if os.path.isfile(path) else []
     sessions.append({"first_step": first, "last_step": last, "seconds": seconds,
-                     "device": f"{jax.devices()[0].platform} x{jax.device_count()}"})
+                     "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
+                     "kernels": "reference" if layers.reference_kernels() else "fast"})
     with open(path, "w") as f:
         json.dump(sessions, f, indent=1)
 
