@@ -42,12 +42,11 @@ import contextlib
 import math
 import os
 import sys
-import tempfile
 import warnings
 
 import numpy as np
 
-from jdistill.errors import DamagedCheckpointWarning, InvalidArgument, UserError
+from jdistill.errors import DamagedCheckpointWarning, UserError
 
 
 # -- argument types: each names the accepted range --------------------------------------
@@ -573,27 +572,13 @@ WRITES_WORKDIR = ("train", "distill", "demo")  # commands whose --workdir is an 
 
 
 def _check_outputs_writable(args) -> None:
-    """A --workdir or --out that cannot be written is named before any work (not a traceback an hour
-    in). Nothing is created: a temporary file in the nearest existing folder probes it."""
-    outputs = [("--out", getattr(args, "out", None))]
-    if args.command in WRITES_WORKDIR:
-        outputs.append(("--workdir", getattr(args, "workdir", None)))
-    for flag, path in outputs:
-        if not isinstance(path, str) or not path:
-            continue
-        if flag == "--workdir" and os.path.isfile(path):
-            raise InvalidArgument(f"{flag} {path} is a file, not a folder")
-        existing = os.path.abspath(path)
-        while not os.path.exists(existing):  # the nearest existing folder is the one written into
-            existing = os.path.dirname(existing)
-        if existing != os.path.abspath(path) and not os.path.isdir(existing):
-            raise InvalidArgument(f"{flag} {path}: {existing} is a file, so no folder can be made under it")
-        folder = existing if os.path.isdir(existing) else os.path.dirname(existing)
-        try:
-            with tempfile.TemporaryFile(dir=folder):
-                pass
-        except OSError as e:
-            raise InvalidArgument(f"{flag} {path}: cannot write into {folder} ({e.strerror})") from None
+    """A --workdir or --out that cannot be written is named before any work (not a traceback an hour in)."""
+    from jdistill.files import check_writable
+
+    if getattr(args, "out", None):
+        check_writable(args.out, "--out")
+    if args.command in WRITES_WORKDIR and getattr(args, "workdir", None):
+        check_writable(args.workdir, "--workdir", folder=True)
 
 
 @contextlib.contextmanager

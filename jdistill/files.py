@@ -10,6 +10,7 @@ at the file's first bytes first and names what it is; it never unpickles anythin
 from __future__ import annotations
 
 import os
+import tempfile
 import zipfile
 import zlib
 
@@ -66,6 +67,24 @@ def check_output_dir(path: str) -> None:
     """An output folder: it may exist, but not as a file."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise InvalidArgument(f"{path} is a file; expected a folder for the outputs")
+
+
+def check_writable(path: str, flag: str, *, folder: bool = False) -> None:
+    """``path`` (an output file or, with ``folder``, an output folder) can be written: the nearest
+    existing folder on its way takes a temporary file. Nothing is created."""
+    if folder and os.path.isfile(path):
+        raise InvalidArgument(f"{flag} {path} is a file, not a folder")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if existing != os.path.abspath(path) and not os.path.isdir(existing):
+        raise InvalidArgument(f"{flag} {path}: {existing} is a file, so no folder can be made under it")
+    where = existing if os.path.isdir(existing) else os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise InvalidArgument(f"{flag} {path}: cannot write into {where} ({e.strerror})") from None
 
 
 def read_npz(path: str, what: str = "samples file") -> dict[str, np.ndarray]:

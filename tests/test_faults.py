@@ -367,6 +367,7 @@ def test_teacher_with_exploding_lr_stops_by_name_and_keeps_good_checkpoints(lr, 
     (["train", "--config", TEACHER, "--workdir", "{file}/run"], "is a file, so no folder can be made under it"),
     (["sample", "--workdir", "{tmp}", "--out", "{file}/s.npz"], "is a file, so no folder can be made under it"),
     (["demo", "--workdir", "/proc/jdistill_nowhere", "teacher"], "cannot write into /proc"),
+    (["convert", "{tmp}", "{file}/converted"], "is a file, so no folder can be made under it"),
 ])
 def test_an_unwritable_output_is_named_before_any_work(argv, message, tmp_path, capsys):
     obstacle = tmp_path / "obstacle"

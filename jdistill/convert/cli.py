@@ -8,6 +8,7 @@ from typing import Sequence
 
 from jdistill.convert import presets
 from jdistill.errors import UserError
+from jdistill.files import check_writable
 from jdistill.convert.pretrained import DTYPES, convert
 
 # What a bad source or destination raises: reported in one line, not as a traceback.
@@ -41,6 +42,7 @@ def main_convert(argv: Sequence[str] | None = None) -> int:
     summary (components, tensor counts, bytes, time); returns the exit status (2 on a user error)."""
     args = build_parser().parse_args(argv)
     try:
+        check_writable(args.dst, "DST", folder=True)
         report = convert(args.src, args.dst, dtype=args.dtype, components=args.component, variant=args.variant,
                          wrapper=args.wrapper, overwrite=args.overwrite, models_dir=args.models_dir, config=args.config)
     except USER_ERRORS as e:
