@@ -95,3 +95,19 @@ def test_every_shipped_config_names_a_known_recipe(path):
     recipe = get_recipe(cfg)
     assert recipe.name == cfg.get("recipe", "teacher") and recipe.name in RECIPES
     assert recipe.train is not None or recipe.sample_config is not None
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_every_recipe_train_takes_what_the_cli_passes(name):
+    """`jdistill train/distill` calls recipe.train(cfg, workdir, progress=, allow_inexact_resume=):
+    a recipe without one of them crashed with a TypeError (LCM, CoDi and LADD did)."""
+    import importlib
+    import inspect
+
+    recipe = importlib.import_module(RECIPES[name]).RECIPE
+    if recipe.train is None:
+        return
+    params = inspect.signature(recipe.train).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # takes (and refuses by name) anything: the training-free recipes
+    assert {"progress", "mesh", "allow_inexact_resume"} <= set(params), f"{name}: {list(params)}"

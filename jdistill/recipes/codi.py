@@ -105,13 +105,13 @@ def stage_sequence(cfg, task: conditional.ConditionalTask):
             yield codi_stage(cfg, task, name)
 
 
-def train(cfg, workdir: str, *, progress: bool = True, mesh=None) -> dict:
+def train(cfg, workdir: str, *, progress: bool = True, mesh=None, allow_inexact_resume: bool = False) -> dict:
     from jdistill.recipes import tasks
 
     tasks.ensure_teacher(cfg, progress)
     task = conditional.make_task(cfg)
     return stages.run_sequence(stage_sequence(cfg, task), workdir, cfg, lambda k: task.source.iterate(k), mesh=mesh,
-                               progress=progress)
+                               progress=progress, allow_inexact=allow_inexact_resume)
 
 
 def default_sampling(stage: str, cfg) -> tuple[str, int]:

@@ -125,7 +125,7 @@ def null_cond_fn(teacher: Denoiser):
     return cond_fn
 
 
-def train(cfg, workdir: str, *, progress: bool = True, mesh=None) -> dict:
+def train(cfg, workdir: str, *, progress: bool = True, mesh=None, allow_inexact_resume: bool = False) -> dict:
     tasks.ensure_teacher(cfg, progress)
     task = tasks.make_task(cfg)
 
@@ -133,7 +133,7 @@ def train(cfg, workdir: str, *, progress: bool = True, mesh=None) -> dict:
         yield lcm_stage(cfg, task)
 
     return stages.run_sequence(sequence(), workdir, cfg, lambda k: task.source.iterate(k), mesh=mesh,
-                               progress=progress)
+                               progress=progress, allow_inexact=allow_inexact_resume)
 
 
 def plan_steps(cfg) -> list:

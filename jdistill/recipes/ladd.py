@@ -129,14 +129,15 @@ def setup(cfg, workdir: str | None, mesh=None):
     return stages.setup(stage(cfg, task), workdir, cfg.train, mesh), task
 
 
-def train(cfg, workdir: str, *, progress: bool = True, mesh=None):
+def train(cfg, workdir: str, *, progress: bool = True, mesh=None, allow_inexact_resume: bool = False):
     """Synthetic data (unless written), then the LADD stage; returns the final TrainState."""
     common.check_steps(cfg.train.steps, "train.steps")
     tasks.ensure_teacher(cfg, progress)
     task = synth.task(cfg, with_data=False)
     synth.generate(cfg, progress=progress, teacher_task=task)
     task.source = synth.data_source(cfg, task)
-    return stages.run(stage(cfg, task), workdir, cfg, lambda k: task.source.iterate(k), mesh=mesh, progress=progress)
+    return stages.run(stage(cfg, task), workdir, cfg, lambda k: task.source.iterate(k), mesh=mesh, progress=progress,
+                      allow_inexact=allow_inexact_resume)
 
 
 def sample_fn(task: tasks.Task, student, steps: int):
