@@ -15,6 +15,7 @@ from cli_helpers import REPO
 from test_plan import derived_config
 
 from jdistill import config as config_lib
+from jdistill.diffusion.schedules import DiscreteVP
 from jdistill.plan import run as plan_run
 from jdistill.plan.steps import module_params, preset_denoiser
 
@@ -132,10 +133,14 @@ def test_plan_collab_sdxl_turbo(tmp_path):
         """)
     assert set(steps) == {"student step", "teacher step"}
     latents = 16 * 8 * 8 * 4
+    # both sample on SD's scaled-linear betas (the presets' published scheduler configs, not DDPM's default)
+    sd_betas = np.asarray(DiscreteVP.from_betas("scaled_linear", 1000, 0.00085, 0.012).alphas_cumprod)
     for name, preset, states, time_ids in (("student step", "sdxl-turbo", 2048, 6),
                                            ("teacher step", "sdxl-refiner", 1280, 5)):
         step = steps[name]
-        net = elements(preset_denoiser(preset, **SDXL_TINY)[0].params)
+        den = preset_denoiser(preset, **SDXL_TINY)[0]
+        np.testing.assert_array_equal(np.asarray(den.schedule.alphas_cumprod), sd_betas)
+        net = elements(den.params)
         assert step["bytes"]["params"] == 4 * net, name
         cond = 16 * (77 * states + 1280 + time_ids)  # prompt states, pooled text, time ids
         assert step["bytes"]["batch"] == 4 * (latents + 2 * cond) // 8, name  # cond and uncond, 2 rows a device
