@@ -36,4 +36,8 @@ def get_config():
     c.discriminator.optim.lr = 2e-5
     c.train = dict(steps=10000, ema_decay=0.999, log_every=50, ckpt_every=500, keep=2, sample_every=0)
     c.sample = dict(steps=4, prompts=("a photo of astronaut", "a photo of coffee"))
+    # read by `jdistill plan` only (training builds the network from the pipeline's own config and does
+    # not apply these yet): fields set on the published MMDiT, so that a plan can compile it at reduced
+    # depth (--config.model.num_layers=1) or with each block rematerialised (--config.model.remat=full)
+    c.model = dict(num_layers=24, remat="none")
     return c

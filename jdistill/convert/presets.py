@@ -167,6 +167,17 @@ SDXL_UNET = {
 LCM_SD15_UNET = {**SD15_UNET, "time_cond_proj_dim": 256}
 LCM_SDXL_UNET = {**SDXL_UNET, "time_cond_proj_dim": 256}
 SDXL_TURBO_UNET = {**SDXL_UNET, "sample_size": 64}  # ADD-distilled at 512 px
+# the refiner: 4 levels, 64-wide heads, 4 transformer layers a block, text_encoder_2's states alone (1280),
+# pooled text 1280 + 5 time ids x 256 (the aesthetic score replaces the target size)
+SDXL_REFINER_UNET = {
+    **SDXL_UNET, "attention_head_dim": [6, 12, 24, 24], "block_out_channels": [384, 768, 1536, 1536],
+    "cross_attention_dim": 1280, "projection_class_embeddings_input_dim": 2560, "transformer_layers_per_block": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+SDXL_REFINER_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
 SD3_MEDIUM_TRANSFORMER = {
     "_class_name": "SD3Transformer2DModel", "attention_head_dim": 64, "caption_projection_dim": 1536,
     "in_channels": 16, "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 24, "out_channels": 16,
@@ -388,6 +399,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
         "Stable Diffusion XL refiner 1.0 (img2img, text_encoder_2 only, aesthetic-score time ids)",
         pipeline=("StableDiffusionXLImg2ImgPipeline",), default_component="unet",
         components={"unet": ("UNet2DConditionModel",), "text_encoder_2": ("CLIPTextModelWithProjection",)},
+        configs={"unet": SDXL_REFINER_UNET, "scheduler": SDXL_REFINER_SCHEDULER},
         expect={"unet": {"cross_attention_dim": 1280, "addition_time_embed_dim": 256,
                          "projection_class_embeddings_input_dim": 2560},
                 "text_encoder_2": {"hidden_size": 1280, "projection_dim": 1280}}),

@@ -6,10 +6,13 @@ that many accelerators, and the compiled per-device program is what is measured.
 
 * bytes by kind: each argument leaf's shard (``sharding.shard_shape``) times its item size,
   summed over params / optimizer state / averages / frozen trees / batch; these add up to
-  XLA's ``argument_size_in_bytes``;
+  XLA's ``argument_size_in_bytes`` plus the leaves the step never reads (``jax.jit`` drops
+  unused arguments from the program, e.g. the frozen teacher's output layers when only its
+  inner blocks' features are used, but the caller still holds them on the device: they count
+  in the peak, as ``unread``);
 * ``memory_analysis()``: argument, output, alias (donated), temp (activations, gradients,
   optimizer temporaries, gathered weights) and generated code, and their peak
-  ``argument + output - alias + temp + generated code``;
+  ``argument + unread + output - alias + temp + generated code``;
 * ``cost_analysis()``: FLOPs and bytes accessed of the per-device program (a loop body is
   counted once: see ``CallStep.loops``);
 * collectives, from the compiled HLO text: count and result bytes per op kind.
@@ -78,6 +81,20 @@ def shard_bytes(tree, shardings) -> int:
     return total
 
 
+def unread_arguments(lowered, args, shardings) -> dict[str, int]:
+    """{leaf path: bytes one device holds} of the argument leaves ``jax.jit`` dropped from the
+    program because the step never reads them (``keep_unused=False``, jit's default). They are
+    not in XLA's ``argument_size_in_bytes``, yet the caller keeps them on the device."""
+    # jit records which flat arguments it kept only on the lowering (no public accessor in JAX 0.10)
+    kept = lowered._lowering.compile_args.get("kept_var_idx")
+    leaves = jax.tree_util.tree_flatten_with_path(args)[0]
+    if kept is None or len(kept) == len(leaves):
+        return {}
+    shs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    return {jax.tree_util.keystr(path): shard_bytes([x], [s])
+            for i, ((path, x), s) in enumerate(zip(leaves, shs)) if i not in kept}
+
+
 def _count(tree) -> tuple[int, dict[str, int]]:
     """(number of elements, {dtype: elements}) of a param tree."""
     dtypes: dict[str, int] = {}
@@ -123,7 +140,7 @@ def _train_layout(step: TrainStep, mesh, rules):
                                              (st_sh.parts[name].opt_state, st_sh.parts[name].count))}
              for name in state.parts}
     weights = {"trained": {k: p.params for k, p in state.parts.items()}, "frozen": frozen}
-    return fn, (state, frozen, batch), kinds, parts, weights
+    return fn, (state, frozen, batch), (st_sh, fr_sh, kinds["batch"][1]), kinds, parts, weights
 
 
 def _call_layout(step: CallStep, mesh, rules):
@@ -133,23 +150,25 @@ def _call_layout(step: CallStep, mesh, rules):
     b_sh = batch_shardings(batch, mesh)
     fn = jax.jit(step.fn, in_shardings=(p_sh, b_sh))
     kinds = {"params": (params, p_sh), "batch": (batch, b_sh)}
-    return fn, (params, batch), kinds, {}, {"weights": params}
+    return fn, (params, batch), (p_sh, b_sh), kinds, {}, {"weights": params}
 
 
 def analyse(step, mesh, rules=None) -> dict:
     """Compile ``step`` (a TrainStep or CallStep) for ``mesh`` and report it per device."""
     layout = _train_layout if isinstance(step, TrainStep) else _call_layout
     t0 = time.perf_counter()
-    fn, args, kinds, parts, weights = layout(step, mesh, rules)
+    fn, args, arg_shardings, kinds, parts, weights = layout(step, mesh, rules)
     lowered = fn.lower(*args)
+    unread = unread_arguments(lowered, args, arg_shardings)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
     mem = compiled.memory_analysis()
     memory = {"argument": int(mem.argument_size_in_bytes), "output": int(mem.output_size_in_bytes),
               "alias": int(mem.alias_size_in_bytes), "temp": int(mem.temp_size_in_bytes),
-              "generated_code": int(mem.generated_code_size_in_bytes)}
-    memory["peak"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] + \
+              "generated_code": int(mem.generated_code_size_in_bytes),
+              "unread": sum(unread.values())}
+    memory["peak"] = memory["argument"] + memory["unread"] + memory["output"] - memory["alias"] + memory["temp"] + \
         memory["generated_code"]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -160,7 +179,7 @@ def analyse(step, mesh, rules=None) -> dict:
     return {
         "name": step.name, "kind": step.kind, "description": step.description,
         "bytes": {k: shard_bytes(tree, sh) if tree is not None else 0 for k, (tree, sh) in kinds.items()},
-        "parts": parts, "param_counts": counts, "memory": memory,
+        "parts": parts, "param_counts": counts, "memory": memory, "unread": unread,
         "flops": float(cost.get("flops", 0.0)), "bytes_accessed": float(cost.get("bytes accessed", 0.0)),
         "transcendentals": float(cost.get("transcendentals", 0.0)),
         "loops": dict(getattr(step, "loops", {}) or {}),

@@ -6,9 +6,10 @@ from jdistill.plan.compile import COLLECTIVES
 
 KIND_TITLES = {"params": "params", "optimizer": "optimizer state", "averages": "averages (EMA)",
                "frozen": "frozen (teacher)", "batch": "batch", "other": "step / rng / counters"}
-MEMORY_TITLES = {"argument": "arguments (all of the above)", "output": "outputs", "alias": "aliased (donated)",
+MEMORY_TITLES = {"argument": "arguments the program reads (XLA)", "output": "outputs", "alias": "aliased (donated)",
                  "temp": "temp (activations, gradients, gathered weights)", "generated_code": "generated code",
-                 "peak": "peak = arguments + outputs - aliased + temp + code"}
+                 "unread": "held but never read (jit drops them from the program)",
+                 "peak": "peak = arguments + unread + outputs - aliased + temp + code"}
 SHORT = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A",
          "collective-permute": "CP"}
 
@@ -75,6 +76,9 @@ def step_detail(run: dict, s: dict, target: str) -> str:
     for name, c in s["param_counts"].items():
         dtypes = ", ".join(f"{d} {n:,}" for d, n in c["dtypes"].items())
         out.append(f"| {name} weights (elements) | {c['count']:,} ({dtypes}) |")
+    if s.get("unread"):
+        out += ["", "Held on the device but never read by the step (jit drops them from the program): "
+                + ", ".join(f"`{k}` ({gib(v)})" for k, v in s["unread"].items()) + "."]
     loops = s.get("loops") or {}
     note = (f" (XLA counts each loop body once; loops: "
             + ", ".join(f"{k} x{v}" for k, v in loops.items()) + ")") if loops else ""

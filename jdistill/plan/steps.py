@@ -110,10 +110,14 @@ def image_batch(batch_size: int, image_shape, *, label: bool = True, extra: Mapp
 TEXT_TOKENS = {"UNet2DConditionModel": 77}  # CLIP's prompt length; SD3's joint text length is its own
 
 
-def sampling_cond(module, batch_size: int) -> dict:
+def sampling_cond(module, batch_size: int, pooled_dim: int | None = None) -> dict:
     """ShapeDtypeStructs of the condition a network samples with, at ``batch_size`` rows: DiT class
-    labels; a UNet's prompt states (77 CLIP tokens) and, for SDXL, its pooled text embeddings and
-    6 size / crop time ids; an SD3 transformer's joint text states and pooled projections."""
+    labels; a UNet's prompt states (77 CLIP tokens) and, for SDXL, its pooled text embeddings
+    (``pooled_dim`` wide: text_encoder_2's projection) and time ids, as many as the rest of the added
+    embedding's input holds (the base's 6 size / crop ids, the refiner's 5 with the aesthetic score;
+    6 when ``pooled_dim`` is not given); an SD3 transformer's joint text states and pooled projections."""
+    from jdistill.errors import InvalidArgument
+
     b = int(batch_size)
     name = type(module).__name__
     if name == "DiT":
@@ -121,9 +125,14 @@ def sampling_cond(module, batch_size: int) -> dict:
     if name in ("UNet2DConditionModel", "ControlNetModel"):
         out = {"encoder_hidden_states": jax.ShapeDtypeStruct((b, TEXT_TOKENS[name], module.context_dim), jnp.float32)}
         if module.addition_embed_type == "text_time":
-            text = module.projection_class_embeddings_input_dim - 6 * module.addition_time_embed_dim
+            width, dim = module.projection_class_embeddings_input_dim, module.addition_time_embed_dim
+            text = int(pooled_dim) if pooled_dim else width - 6 * dim
+            ids, rest = divmod(width - text, dim)
+            if rest or ids <= 0:
+                raise InvalidArgument(f"the added embedding takes {width} features: not pooled text {text} + time ids "
+                                      f"of width {dim}")
             out["added_cond_kwargs"] = {"text_embeds": jax.ShapeDtypeStruct((b, text), jnp.float32),
-                                        "time_ids": jax.ShapeDtypeStruct((b, 6), jnp.float32)}
+                                        "time_ids": jax.ShapeDtypeStruct((b, ids), jnp.float32)}
         return out
     if name == "SD3Transformer2DModel":
         _, kwargs = module.example_inputs(b)
@@ -141,20 +150,23 @@ def latent_shape(module, size: int | None = None) -> tuple[int, int, int]:
 
 def sampler_call(name: str, denoisers, fractions, grid, batch_size: int, *, solver: str = "ddim",
                  guidance_scales=None, mode: str = "timestep", size: int | None = None, description: str = "",
-                 options: Mapping | None = None) -> CallStep:
+                 options: Mapping | None = None, pooled_dims=None) -> CallStep:
     """A CallStep of the stitched sampler (``jdistill.sampling.stitch.sample``, one model: fractions
     [1]) over ``grid`` for a batch of ``batch_size``: the denoisers' params are the weights, noise
     and conditions the batch. Unconditional inputs are made the way each denoiser makes them
-    (DiT: the null class; text models take a second condition of the same shape)."""
+    (DiT: the null class; text models take a second condition of the same shape). ``pooled_dims``:
+    each denoiser's pooled text width (SDXL UNets, see :func:`sampling_cond`)."""
     from jdistill.sampling import stitch
 
     denoisers = list(denoisers)
+    pooled = list(pooled_dims or [None] * len(denoisers))
     ref = denoisers[-1]
     text = ref.null_cond is None
+    conds = [sampling_cond(d.module, batch_size, p) for d, p in zip(denoisers, pooled)]
     batch = {"noise": jax.ShapeDtypeStruct((int(batch_size), *latent_shape(ref.module, size)), jnp.float32),
-             "cond": [sampling_cond(d.module, batch_size) for d in denoisers]}
+             "cond": conds}
     if text:
-        batch["uncond"] = [sampling_cond(d.module, batch_size) for d in denoisers]
+        batch["uncond"] = list(conds)
     segs = stitch.segments(grid, ref.schedule, fractions, mode)
     loops = {f"{type(d.module).__name__} {i} steps": b - a for i, (d, (a, b)) in enumerate(zip(denoisers, segs))}
 
@@ -202,9 +214,17 @@ def preset_denoiser(preset: str, dtype=None, **fields):
     if dtype is not None:
         fields.update(dtype=dtype, param_dtype=dtype)
     module = published_module(p.name, **fields)
-    scheduler = {"_class_name": (p.components.get("scheduler") or ("",))[0], **p.expect.get("scheduler", {})}
+    # the published scheduler config where the preset writes one (SDXL-Turbo, the refiner), then what it checks
+    scheduler = {"_class_name": (p.components.get("scheduler") or ("",))[0], **p.configs.get("scheduler", {}),
+                 **p.expect.get("scheduler", {})}
     schedule = scheduling.schedule_from_config(scheduler)
     return Denoiser.for_module(module, schedule, scheduling.prediction_type(scheduler), module_params(module)), p
+
+
+def pooled_text_dim(preset) -> int | None:
+    """The pooled text width an SDXL-family preset's UNet takes (its text_encoder_2's projection), else None."""
+    dim = (preset.expect.get("text_encoder_2") or {}).get("projection_dim")
+    return int(dim) if dim else None
 
 
 def preset_sampler_call(preset: str, batch_size: int, *, guidance_scale: float | None = None, solver: str = "ddim",
@@ -222,6 +242,6 @@ def preset_sampler_call(preset: str, batch_size: int, *, guidance_scale: float |
     g = None if guidance_scale in (None, 1, 1.0) else float(guidance_scale)
     h, w, _ = latent_shape(module, size)
     return sampler_call(name or f"{p.name} step", [den], [1.0], make_grid(den.schedule, 1, solver), batch_size,
-                        solver=solver, guidance_scales=[g], size=size,
+                        solver=solver, guidance_scales=[g], size=size, pooled_dims=[pooled_text_dim(p)],
                         description=f"one {solver} step of {p.name} ({type(module).__name__}, {dtype}) on {h}x{w} "
                         f"latents" + (f", CFG {g:g} (2 passes as one batch)" if g else ", no guidance"))
