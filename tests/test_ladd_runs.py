@@ -96,7 +96,7 @@ def test_distill_killed_then_resumed_is_bit_identical_and_the_table_reads_it(mad
 
     # the results table over two "seeds" (the same run twice) and the teacher
     out = tmp_path / "table"
-    result = ladd_table.results_table([str(tmp_path / "full"), str(tmp_path / "killed")], num=40,
+    result = ladd_table.results_table([str(tmp_path / "full"), str(tmp_path / "killed")], num=70,  # FD: > 64 features
                                       out_dir=str(out), teacher_steps=(2, 64), student_steps=(1, 4), progress=False)
     assert [(r["model"], r["steps"]) for r in result["rows"]][:2] == [("teacher", 2), ("teacher", 64)]
     assert len([r for r in result["rows"] if r.get("method") == "ladd"]) == 4
