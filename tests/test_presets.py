@@ -251,6 +251,7 @@ def tiny_sdxl(models, tmp_path):
     return pipe, config
 
 
+@pytest.mark.slow  # 55 s: the LCM sampler is default-tested on LCM-LoRA's pipeline and against LCMScheduler
 def test_lcm_pipeline_preset(models, tmp_path, monkeypatch):
     """LCM Dreamshaper v7 (a pipeline with LCMScheduler): the w-conditioned UNet with LCM's
     guidance embedding as timestep_cond equals diffusers' LatentConsistencyModelPipeline's."""
@@ -564,6 +565,7 @@ def diffusers_latents(pipe, latents, steps, **kw):
     return nhwc(final["latents"].numpy())
 
 
+@pytest.mark.slow  # 25 s: trailing Euler is default-tested against diffusers' scheduler, the SDXL UNet in other tests
 def test_lightning_sampled_as_published(tiny_sdxl, models, tmp_path):
     """SDXL-Lightning's sampler (trailing Euler, guidance 0) is one jdistill already has: the
     student in its base pipeline gives diffusers' latents for the same noise."""
