@@ -7,16 +7,11 @@ calibration, sampling options) is configs/collab_lcm_sdxl.py's.
         --config.oracle.model=path/to/PickScore_v1 --config.oracle.tokenizer=path/to/CLIP-ViT-H-14
 """
 
-import importlib.util
-import os
+from jdistill.config import sibling_config
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location(
-        "collab_lcm_sdxl", os.path.join(os.path.dirname(os.path.abspath(__file__)), "collab_lcm_sdxl.py"))
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = sibling_config(__file__, "collab_lcm_sdxl")
     # SDXL-Turbo as published: trailing Euler ancestral, no guidance, 512 px
     c.student.update(pipeline="sdxl-turbo", steps=2, guidance_scale=0.0)
     c.teacher.update(pipeline="sdxl-refiner", steps=4, guidance_scale=5.0, strength=0.3)

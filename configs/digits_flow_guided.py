@@ -7,16 +7,11 @@ table (one teacher, every method): the same DDIM halvings, which on a rectified-
     jdistill ladd-table --workdir runs/digits_ladd --compare progressive=runs/digits_flow_guided
 """
 
-import importlib.util
-import os
+from jdistill.config import sibling_config
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location(
-        "digits_guided", os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_guided.py"))
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = sibling_config(__file__, "digits_guided")
     c.teacher.workdir = "runs/digits_flow_teacher"
     c.teacher.config = "configs/digits_flow_teacher.py"
     return c

@@ -8,16 +8,11 @@ progressive / consistency students the LADD table compares against it.
     jdistill train --config configs/digits_flow_teacher.py --workdir runs/digits_flow_teacher
 """
 
-import importlib.util
-import os
+from jdistill.config import sibling_config
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location(
-        "digits_teacher", os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_teacher.py"))
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = sibling_config(__file__, "digits_teacher")
     c.diffusion = dict(kind="flow", prediction="flow", shift=3.0)
     c.loss = dict(weighting="constant", cond_drop_prob=0.1, time_sampling="logit_normal", logit_mean=0.0,
                   logit_std=1.0)

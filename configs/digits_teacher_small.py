@@ -5,16 +5,11 @@ patches suit the steps T-Stitch gives it, the early, noisy ones that settle the 
     jdistill train --config configs/digits_teacher_small.py --workdir runs/digits_teacher_small
 """
 
-import importlib.util
-import os
+from jdistill.config import sibling_config
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location(
-        "digits_teacher", os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_teacher.py"))
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = sibling_config(__file__, "digits_teacher")
     c.model.patch_size = 4
     c.model.depth = 2
     return c

@@ -5,16 +5,11 @@ scheduler config.
     jdistill distill --config configs/sd21_guided.py --workdir runs/sd21_guided
 """
 
-import importlib.util
-import os
+from jdistill.config import sibling_config
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location(
-        "sd15_guided", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd15_guided.py"))
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = sibling_config(__file__, "sd15_guided")
     c.teacher.pipeline = "stable-diffusion-2-1"
     c.data.resolution = 768
     return c

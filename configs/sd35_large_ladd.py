@@ -4,16 +4,11 @@
     jdistill distill --config configs/sd35_large_ladd.py --workdir runs/sd35_large_ladd
 """
 
-import importlib.util
-import os
+from jdistill.config import sibling_config
 
 
 def get_config():
-    spec = importlib.util.spec_from_file_location(
-        "sd3_ladd", os.path.join(os.path.dirname(os.path.abspath(__file__)), "sd3_ladd.py"))
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = sibling_config(__file__, "sd3_ladd")
     c.teacher.pipeline = "stable-diffusion-3.5-large"
     c.synth.guidance_scale = 3.5  # the SD3.5 Large model card's CFG
     c.ladd.distill_guidance = 3.5

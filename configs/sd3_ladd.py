@@ -13,17 +13,12 @@ optimizer state. configs/sd35_large_ladd.py is the same recipe for SD3.5 Large.
     jdistill sample  --workdir runs/sd3_ladd --steps 4
 """
 
-import importlib.util
-import os
+from jdistill.config import sibling_config
 
 
 def get_config():
     """configs/digits_ladd.py's recipe (losses, student times, re-noising, D:G ratio) at SD3's scale."""
-    spec = importlib.util.spec_from_file_location(
-        "digits_ladd", os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits_ladd.py"))
-    base = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(base)
-    c = base.get_config()
+    c = sibling_config(__file__, "digits_ladd")
     c.teacher = dict(pipeline="stable-diffusion-3-medium-diffusers", models_dir="", cache_dir="")
     c.synth = dict(dir="", num=100000, shard_size=1000, batch_size=16, steps=28, solver="euler", guidance_scale=7.0,
                    seed=0, prompts=("a photo of a cat", "an astronaut riding a horse"), prompts_file="")
