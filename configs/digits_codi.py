@@ -33,7 +33,10 @@ def get_config():
                   distance="l2", huber_c=0.001, timestep_scaling=10.0, target_decay=0.95)
     c.optim = dict(lr=2e-4, warmup=50, decay="linear", end_factor=0.0, b1=0.9, b2=0.999, weight_decay=0.0,
                    clip_norm=1.0)
-    c.train = dict(ema_decay=0.99, log_every=50, ckpt_every=200, keep=2, sample_every=0)
+    # nonfinite: a NaN / inf loss, gradient or param, or a divergent update (one over max_update_ratio times
+    # its part's norm), stops the run by name ("skip": count it, go on)
+    c.train = dict(ema_decay=0.99, log_every=50, ckpt_every=200, keep=2, sample_every=0,
+                   nonfinite="stop", max_update_ratio=100.0)
     c.mesh = dict(data=-1, fsdp=1)
     c.sample = dict(steps=4, solver="codi")
     return c

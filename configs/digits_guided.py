@@ -24,9 +24,10 @@ def get_config():
     c.progressive = dict(start_steps=32, end_steps=1, weighting="truncated_snr",
                          train_steps={"default": 800, "2": 1200, "1": 2000}, optim=dict(optim, lr=1e-4))
     # Meng et al. use no EMA for distillation
-    # nonfinite: a NaN / inf loss, gradient or param stops the run by name ("skip": count it, go on)
+    # nonfinite: a NaN / inf loss, gradient or param, or a divergent update (one over max_update_ratio times
+    # its part's norm), stops the run by name ("skip": count it, go on)
     c.train = dict(ema_decay=0.0, log_every=50, ckpt_every=250, keep=2, sample_every=0,
-                   nonfinite="stop")
+                   nonfinite="stop", max_update_ratio=100.0)
     c.mesh = dict(data=-1, fsdp=1)
     c.sample = dict(steps=64, guidance_scale=1.5)
     return c

@@ -31,7 +31,10 @@ def get_config():
     c.discriminator = dict(blocks=(1, 3), width=128, head="conv",
                            optim=dict(lr=2e-4, warmup=0, decay="constant", b1=0.0, b2=0.99, weight_decay=0.0,
                                       clip_norm=1.0))
-    c.train = dict(steps=1000, ema_decay=0.99, log_every=50, ckpt_every=250, keep=2, sample_every=0)
+    # nonfinite: a NaN / inf loss, gradient or param, or a divergent update (one over max_update_ratio times
+    # its part's norm), stops the run by name ("skip": count it, go on)
+    c.train = dict(steps=1000, ema_decay=0.99, log_every=50, ckpt_every=250, keep=2, sample_every=0,
+                   nonfinite="stop", max_update_ratio=100.0)
     c.mesh = dict(data=-1, fsdp=1)
     c.sample = dict(steps=4)
     return c

@@ -44,7 +44,10 @@ def get_config():
     # 64-step teacher (stage 1) -> 32 -> ... -> 1
     c.progressive = dict(start_steps=32, end_steps=1, weighting="truncated_snr", train_steps={"default": 25_000},
                          optim=dict(optim, lr=5e-5))
-    c.train = dict(ema_decay=0.0, log_every=100, ckpt_every=2000, keep=2, sample_every=0)
+    # nonfinite: a NaN / inf loss, gradient or param, or a divergent update (one over max_update_ratio times
+    # its part's norm), stops the run by name ("skip": count it, go on)
+    c.train = dict(ema_decay=0.0, log_every=100, ckpt_every=2000, keep=2, sample_every=0,
+                   nonfinite="stop", max_update_ratio=100.0)
     c.mesh = dict(data=-1, fsdp=4)
     c.sample = dict(steps=8, guidance_scale=4.0)
     return c

@@ -35,7 +35,10 @@ def get_config():
                   solver="ddim", distance="l2", huber_c=0.001, timestep_scaling=10.0, target_decay=0.999)
     c.optim = dict(lr=1e-5, warmup=500, decay="constant", end_factor=1.0, b1=0.9, b2=0.999, weight_decay=1e-2,
                    clip_norm=1.0)
-    c.train = dict(ema_decay=0.0, log_every=50, ckpt_every=500, keep=2, sample_every=0)
+    # nonfinite: a NaN / inf loss, gradient or param, or a divergent update (one over max_update_ratio times
+    # its part's norm), stops the run by name ("skip": count it, go on)
+    c.train = dict(ema_decay=0.0, log_every=50, ckpt_every=500, keep=2, sample_every=0,
+                   nonfinite="stop", max_update_ratio=100.0)
     c.mesh = dict(data=-1, fsdp=1)
     c.sample = dict(steps=4, solver="codi", guidance_scale=7.5, prompts=("a photo of astronaut", "a photo of coffee"))
     return c

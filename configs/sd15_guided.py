@@ -26,9 +26,10 @@ def get_config():
     c.stage1 = dict(steps=10000, weighting="truncated_snr", optim=dict(optim))
     c.progressive = dict(start_steps=32, end_steps=1, weighting="truncated_snr", train_steps={"default": 5000},
                          optim=dict(optim))
-    # nonfinite: a NaN / inf loss, gradient or param stops the run by name ("skip": count it, go on)
+    # nonfinite: a NaN / inf loss, gradient or param, or a divergent update (one over max_update_ratio times
+    # its part's norm), stops the run by name ("skip": count it, go on)
     c.train = dict(ema_decay=0.0, log_every=50, ckpt_every=500, keep=2, sample_every=0,
-                   nonfinite="stop")
+                   nonfinite="stop", max_update_ratio=100.0)
     c.mesh = dict(data=-1, fsdp=1)
     c.sample = dict(steps=4, guidance_scale=7.5, prompts=("a photo of astronaut", "a photo of coffee"))
     return c

@@ -29,7 +29,10 @@ def get_config():
     c.discriminator.blocks = (5, 11, 17, 23)
     c.discriminator.width = 256
     c.discriminator.optim.lr = 2e-5
-    c.train = dict(steps=10000, ema_decay=0.999, log_every=50, ckpt_every=500, keep=2, sample_every=0)
+    # nonfinite: a NaN / inf loss, gradient or param, or a divergent update (one over max_update_ratio times
+    # its part's norm), stops the run by name ("skip": count it, go on)
+    c.train = dict(steps=10000, ema_decay=0.999, log_every=50, ckpt_every=500, keep=2, sample_every=0,
+                   nonfinite="stop", max_update_ratio=100.0)
     c.sample = dict(steps=4, prompts=("a photo of astronaut", "a photo of coffee"))
     # read by `jdistill plan` only (training builds the network from the pipeline's own config and does
     # not apply these yet): fields set on the published MMDiT, so that a plan can compile it at reduced

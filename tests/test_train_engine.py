@@ -311,6 +311,25 @@ def test_nonfinite_update_is_skipped_and_counted():
     assert int(state.count()) == 2 and int(m["nonfinite_skipped"]) == 1
 
 
+def test_divergent_update_is_refused_though_finite():
+    """lr 1e6 under clipping moves every param by ~1e6: finite, and useless. The update is refused
+    (over max_update_ratio times the part's norm), the optimizer state kept; a sane lr trains."""
+    def loss(p, frozen, batch, rng):
+        return jnp.sum((p["w"] - 3.0) ** 2), {}
+
+    w0 = {"w": jnp.full((16,), 0.1)}
+    for lr, ratio, applied in [(1e6, engine_lib.MAX_UPDATE_RATIO, False), (1e-2, engine_lib.MAX_UPDATE_RATIO, True),
+                               (1e6, None, True), (30.0, None, True), (30.0, 100.0, False), (30.0, 200.0, True)]:
+        # the first Adam step moves each param by lr: norm 4 lr against the floor 1 (|w0| = 0.4)
+        tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr))
+        engine = engine_lib.single(loss, tx).with_max_update_ratio(ratio)
+        state = engine.init({"student": w0}, jax.random.key(0))
+        state, m = jax.jit(engine.step)(state, None, {})
+        assert int(m["nonfinite_skipped"]) == (0 if applied else 1), (lr, ratio)
+        moved = np.abs(np.asarray(state.params()["w"]) - 0.1).max()
+        assert (moved > 0.5 * lr) if applied else (moved == 0 and int(state.count()) == 0), (lr, ratio, moved)
+
+
 def test_trainable_mask_freezes_leaves_bit_for_bit_and_keeps_no_moments():
     def loss(p, frozen, batch, rng):
         return jnp.sum((p["backbone"]["w"] * p["adapter"]["w"] - 3.0) ** 2), {}

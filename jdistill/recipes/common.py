@@ -55,6 +55,9 @@ def check_train_config(cfg, mesh=None) -> None:
 
     if t.get("nonfinite", "stop") not in NONFINITE_POLICIES:
         raise InvalidArgument(f"--config.train.nonfinite={t.nonfinite!r}; expected one of {NONFINITE_POLICIES}")
+    ratio = t.get("max_update_ratio")
+    if ratio is not None and not check_finite("--config.train.max_update_ratio", ratio) > 0:
+        raise InvalidArgument(f"--config.train.max_update_ratio must be > 0 (None: no divergence guard), got {ratio:g}")
     if "loss" in cfg and "cond_drop_prob" in cfg.loss:
         p = check_finite("--config.loss.cond_drop_prob", cfg.loss.cond_drop_prob, minimum=0.0)
         if p > 1.0:

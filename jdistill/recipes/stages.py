@@ -105,7 +105,10 @@ def setup(stage: Stage, workdir: str | None, train_cfg, mesh, rules=None, allow_
         ckpt = ckpt_lib.Checkpointer(runs.checkpoint_dir(workdir, stage.name), save_every=int(train_cfg.ckpt_every),
                                      keep=int(train_cfg.keep))
     state, inexact = start_or_resume(stage, ckpt, mesh, rules, allow_inexact)
-    step_fn = stage.engine.jit(mesh, state, stage.frozen, rules=rules)
+    engine = stage.engine
+    if "max_update_ratio" in train_cfg:
+        engine = engine.with_max_update_ratio(train_cfg.max_update_ratio)
+    step_fn = engine.jit(mesh, state, stage.frozen, rules=rules)
     return Setup(state, step_fn, ckpt, mesh, inexact)
 
 

@@ -24,8 +24,9 @@ step was traced (the reference CoDi code's bug). A step runs its updates in orde
 i-th ``fold_in(key, i)``.
 
 Every update passes the non-finite guard: when its loss, gradient norm or new params are
-not all finite (or the new params' float32 norm overflows: diverged, though each is finite), the part and its averages keep their old values and ``state.skipped``
-grows. No host sync: the loop reads the counter where it already syncs (logging and
+not all finite, or the update diverges (the new params' float32 norm overflows, or the update
+is larger than ``Part.max_update_ratio`` times the part's own norm), the part and its averages
+keep their old values and ``state.skipped`` grows. No host sync: the loop reads the counter where it already syncs (logging and
 checkpoints) and applies the configured policy (skip on, or stop).
 
 Mixed precision is a part's module's business, not the optimizer's: a module built with
@@ -53,12 +54,19 @@ from jdistill.train.trees import all_finite, combine, split
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, dict]]
 
 
+MAX_UPDATE_RATIO = 100.0
+
+
 @dataclasses.dataclass(frozen=True)
 class Part:
     optimizer: optax.GradientTransformation
     lr_schedule: Callable | None = None
     # None: every param trains; else a tree of bools shaped like the params, or params -> such a tree
     trainable: Any = None
+    # an update whose norm exceeds this many times the part's norm (at least 1) is refused as divergent:
+    # far beyond any sane step (lr 1e-4..1e-2 moves a part by ~1e-3 of its norm), far below a runaway
+    # lr's (1e6 under clipping moves every param by ~1e6, finite checkpoints that are useless). None: off
+    max_update_ratio: float | None = MAX_UPDATE_RATIO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +119,11 @@ class Engine:
             if avg.of not in self.parts:
                 raise ValueError(f"average {name!r} of unknown part {avg.of!r}; parts: {sorted(self.parts)}")
 
+    def with_max_update_ratio(self, ratio: float | None) -> "Engine":
+        """The same engine with every part's divergence threshold set to ``ratio`` (None: off)."""
+        parts = {name: dataclasses.replace(part, max_update_ratio=ratio) for name, part in self.parts.items()}
+        return Engine(parts, self.updates, self.averages)
+
     # -- state -------------------------------------------------------------------------
     def init(self, params: dict[str, Any], rng) -> TrainState:
         missing = set(self.parts) - set(params)
@@ -144,6 +157,10 @@ class Engine:
         # same: the next forward pass overflows, so they are refused here, before a checkpoint keeps them
         param_norm = optax.global_norm(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), new_trainable))
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(param_norm) & all_finite(new_trainable)
+        if part.max_update_ratio is not None:
+            update_norm = optax.global_norm(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), updates))
+            old_norm = optax.global_norm(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), trainable))
+            ok = ok & (update_norm <= part.max_update_ratio * jnp.maximum(old_norm, 1.0))
         if loss is not None:
             ok = ok & jnp.isfinite(loss)
         new = PartState(combine(new_trainable, fixed), opt_state, old.count + 1)

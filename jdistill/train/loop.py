@@ -84,7 +84,7 @@ class _Preemption:
 
 
 class NonFiniteError(UserError):
-    """Training produced a non-finite loss, gradient or param and the config says stop."""
+    """Training produced a non-finite loss, gradient or param, or a divergent update, and the config says stop."""
 
 
 NONFINITE_POLICIES = ("skip", "stop")
@@ -134,10 +134,12 @@ def run(*, step_fn: Callable, state, frozen, batches: Callable[[int], Iterator[d
                         where_good = (f"step {good} in {checkpointer.directory}" if good is not None else "none")
                         raise NonFiniteError(
                             f"{desc}: {now_skipped - skipped} update(s) {where} had a non-finite loss, gradient "
-                            f"or param and were not applied; stopping (train.nonfinite='stop'). Last good "
+                            f"or param, or diverged (an update over train.max_update_ratio times its part's norm), "
+                            f"and were not applied; stopping (train.nonfinite='stop'). Last good "
                             f"checkpoint: {where_good}. Lower the learning rate (resuming with another optim "
                             "config needs --allow-inexact-resume) or set --config.train.nonfinite=skip to train on")
-                    print(f"{desc}: skipped {now_skipped - skipped} non-finite update(s) {where}", flush=True)
+                    print(f"{desc}: skipped {now_skipped - skipped} non-finite or divergent update(s) {where}",
+                          flush=True)
                     skipped = now_skipped
                 if done % log_every == 0 or final:
                     dt = time.perf_counter() - t0
