@@ -13,4 +13,5 @@ def get_config():
     c.synth.guidance_scale = 3.5  # the SD3.5 Large model card's CFG
     c.ladd.distill_guidance = 3.5
     c.discriminator.blocks = (8, 17, 26, 35)
+    c.model.num_layers = 38  # sd3_ladd's 24 is SD3 Medium's
     return c

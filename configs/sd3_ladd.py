@@ -34,8 +34,8 @@ def get_config():
     c.train = dict(steps=10000, ema_decay=0.999, log_every=50, ckpt_every=500, keep=2, sample_every=0,
                    nonfinite="stop", max_update_ratio=100.0)
     c.sample = dict(steps=4, prompts=("a photo of astronaut", "a photo of coffee"))
-    # read by `jdistill plan` only (training builds the network from the pipeline's own config and does
-    # not apply these yet): fields set on the published MMDiT, so that a plan can compile it at reduced
-    # depth (--config.model.num_layers=1) or with each block rematerialised (--config.model.remat=full)
+    # fields of the MMDiT: `jdistill plan` builds it from these (--config.model.num_layers=1 compiles a
+    # reduced depth); training sets remat and dtype on the pipeline's network and checks the others
+    # against it (its weights fix them). --config.model.remat=full rematerialises each block
     c.model = dict(num_layers=24, remat="none")
     return c

@@ -215,3 +215,24 @@ def test_renoise_sampler_is_x_hat_then_fresh_noise_to_the_next_time(setup):
         x_hat = z - t * den.output(z, t, cond)  # flow: x = z - t u
         z = x_hat if i == 3 else (1 - t_next) * x_hat + t_next * jax.random.normal(jax.random.fold_in(rng, i), z.shape)
     assert_close(got, z, 1e-5, "LADD's 4-step sampler")
+
+
+def test_model_section_sets_execution_options_on_a_pretrained_network_and_refuses_the_rest():
+    """LADD of a pipeline (configs/sd3_ladd.py) builds its network from the pipeline: the config's
+    ``model`` section sets remat and dtype on it and is checked against it elsewhere (num_layers
+    sizes a plan, a mismatch would otherwise fail in the first forward pass)."""
+    from jdistill.errors import InvalidArgument
+    from jdistill.models.mmdit import SD3Transformer2DModel
+
+    den = Denoiser(params=None, schedule=schedules.RectifiedFlow(), module=SD3Transformer2DModel(num_layers=2),
+                   prediction="flow")
+    cfg = config_lib.load_config(os.path.join(REPO, "configs", "sd3_ladd.py"), [
+        "--config.model.num_layers=2", "--config.model.remat=full"])
+    out = tasks.with_model_fields(den, cfg, "the pipeline")
+    assert out.module.remat == "full" and out.module.num_layers == 2 and out.module.dtype == jnp.float32
+    cfg = config_lib.load_config(os.path.join(REPO, "configs", "sd3_ladd.py"))
+    with pytest.raises(InvalidArgument, match=r"model.num_layers=24 but the pipeline has 2\. .*only remat, dtype"):
+        tasks.with_model_fields(den, cfg, "the pipeline")
+    # SD3.5 Large's depth, not SD3 Medium's, in its own config
+    large = config_lib.load_config(os.path.join(REPO, "configs", "sd35_large_ladd.py"))
+    assert large.model.num_layers == 38

@@ -143,7 +143,7 @@ def test_sd3_config_trains_a_few_steps_on_a_tiny_converted_sd3_pipeline(tmp_path
         "--config.synth.num=8", "--config.synth.shard_size=4", "--config.synth.batch_size=4", "--config.synth.steps=2",
         "--config.synth.prompts=('a photo of a cat', 'a red dog', 'a dog')", "--config.data.batch_size=4",
         "--config.discriminator.blocks=(0, 1)", "--config.discriminator.width=8", "--config.train.steps=2",
-        "--config.sample.prompts=('a cat',)"])
+        "--config.sample.prompts=('a cat',)", "--config.model.num_layers=2", "--config.model.remat=full"])
     synth.generate(cfg, progress=False)
     m = synth.manifest(cfg)
     images, captions = synth.load(synth.synth_dir(cfg), m)

@@ -105,7 +105,7 @@ def text_task(cfg, with_data: bool = True, captions=None, record_fn: Callable | 
 
     t2i = TextToImage.from_pretrained(resolve_model(cfg.teacher.pipeline, cfg.teacher.get("models_dir")),
                                       cache_dir=cfg.teacher.get("cache_dir") or None)
-    den = t2i.denoiser()
+    den = with_model_fields(t2i.denoiser(), cfg, f"the pipeline {cfg.teacher.pipeline}")
     prompts = list(cfg.sample.prompts)
     table_prompts = list(captions or []) + prompts
     source = None
@@ -159,6 +159,33 @@ def model_fields(cfg) -> dict:
     """The config's ``model`` section: options set on a pretrained network (``dtype``, ``param_dtype``
     and whatever else the module has, e.g. activation checkpointing), passed through as given."""
     return dict(cfg.get("model") or {})
+
+
+# how a pretrained network runs, not what it is: the only ``model`` fields training sets on one
+EXECUTION_FIELDS = ("remat", "dtype")
+
+
+def with_model_fields(den: Denoiser, cfg, where: str) -> Denoiser:
+    """``den`` (a pretrained network) with the config's ``model`` section applied: the execution
+    options (activation checkpointing, compute dtype) set on its module, every other field checked
+    against the network's own value, since its weights fix its architecture (a plan's reduced depth
+    is refused by name here rather than failing in the first forward pass)."""
+    from jdistill.convert.dtypes import DTYPES
+
+    fields = model_fields(cfg)
+    module, wrong = den.module, []
+    for key, value in fields.items():
+        if not hasattr(module, key):
+            wrong.append(f"model.{key}: {type(module).__name__} has no such field")
+        elif key not in EXECUTION_FIELDS and getattr(module, key) != value:
+            wrong.append(f"model.{key}={value!r} but {where} has {getattr(module, key)!r}")
+    if wrong:
+        raise InvalidArgument("; ".join(wrong) + ". A pretrained network's architecture comes from its weights: "
+                              f"training sets only {', '.join(EXECUTION_FIELDS)} on it; drop the others or set them "
+                              "to the network's values (they size `jdistill plan`'s compiles)")
+    options = {k: DTYPES[v] if k == "dtype" and isinstance(v, str) else v
+               for k, v in fields.items() if k in EXECUTION_FIELDS}
+    return den.replace(module=module.clone(**options)) if options else den
 
 
 def plan_task(cfg) -> Task:
