@@ -134,3 +134,29 @@ def test_sweep_accounting_pick_and_the_cli(runs_dir):
                           env=dict(os.environ, JAX_NUM_CPU_DEVICES="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"FD {best['fd']:.2f}" in proc.stdout
+
+
+def test_realism_oracle_is_kynkaanniemis_score_and_ranks_real_digits_of_their_class_first():
+    """digits_realism against the formula by brute force (sklearn's nearest neighbours, a python
+    loop over the kept real rows), and as an oracle: held-out digits of their own class score
+    higher than the same digits taken as another class, and than noise."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from jdistill.data.digits import digits_arrays
+
+    rng = np.random.default_rng(0)
+    real, fake = rng.normal(size=(40, 5)), rng.normal(size=(7, 5)) * 1.5
+    k = 3
+    radii = NearestNeighbors(n_neighbors=k + 1).fit(real).kneighbors(real)[0][:, k]
+    kept = [i for i in range(len(real)) if radii[i] <= np.median(radii)]
+    want = [max(radii[i] / np.linalg.norm(f - real[i]) for i in kept) for f in fake]
+    np.testing.assert_allclose(oracles.realism_scores(fake, real, k), want, rtol=1e-12)
+
+    oracle = oracles.get("digits_realism")
+    test = digits_arrays("test")
+    own = oracle.score(test["image"], test["label"])
+    other = oracle.score(test["image"], (test["label"] + 1) % 10)
+    noise = oracle.score(rng.uniform(-1, 1, (100, 8, 8, 1)).astype(np.float32), test["label"][:100])
+    assert np.median(own) > 3 * max(np.median(other), np.median(noise))
+    assert (own > other).mean() > 0.95
+    assert oracle.provenance["oracle"] == "digits_realism" and oracle.provenance["k"] == 3

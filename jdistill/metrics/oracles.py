@@ -5,6 +5,13 @@
   digits classifier (``jdistill/assets/digits_oracle/``: another width and seed than the
   classifier FD is measured in, trained by the same code), or of its most likely class
   without labels. Scoring with the FD network itself would let the selection game the metric.
+* ``digits_realism``: the realism score of Kynkaanniemi et al. (2019) in that second classifier's
+  feature space: max over real digits phi of r(phi) / ||f - phi||, r(phi) the distance from phi to
+  its k-th nearest real neighbour, over the train split's digits of the sample's intended class
+  (all digits without labels), the half with the largest radii dropped (the paper's pruning).
+  Above 1: inside some real digit's neighbourhood. It asks "does this look like a real digit of
+  its class", where confidence asks "is it unambiguous" (an atypical but clear digit scores high
+  on confidence and low here).
 * ``clip_score``: 100 x cos(image, prompt) of a CLIP model (transformers' ``CLIPModel``
   layout, converted from a local folder), the CLIPScore scale;
 * ``pickscore``: a PickScore-style reward, exp(logit_scale) x cos(image, prompt), of a CLIP
@@ -88,6 +95,51 @@ def digits_confidence() -> Oracle:
 
     return Oracle("digits_confidence", score, {"oracle": "digits_confidence", "score": "log_odds",
                                                "weights_sha256": clf.config["weights_sha256"]})
+
+
+def realism_scores(features: np.ndarray, real: np.ndarray, k: int = 3) -> np.ndarray:
+    """Kynkaanniemi et al. (2019)'s realism score of each row of ``features`` against ``real``
+    features: max_i r_i / ||f - phi_i||, over the half of the real rows with the smallest r_i (the
+    distance to their k-th nearest real neighbour, themselves excluded)."""
+    real = np.asarray(real, np.float64)
+    if len(real) <= k:
+        raise ValueError(f"realism needs more than k={k} real features, got {len(real)}")
+    pairwise = np.sqrt(np.maximum(((real[:, None, :] - real[None, :, :]) ** 2).sum(-1), 0.0))
+    radii = np.sort(pairwise, axis=1)[:, k]  # column 0 is the point itself
+    keep = radii <= np.median(radii)
+    real, radii = real[keep], radii[keep]
+    f = np.asarray(features, np.float64)
+    dist = np.sqrt(np.maximum(((f[:, None, :] - real[None, :, :]) ** 2).sum(-1), 0.0))
+    return (radii[None, :] / np.maximum(dist, 1e-12)).max(-1)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_real_features() -> tuple[np.ndarray, np.ndarray]:
+    from jdistill.data.digits import digits_arrays
+
+    train = digits_arrays("train")
+    return digits_oracle_classifier().features(train["image"]), np.asarray(train["label"])
+
+
+@register("digits_realism")
+def digits_realism(k: int = 3) -> Oracle:
+    clf = digits_oracle_classifier()
+    real, real_labels = _digits_real_features()
+
+    def score(images, labels=None):
+        feats = np.asarray(clf.features(images), np.float64)
+        if labels is None:
+            return realism_scores(feats, real, k)
+        labels = np.asarray(labels, np.int64)
+        out = np.empty(len(feats), np.float64)
+        for c in np.unique(labels):
+            rows = labels == c
+            out[rows] = realism_scores(feats[rows], real[real_labels == c], k)
+        return out
+
+    return Oracle("digits_realism", score, {"oracle": "digits_realism", "score": "realism", "k": int(k),
+                                            "real": "digits train split, per class",
+                                            "weights_sha256": clf.config["weights_sha256"]})
 
 
 def _clip_oracle(name: str, model: str, tokenizer: str | None, size: int | None, cache_dir: str | None,
