@@ -174,11 +174,13 @@ def ladd_part(demo: Demo) -> dict:
 def collab_part(demo: Demo) -> dict:
     teacher_dir = demo.teacher("digits_teacher")
     _, workdir = guided_run(demo)  # after the guided part: its finished run, nothing trained here
+    # the realism oracle (the confidence one picks atypical but clear digits: docs/collaboration.md);
     # the default demo checks the claims at ~10 evaluations with the sweep's pick for this student
-    # (k 70, sigma 0.4); --full sweeps every budget, k and sigma (docs/collaboration.md)
-    grid = {} if demo.full else dict(budgets=(10,), ks=(70,), sigmas=(0.4,), repeats=2)
+    # (k 50, sigma 0.4); --full sweeps every budget, k and sigma
+    grid = {} if demo.full else dict(budgets=(10,), ks=(50,), sigmas=(0.4,), repeats=2)
     result = collab_sweep.sweep(os.path.join(workdir, "steps_001"), teacher_dir, num=demo.num,
-                                calibration_num=demo.num, out_dir=demo.out("collab"), progress=False, **grid)
+                                calibration_num=demo.num, out_dir=demo.out("collab"), progress=False,
+                                oracle="digits_realism", **grid)
     print(collab_report.summary_table(result))
     claims = [claim(c["claim"], c["value"], c["target"], c["ok"]) for c in result["checks"]]
     return {"rows": result["rows"], "claims": claims}
