@@ -230,3 +230,19 @@ def test_distill_killed_resumes_bit_identical_then_samples_conditions(tiny_teach
     scores = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
     assert 0 < float(scores["psnr"]) < 100 and -1 <= float(scores["ssim"]) <= 1, scores
     assert np.isfinite(float(scores["fd"])) and 0 <= float(scores["class_acc"]) <= 1, scores
+
+
+def test_an_unconditional_prior_reads_no_condition():
+    """The photo prior has no class input: its task's condition is empty for training batches and
+    for evaluation samples (the two-stage baseline's LCM stage of it stopped with a TypeError on
+    class labels modulo None), and the prior runs on it."""
+    from jdistill.recipes import tasks
+
+    module = dit.DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=16, depth=1, num_heads=2, num_classes=0)
+    params = module.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)))["params"]
+    prior = Denoiser(params=params, schedule=schedules.CosineVP(), module=module, prediction="v")
+    task = tasks.from_teacher(prior)
+    batch = {"image": np.zeros((2, 8, 8, 3), np.float32)}  # photo_patches batches carry no label
+    assert task.num_classes is None and task.cond_fn(batch) == {} and task.sample_cond(3) is None
+    out = prior.output(jnp.zeros((2, 8, 8, 3)), jnp.full((2,), 0.5), task.cond_fn(batch))
+    assert out.shape == (2, 8, 8, 3)

@@ -55,8 +55,11 @@ def ensure_teacher(cfg, progress: bool = True) -> None:
 
 
 def from_teacher(teacher: Denoiser, source=None) -> Task:
-    """A class-conditional task around a teacher Denoiser (labels -> ``class_labels``)."""
+    """A class-conditional task around a teacher Denoiser (labels -> ``class_labels``); an
+    unconditional teacher (no class input: the photo prior) reads no condition."""
     k = teacher.num_classes
+    if k is None:
+        return Task(teacher, source, lambda batch: {}, None, lambda n: None, lambda x: x, None)
     return Task(teacher, source, labels_cond, None, lambda n: {"class_labels": common.class_labels_for(n, k)},
                 lambda x: x, k)
 
