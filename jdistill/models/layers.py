@@ -205,7 +205,7 @@ def attention(q, k, v, mask=None, implementation: str | None = None):
     ``ATTENTION_IMPLEMENTATIONS``, default :func:`attention_implementation`'s choice."""
     chosen = implementation or attention_implementation(q, k, v, mask)
     if chosen == "einsum":
-        return _einsum_in_batch_chunks(q, k, v, mask)
+        return attention_einsum(q, k, v, mask)
     if chosen not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {chosen!r}; known: {ATTENTION_IMPLEMENTATIONS}")
     try:
@@ -215,24 +215,6 @@ def attention(q, k, v, mask=None, implementation: str | None = None):
             raise
         # a layout the installed cuDNN refuses (sequence lengths, compute capability): XLA's kernel
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-
-
-# float32 logits of one einsum call: above this, the batch is split (measured on a 2-core CPU: MMDiT's
-# joint attention at batch 16, 28 MB of logits, ran 3.5x its batch-8 time in one call; each example's
-# products are the same in any chunk, so values do not change)
-EINSUM_LOGITS_BYTES = 16 << 20
-
-
-def _einsum_in_batch_chunks(q, k, v, mask):
-    b, t, heads, _ = q.shape
-    per_example = t * k.shape[1] * heads * 4
-    size = max(1, EINSUM_LOGITS_BYTES // per_example)
-    if size >= b:
-        return attention_einsum(q, k, v, mask)
-    batched_mask = mask is not None and mask.shape[0] == b and b > 1
-    outs = [attention_einsum(q[i:i + size], k[i:i + size], v[i:i + size],
-                             mask[i:i + size] if batched_mask else mask) for i in range(0, b, size)]
-    return jnp.concatenate(outs, axis=0)
 
 
 def _masked_logits(q, k, mask):
