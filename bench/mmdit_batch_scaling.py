@@ -8,7 +8,6 @@ rounds alternated, medians.
 """
 
 import argparse
-import time
 
 import numpy as np
 
@@ -23,21 +22,14 @@ def main():
     import jax.numpy as jnp
     import torch
 
-    from jdistill.bench.specs import MODELS
-    from jdistill.convert import registry
-    from jdistill.convert.engine import abstract_params
+    from attention_chunking import alternated_medians, bench_module  # this folder's script, on the path when run as above
+
     from jdistill.models import layers
-    from jdistill.models import registry as model_registry
 
     if args.attention:
         layers.attention_implementation = lambda *a, **k: args.attention
-    spec = MODELS["sd3-mmdit-cpu"]
-    module = registry.get(spec.family).load().module_from_config(spec.config, dtype=jnp.float32,
-                                                                  param_dtype=jnp.float32)
-    ex_args, ex_kwargs = model_registry.example_inputs(module)
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda a: jnp.asarray(rng.standard_normal(a.shape) * 0.02, a.dtype),
-                          abstract_params(module, *ex_args, **ex_kwargs))
+    spec, module, params = bench_module("sd3-mmdit-cpu")
+    rng = np.random.default_rng(1)
     torch_model = diffusers.SD3Transformer2DModel(**spec.config).eval()
     torch.set_grad_enabled(False)
     forward = jax.jit(lambda p, x, t, c, y: module.apply({"params": p}, x, t, encoder_hidden_states=c,
@@ -60,13 +52,7 @@ def main():
     b = spec.batch
     calls = {(impl, n): (jax_call if impl == "jdistill" else torch_call)(n)
              for impl in ("jdistill", "eager") for n in (b, 2 * b)}
-    times = {k: [] for k in calls}
-    for r in range(args.rounds):
-        for k, fn in (list(calls.items()) if r % 2 == 0 else list(reversed(calls.items()))):
-            start = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - start)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    med = alternated_medians(calls, args.rounds)
     print(f"attention: {layers.attention_implementation(None, None, None) if args.attention else 'default'}; "
           f"reference kernels: {layers.reference_kernels()}")
     print("| implementation | batch | ms / forward | 2B / B |")

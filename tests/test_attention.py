@@ -168,3 +168,37 @@ def test_reference_kernels_switch_every_cpu_speed_up_off_and_keep_forward_values
     monkeypatch.undo()
     monkeypatch.setenv(layers.REFERENCE_KERNELS, "1")
     np.testing.assert_array_equal(np.asarray(module.apply(params, *args, **kwargs)), np.asarray(fast))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_einsum_in_batch_chunks_changes_no_value_or_gradient(masked, monkeypatch):
+    """Large logits run the einsum path a few examples at a time (MMDiT's CFG batch: 3.5x its half
+    batch's time in one call, bench/mmdit_batch_scaling.py); outputs and gradients are bit-identical
+    to one call, with a per-example mask and a broadcast one."""
+    ks = jax.random.split(jax.random.key(3), 5)
+    q, k, v = (jax.random.normal(kk, (5, 7, 3, 8)) for kk in ks[:3])
+    weights = jax.random.normal(ks[3], (5, 7, 3, 8))
+    masks = [None] if not masked else [jax.random.bernoulli(ks[4], 0.6, (5, 1, 7, 7)).at[..., 0].set(True),
+                                       jax.random.bernoulli(ks[4], 0.6, (1, 1, 7, 7)).at[..., 0].set(True)]
+
+    def out_and_grads(q, k, v, mask):
+        out, pullback = jax.vjp(lambda q, k, v: layers.attention(q, k, v, mask, implementation="einsum"), q, k, v)
+        return out, pullback(weights)
+
+    for mask in masks:
+        whole = jax.jit(out_and_grads)(q, k, v, mask)
+        monkeypatch.setattr(layers, "EINSUM_LOGITS_BYTES", 2 * 7 * 7 * 3 * 4)  # chunks of 2, 2, 1
+        chunked = jax.jit(out_and_grads)(q, k, v, mask)
+        monkeypatch.undo()
+        for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    calls = []
+    monkeypatch.setattr(layers, "EINSUM_LOGITS_BYTES", 2 * 7 * 7 * 3 * 4)
+    monkeypatch.setattr(layers, "attention_einsum", lambda q, *a: calls.append(q.shape[0]) or q)
+    layers.attention(q, k, v, implementation="einsum")
+    assert calls == [2, 2, 1]
+    calls.clear()
+    with layers.planning():  # a pod's step, compiled here by `jdistill plan`: its batch is never sliced
+        layers.attention(q, k, v, implementation="einsum")
+    layers.attention(q, k, v, implementation="einsum")
+    assert calls == [5, 2, 2, 1]

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jdistill.models import layers
 from jdistill.plan.steps import CallStep, TrainStep, abstract_value, as_abstract
 from jdistill.train import mesh as mesh_lib
 from jdistill.train import partitioning
@@ -158,7 +159,8 @@ def analyse(step, mesh, rules=None) -> dict:
     layout = _train_layout if isinstance(step, TrainStep) else _call_layout
     t0 = time.perf_counter()
     fn, args, arg_shardings, kinds, parts, weights = layout(step, mesh, rules)
-    lowered = fn.lower(*args)
+    with layers.planning():
+        lowered = fn.lower(*args)
     unread = unread_arguments(lowered, args, arg_shardings)
     t1 = time.perf_counter()
     compiled = lowered.compile()
