@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from jdistill.models import layers
+from jdistill.models.controlnet import unet_residuals
 
 Dtype = Any
 ADAPTER_KINDS = ("gated", "controlnet")
@@ -161,11 +162,10 @@ class ControlNetAdapter(nn.Module):
 
     @nn.compact
     def __call__(self, x, t, condition, backbone_kwargs):
-        kw = {k: v for k, v in backbone_kwargs.items() if k in ("class_labels",)}
-        cn = self.controlnet  # a dataclass field: Flax binds it as the submodule "controlnet"
-        down, mid = cn(x, t, backbone_kwargs["encoder_hidden_states"], condition,
-                       added_cond_kwargs=backbone_kwargs.get("added_cond_kwargs"), **kw)
-        return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        # self.controlnet, a dataclass field, is bound by Flax as the submodule "controlnet"
+        return unet_residuals(self.controlnet, x, t, backbone_kwargs["encoder_hidden_states"], condition,
+                              added_cond_kwargs=backbone_kwargs.get("added_cond_kwargs"),
+                              class_labels=backbone_kwargs.get("class_labels"))
 
 
 class Adapted(nn.Module):

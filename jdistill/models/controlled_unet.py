@@ -32,8 +32,7 @@ from typing import Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jdistill.errors import InvalidArgument
-from jdistill.models.controlnet import ControlNetModel
+from jdistill.models.controlnet import ControlNetModel, unet_residuals
 from jdistill.models.unet_cond import UNet2DConditionModel
 
 
@@ -69,10 +68,7 @@ class ControlledUNet(nn.Module):
     def __call__(self, sample, timestep, encoder_hidden_states, controlnet_cond,
                  added_cond_kwargs: Mapping | None = None, guidance=None, *, class_labels=None, timestep_cond=None,
                  train: bool = False):
-        if self.controlnet.global_pool_conditions:
-            raise InvalidArgument("a global-pooling ControlNet runs in guess mode (on the conditional half of a CFG batch "
-                             "only), which ControlledUNet does not reproduce")
-        down, mid = self.controlnet(sample, timestep, encoder_hidden_states, controlnet_cond, self.conditioning_scale,
-                                    added_cond_kwargs, class_labels=class_labels, train=train)
-        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs, down, mid, guidance,
-                         class_labels=class_labels, timestep_cond=timestep_cond, train=train)
+        residuals = unet_residuals(self.controlnet, sample, timestep, encoder_hidden_states, controlnet_cond,
+                                   self.conditioning_scale, added_cond_kwargs, class_labels=class_labels, train=train)
+        return self.unet(sample, timestep, encoder_hidden_states, added_cond_kwargs, guidance=guidance,
+                         class_labels=class_labels, timestep_cond=timestep_cond, train=train, **residuals)

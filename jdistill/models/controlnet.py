@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from jdistill.errors import InvalidArgument
 from jdistill.models import layers
 from jdistill.models.unet_cond import CLASS_EMBED_TYPES, ConditionalEncoder, Dtype
 
@@ -154,3 +155,19 @@ class ControlNetModel(ConditionalEncoder):
             down = [jnp.mean(d, axis=(1, 2), keepdims=True) for d in down]
             mid = jnp.mean(mid, axis=(1, 2), keepdims=True)
         return tuple(down), mid
+
+
+def unet_residuals(controlnet: ControlNetModel, sample, timestep, encoder_hidden_states, image,
+                   conditioning_scale: float = 1.0, added_cond_kwargs: Mapping | None = None, *, class_labels=None,
+                   train: bool = False) -> dict:
+    """A ControlNet's residuals as the keywords ``UNet2DConditionModel`` adds them by: the denoiser
+    call of diffusers' ControlNet pipelines, without guess mode (both halves of a CFG batch carry
+    the image). Global-pooling ControlNets run in guess mode, so they are refused. One call site
+    for every composite that drives a UNet with a ControlNet (``ControlledUNet``, CoDi's
+    ``ControlNetAdapter``)."""
+    if controlnet.global_pool_conditions:
+        raise InvalidArgument("a global-pooling ControlNet runs in guess mode (on the conditional half of a CFG batch "
+                              "only), which jdistill's ControlNet composites do not reproduce")
+    down, mid = controlnet(sample, timestep, encoder_hidden_states, image, conditioning_scale, added_cond_kwargs,
+                           class_labels=class_labels, train=train)
+    return {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
