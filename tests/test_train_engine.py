@@ -102,6 +102,29 @@ def test_logical_axis_rules():
         mesh_lib.make_mesh(3, 2)
 
 
+def test_activations_are_laid_out_by_the_batch_rule_inside_a_sharded_step_only():
+    mesh = mesh_lib.make_mesh(2, 4)  # data 2, fsdp 4
+    x = jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6)
+    assert partitioning.constrain_batch(x) is x  # outside a sharded step: nothing to constrain
+
+    def laid_out(x):
+        with partitioning.activation_layout(mesh):
+            return partitioning.constrain_batch(x * 2)
+
+    assert jax.jit(laid_out)(x).sharding.spec == P(("data", "fsdp"))  # the batch over data x fsdp
+    assert jax.jit(laid_out)(x[:6]).sharding.spec == P("data")  # 6 rows: fsdp does not divide them
+    np.testing.assert_array_equal(jax.jit(laid_out)(x), 2 * x)
+    # the engine's jitted step traces its loss (so every network block) under the layout
+    def loss(params, frozen, batch, rng):
+        return jnp.mean(partitioning.constrain_batch(params["w"] * batch["image"])), {}
+
+    engine = engine_lib.single(loss, optax.sgd(0.1))
+    state = engine.init({"student": {"w": jnp.ones((8, 8, 1))}}, jax.random.key(0))
+    batch = {"image": jnp.ones((8, 8, 8, 1))}
+    assert "sharding_constraint" in engine.jit(mesh, state).lower(state, None, batch).as_text()
+    assert "sharding_constraint" not in jax.jit(engine.step).lower(state, None, batch).as_text()
+
+
 def test_checkpoint_roundtrip_into_shardings_and_errors(tmp_path):
     mesh = mesh_lib.make_mesh(4, 2)
     state, step, engine = make_setup(mesh)

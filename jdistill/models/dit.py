@@ -45,6 +45,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jdistill.models import layers
+from jdistill.train import partitioning
 
 Dtype = layers.Dtype
 
@@ -225,6 +226,7 @@ class DiTBlock(nn.Module):
     @nn.compact
     def __call__(self, x, cond, t, labels, extra=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = partitioning.constrain_batch(x)
         h, (gate_msa, shift_mlp, scale_mlp, gate_mlp), cond = AdaLayerNormZero(
             self.dim, self.own_embedder, self.num_classes, self.freq_shift, self.null_class, name="norm1", **kw,
         )(x, cond, t, labels, extra)

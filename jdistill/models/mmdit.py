@@ -43,6 +43,7 @@ from flax import traverse_util
 
 from jdistill.models import layers
 from jdistill.models.dit import FeedForward
+from jdistill.train import partitioning
 
 Dtype = layers.Dtype
 
@@ -198,6 +199,7 @@ class JointTransformerBlock(nn.Module):
     @nn.compact
     def __call__(self, x, context, temb):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x, context = partitioning.constrain_batch(x), partitioning.constrain_batch(context)
         d, mod = self.dim, layers.modulate
         attn_kw = dict(heads=self.num_heads, dim_head=self.head_dim, out_dim=d, bias=True, out_bias=True,
                        qk_norm=self.qk_norm, qk_norm_eps=1e-6, **kw)

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdistill.models import layers
+from jdistill.train import partitioning
 
 Dtype = Any
 
@@ -168,6 +169,7 @@ class ResnetBlock2D(nn.Module):
         in_ch = x.shape[-1]
         out_ch = self.out_channels or in_ch
         final_ch = self.conv_2d_out_channels or out_ch
+        x = partitioning.constrain_batch(x)
 
         h = act(layers.group_norm(self.groups, "norm1", self.eps, **kw)(x))
         if self.resample == "up":
@@ -460,6 +462,7 @@ class BasicTransformerBlock(nn.Module):
     def __call__(self, x, context):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         dim = x.shape[-1]
+        x = partitioning.constrain_batch(x)
 
         def attention(name):
             return layers.Attention(self.heads, self.dim_head, out_dim=dim, name=name, **kw)

@@ -231,7 +231,11 @@ class Engine:
         ``frozen`` may be abstract (eval_shape)."""
         st_sh = self.shardings(state, mesh, rules, min_size)
         frozen_sh = partitioning.shardings(frozen, mesh, rules, min_size=min_size) if frozen is not None else None
-        return jax.jit(self.step, in_shardings=(st_sh, frozen_sh, mesh_lib.batch_sharding(mesh)),
+        def step(state, frozen, batch):
+            with partitioning.activation_layout(mesh, rules):  # entered while jit traces
+                return self.step(state, frozen, batch)
+
+        return jax.jit(step, in_shardings=(st_sh, frozen_sh, mesh_lib.batch_sharding(mesh)),
                        out_shardings=(st_sh, mesh_lib.replicated(mesh)), donate_argnums=(0,) if donate else (),
                        compiler_options=compiler_options())
 

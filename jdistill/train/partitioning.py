@@ -16,6 +16,8 @@ splitting their largest dimension that "fsdp" divides.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 from typing import Iterable, Sequence
 
@@ -84,6 +86,42 @@ def resolve(axes: Sequence, shape: Sequence[int], mesh: Mesh, rules) -> P:
         used.update(chosen)
         spec.append(None if not chosen else chosen[0] if len(chosen) == 1 else chosen)
     return P(*spec)
+
+
+# (mesh, rules) of the step being traced; None outside a sharded step (sampling, tests on one device)
+_ACTIVATION_LAYOUT = contextvars.ContextVar("jdistill_activation_layout", default=None)
+
+
+@contextlib.contextmanager
+def activation_layout(mesh: Mesh, rules: Iterable | None = None):
+    """While tracing a sharded step: :func:`constrain` pins activations to ``mesh`` by ``rules``.
+
+    Without it nothing in a network tells the SPMD partitioner where activations live, and it
+    chose to contract matmuls over the fsdp-sharded embed dimension and all-reduce the
+    activations instead of gathering the weights (docs/pod-scale.md). MaxText and MaxDiffusion
+    annotate activations for the same reason."""
+    token = _ACTIVATION_LAYOUT.set((mesh, tuple(rules) if rules is not None else DEFAULT_RULES))
+    try:
+        yield
+    finally:
+        _ACTIVATION_LAYOUT.reset(token)
+
+
+def constrain(x, axes: Sequence):
+    """``x`` with its dimensions, named by the logical ``axes``, laid out on the traced step's
+    mesh (under :func:`activation_layout`; unchanged elsewhere). A dimension the rule's mesh axes
+    do not divide stays whole, as for params."""
+    layout = _ACTIVATION_LAYOUT.get()
+    if layout is None:
+        return x
+    mesh, rules = layout
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, resolve(axes, x.shape, mesh, rules)))
+
+
+def constrain_batch(x):
+    """:func:`constrain` of an activation whose leading dimension is the batch (FSDP's layout:
+    every other dimension whole on each device, the weights gathered to meet it)."""
+    return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
 
 
 def largest_dim_spec(shape: Sequence[int], fsdp: int) -> P:
@@ -159,4 +197,5 @@ def describe(tree) -> dict[str, str]:
 
 
 __all__ = ["DEFAULT_RULES", "PARAM_AXES", "abstract_like", "describe", "logical_axes", "partition_specs", "place",
-           "resolve", "rules_from_config", "shardings", "state_shardings"]
+           "resolve", "rules_from_config", "shardings", "state_shardings", "activation_layout", "constrain",
+           "constrain_batch"]
