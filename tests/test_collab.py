@@ -151,6 +151,9 @@ def test_realism_oracle_is_kynkaanniemis_score_and_ranks_real_digits_of_their_cl
     kept = [i for i in range(len(real)) if radii[i] <= np.median(radii)]
     want = [max(radii[i] / np.linalg.norm(f - real[i]) for i in kept) for f in fake]
     np.testing.assert_allclose(oracles.realism_scores(fake, real, k), want, rtol=1e-12)
+    # distances a block of rows at a time (memory) are the one-call broadcast's, bit for bit
+    one_call = np.sqrt(np.maximum(((real[:, None, :] - real[None, :, :]) ** 2).sum(-1), 0.0))
+    np.testing.assert_array_equal(oracles._distances(real, real, rows=3), one_call)
 
     oracle = oracles.get("digits_realism")
     test = digits_arrays("test")
