@@ -116,10 +116,20 @@ DISTILL_CONFIG = [
 ]
 
 
-CONFIG_CASES = [("train", TEACHER, *c) for c in TRAIN_CONFIG] + [("distill", GUIDED, *c) for c in DISTILL_CONFIG]
+# the distillations that train through the same checks (each recipe's train() calls them first)
+OTHER_RECIPES = [os.path.join(REPO, "configs", f"digits_{name}.py") for name in ("lcm", "codi", "ladd")]
+RECIPE_CONFIG = [
+    ("--config.data.batch_size=12", r"batch_size=12 does not split over the 8 data-parallel devices"),
+    ("--config.train.nonfinite=ignore", r"--config.train.nonfinite='ignore'; expected one of"),
+]
 
 
-@pytest.mark.parametrize("command,config,override,message", CONFIG_CASES, ids=[f"{c[0]} {c[2]}" for c in CONFIG_CASES])
+CONFIG_CASES = ([("train", TEACHER, *c) for c in TRAIN_CONFIG] + [("distill", GUIDED, *c) for c in DISTILL_CONFIG]
+                + [("distill", config, *c) for config in OTHER_RECIPES for c in RECIPE_CONFIG])
+
+
+@pytest.mark.parametrize("command,config,override,message", CONFIG_CASES,
+                         ids=[f"{c[0]} {os.path.basename(c[1])} {c[2]}" for c in CONFIG_CASES])
 def test_bad_training_config_is_named_before_anything_is_written(command, config, override, message, tmp_path, capsys):
     err = refused([command, "--config", config, "--workdir", str(tmp_path / "run"), "--quiet", override], capsys)
     assert re.search(message, err), err

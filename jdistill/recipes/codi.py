@@ -108,6 +108,7 @@ def stage_sequence(cfg, task: conditional.ConditionalTask):
 def train(cfg, workdir: str, *, progress: bool = True, mesh=None, allow_inexact_resume: bool = False) -> dict:
     from jdistill.recipes import tasks
 
+    common.check_train_config(cfg, mesh)
     tasks.ensure_teacher(cfg, progress)
     task = conditional.make_task(cfg)
     return stages.run_sequence(stage_sequence(cfg, task), workdir, cfg, lambda k: task.source.iterate(k), mesh=mesh,

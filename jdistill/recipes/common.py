@@ -62,7 +62,8 @@ def check_train_config(cfg, mesh=None) -> None:
         p = check_finite("--config.loss.cond_drop_prob", cfg.loss.cond_drop_prob, minimum=0.0)
         if p > 1.0:
             raise InvalidArgument(f"--config.loss.cond_drop_prob must be in [0, 1], got {p:g}")
-    check_sampling(cfg.sample.steps, cfg.sample.get("solver"), cfg.sample.guidance_scale, prefix="--config.sample.")
+    sample = cfg.get("sample") or {}
+    check_sampling(sample.get("steps"), sample.get("solver"), sample.get("guidance_scale"), prefix="--config.sample.")
     mesh = mesh if mesh is not None else make_mesh(cfg)
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch % rows:

@@ -126,6 +126,7 @@ def null_cond_fn(teacher: Denoiser):
 
 
 def train(cfg, workdir: str, *, progress: bool = True, mesh=None, allow_inexact_resume: bool = False) -> dict:
+    common.check_train_config(cfg, mesh)
     tasks.ensure_teacher(cfg, progress)
     task = tasks.make_task(cfg)
 

@@ -131,6 +131,7 @@ def setup(cfg, workdir: str | None, mesh=None):
 
 def train(cfg, workdir: str, *, progress: bool = True, mesh=None, allow_inexact_resume: bool = False):
     """Synthetic data (unless written), then the LADD stage; returns the final TrainState."""
+    common.check_train_config(cfg, mesh)
     common.check_steps(cfg.train.steps, "train.steps")
     tasks.ensure_teacher(cfg, progress)
     task = synth.task(cfg, with_data=False)
