@@ -130,19 +130,20 @@ def text_task(cfg, with_data: bool = True, captions=None, record_fn: Callable | 
         source = BatchSource(records, global_batch_size=int(cfg.data.batch_size), seed=int(cfg.seed),
                              image_shape=latents.shape[1:], keys=("image", "caption", *extra),
                              name=f"{cfg.data.name} latents")
-    # every input the network reads (SD3 adds pooled_projections), one row per prompt
+    # every input the network reads (SD3 adds pooled_projections, SDXL added_cond_kwargs: pooled
+    # text and time ids), one row per prompt
     table, null = t2i.encode_prompt(table_prompts, None)
     offset = len(table_prompts) - len(prompts)
 
     def cond_fn(batch):
-        return {k: v[batch["caption"]] for k, v in table.items()}
+        return jax.tree.map(lambda v: v[batch["caption"]], table)
 
     def uncond_fn(batch):
         n = batch["caption"].shape[0]
-        return {k: jnp.broadcast_to(v[:1], (n,) + v.shape[1:]) for k, v in null.items()}
+        return jax.tree.map(lambda v: jnp.broadcast_to(v[:1], (n,) + v.shape[1:]), null)
 
     def sample_cond(n):
-        return {k: v[offset + np.arange(n) % len(prompts)] for k, v in table.items()}
+        return jax.tree.map(lambda v: v[offset + np.arange(n) % len(prompts)], table)
 
     return Task(den, source, cond_fn, uncond_fn, sample_cond, t2i.decode)
 
