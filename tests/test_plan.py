@@ -147,6 +147,13 @@ def test_fit_advice_and_fix_for_a_step_over_capacity():
     assert fit_lib.fix(step, fit_lib.get("v5p"), {"data": 8, "fsdp": 2}) is None  # fits: nothing to fix
     step["options"]["param_dtype"]["available"] = False
     assert fit_lib.fix(step, v5e, {"data": 8, "fsdp": 2})["setting"] == "fsdp x2"
+    # a network with remat: the advice names the policy the models take (a boolean is refused by them)
+    step["options"]["remat"] = {"key": "model.remat", "available": True, "values": ["none"], "in_config": True}
+    advice = {a["setting"]: a for a in fit_lib.advice(step, v5e, {"data": 8, "fsdp": 2, "tensor": 1})}
+    assert advice["remat"]["how"] == "--config.model.remat=full"
+    assert advice["remat"]["estimated_peak"] == int(15.5 * 2**30)
+    step["options"]["remat"]["values"] = ["full"]
+    assert "remat" not in {a["setting"] for a in fit_lib.advice(step, v5e, {"data": 8, "fsdp": 2, "tensor": 1})}
     step["batch_per_device"] = 1
     assert fit_lib.fix(step, v5e, {"data": 1, "fsdp": 16}) is None  # no setting it knows is enough
 

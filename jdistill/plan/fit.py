@@ -92,9 +92,11 @@ def advice(result: dict, acc: Accelerator, mesh: dict) -> list[dict]:
             break
         k *= 2
     remat = options.get("remat", {})
-    if remat.get("available") and "True" not in remat.get("values", []):
-        add("remat", setting_text(remat, True), peak - 0.5 * temp,
-            "activations recomputed in the backward pass (about 1/3 more compute); half of temp is a guess: re-plan")
+    # the networks' remat is a policy name (layers.REMAT_POLICIES: "none", "dots", "full")
+    if remat.get("available") and set(remat.get("values", [])) <= {"none"}:
+        add("remat", setting_text(remat, "full"), peak - 0.5 * temp,
+            "each block's activations recomputed in the backward pass (about 1/3 more compute); half of temp is a "
+            "guess: re-plan")
     elif not remat.get("available"):
         out.append({"setting": "remat", "how": "", "estimated_peak": None, "fits": None,
                     "note": "this network has no activation-checkpointing option yet"})
