@@ -36,6 +36,8 @@ def get_config():
     c.sample = dict(steps=4, prompts=("a photo of astronaut", "a photo of coffee"))
     # fields of the MMDiT: `jdistill plan` builds it from these (--config.model.num_layers=1 compiles a
     # reduced depth); training sets remat and dtype on the pipeline's network and checks the others
-    # against it (its weights fix them). --config.model.remat=full rematerialises each block
-    c.model = dict(num_layers=24, remat="none")
+    # against it (its weights fix them). remat="full" rematerialises each block: at 1024 px, one image a
+    # device, fsdp=4, the fp32 step plans at 39.4 GiB a device with it and 143 GiB without
+    # (docs/pod-scale.md). --config.model.dtype=bfloat16 computes in bf16 (params stay fp32)
+    c.model = dict(num_layers=24, remat="full", dtype="float32")
     return c

@@ -76,6 +76,19 @@ def test_plan_sd3_ladd_one_block(tmp_path):
     assert step["fit"]["v5p"]["fits"]
 
 
+def test_plan_sets_remat_and_compute_dtype_as_training_does():
+    """The model section's execution fields go on the planned network as training sets them on the
+    pipeline's (bf16 compute, params still float32 as loaded); its other fields size the network."""
+    from jdistill.recipes import tasks
+
+    cfg = config_lib.load_config(os.path.join(REPO, "configs", "sd3_ladd.py"), [
+        "--config.model.num_layers=1", "--config.model.dtype=bfloat16", "--config.model.remat=full"])
+    teacher = tasks.plan_text_task(cfg).teacher
+    assert teacher.module.num_layers == 1 and teacher.module.remat == "full"
+    assert teacher.module.dtype == jax.numpy.bfloat16
+    assert {np.dtype(x.dtype) for x in jax.tree.leaves(teacher.params)} == {np.dtype("float32")}
+
+
 @pytest.mark.slow
 def test_plan_sd15_lcm(tmp_path):
     """LCM on SD1.5 (tiny UNet, every block type): the frozen teacher is the network, the student and

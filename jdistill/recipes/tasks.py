@@ -222,7 +222,11 @@ def plan_text_task(cfg) -> Task:
     unconditional input is one row broadcast, as the real task's empty prompt is."""
     from jdistill.plan.steps import preset_denoiser, sampling_cond
 
-    den, _ = preset_denoiser(cfg.teacher.pipeline, **model_fields(cfg))
+    # the architecture from the model section; remat and compute dtype set as training sets them on
+    # the pipeline's network (its params stay as loaded, float32)
+    architecture = {k: v for k, v in model_fields(cfg).items() if k not in EXECUTION_FIELDS}
+    den, _ = preset_denoiser(cfg.teacher.pipeline, **architecture)
+    den = with_model_fields(den, cfg, f"the preset {cfg.teacher.pipeline}")
 
     def cond_fn(batch):
         return batch["text"]
