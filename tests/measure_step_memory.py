@@ -9,7 +9,8 @@ call the process's peak-RSS mark is reset (``/proc/self/clear_refs``), so the pe
 call minus the RSS before it is what the step itself allocated on all devices together
 (activations, gradients, gathered weights: XLA's temp buffers; the donated state is updated in
 place). Also written: the bytes of the step's arguments (state, frozen tree, batch) that device
-0 holds, counted over the live arrays' shards.
+0 holds, counted over the live arrays' shards, and the temp XLA's memory analysis gives for this
+process's own executable (what the plan's compile must equal).
 """
 
 import ctypes
@@ -67,6 +68,7 @@ def main(config, step_name, data, fsdp, out):
     batch = jax.device_put(random_like(step.batch, jax.random.key(3)), mesh_lib.batch_sharding(mesh))
     arguments = device0_bytes((state, frozen, batch))
     fn = engine.jit(mesh, state, frozen)
+    executable_temp = fn.lower(state, frozen, batch).compile().memory_analysis().temp_size_in_bytes
     state, metrics = fn(state, frozen, batch)  # compiles, runs once
     jax.block_until_ready((state, metrics))
     LIBC.malloc_trim(0)  # give back what the first call freed, so the second allocates afresh
@@ -79,7 +81,7 @@ def main(config, step_name, data, fsdp, out):
     assert np.isfinite(float(metrics["loss"])), metrics
     with open(out, "w") as f:
         json.dump({"devices": len(jax.devices()), "step_peak_all_devices": peak - before,
-                   "argument_bytes_device0": arguments}, f)
+                   "argument_bytes_device0": arguments, "executable_temp": int(executable_temp)}, f)
 
 
 if __name__ == "__main__":

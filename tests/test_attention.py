@@ -185,11 +185,14 @@ def test_einsum_in_batch_chunks_changes_no_value_or_gradient(masked, monkeypatch
         out, pullback = jax.vjp(lambda q, k, v: layers.attention(q, k, v, mask, implementation="einsum"), q, k, v)
         return out, pullback(weights)
 
+    monkeypatch.setattr(jax, "device_count", lambda: 1)  # a CPU user's one device (this session has 8)
+    bound = layers.EINSUM_LOGITS_BYTES
     for mask in masks:
+        layers.EINSUM_LOGITS_BYTES = bound
         whole = jax.jit(out_and_grads)(q, k, v, mask)
-        monkeypatch.setattr(layers, "EINSUM_LOGITS_BYTES", 2 * 7 * 7 * 3 * 4)  # chunks of 2, 2, 1
+        layers.EINSUM_LOGITS_BYTES = 2 * 7 * 7 * 3 * 4  # chunks of 2, 2, 1
         chunked = jax.jit(out_and_grads)(q, k, v, mask)
-        monkeypatch.undo()
+        layers.EINSUM_LOGITS_BYTES = bound
         for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     calls = []
@@ -200,5 +203,6 @@ def test_einsum_in_batch_chunks_changes_no_value_or_gradient(masked, monkeypatch
     calls.clear()
     with layers.planning():  # a pod's step, compiled here by `jdistill plan`: its batch is never sliced
         layers.attention(q, k, v, implementation="einsum")
+    monkeypatch.setattr(jax, "device_count", lambda: 8)  # a batch sharded over devices: never sliced either
     layers.attention(q, k, v, implementation="einsum")
-    assert calls == [5, 2, 2, 1]
+    assert calls == [5, 5]

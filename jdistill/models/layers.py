@@ -244,7 +244,10 @@ def _einsum_in_batch_chunks(q, k, v, mask):
     b, t, heads, _ = q.shape
     per_example = t * k.shape[1] * heads * 4
     size = max(1, EINSUM_LOGITS_BYTES // per_example)
-    if size >= b or _PLANNING.get():
+    # One device only: with several, the traced batch is the global one, sharded over them, and
+    # slices of it cut across the shards (a measured 8-device DiT step allocated 3.5x its plan's
+    # temp); under `jdistill plan` never (planning()).
+    if size >= b or _PLANNING.get() or jax.device_count() > 1:
         return attention_einsum(q, k, v, mask)
     batched_mask = mask is not None and mask.shape[0] == b and b > 1
     outs = [attention_einsum(q[i:i + size], k[i:i + size], v[i:i + size],
