@@ -130,8 +130,7 @@ def text_task(cfg, with_data: bool = True, captions=None, record_fn: Callable | 
         source = BatchSource(records, global_batch_size=int(cfg.data.batch_size), seed=int(cfg.seed),
                              image_shape=latents.shape[1:], keys=("image", "caption", *extra),
                              name=f"{cfg.data.name} latents")
-    # every input the network reads (SD3 adds pooled_projections, SDXL added_cond_kwargs: pooled
-    # text and time ids), one row per prompt
+    # every input the network reads (SD3: pooled_projections, SDXL: nested added_cond_kwargs), a row a prompt
     table, null = t2i.encode_prompt(table_prompts, None)
     offset = len(table_prompts) - len(prompts)
 
@@ -222,11 +221,9 @@ def plan_text_task(cfg) -> Task:
     unconditional input is one row broadcast, as the real task's empty prompt is."""
     from jdistill.plan.steps import preset_denoiser, sampling_cond
 
-    # the architecture from the model section; remat and compute dtype set as training sets them on
-    # the pipeline's network (its params stay as loaded, float32)
+    # remat and compute dtype set as training sets them on the pipeline's network (params stay float32)
     architecture = {k: v for k, v in model_fields(cfg).items() if k not in EXECUTION_FIELDS}
-    den, _ = preset_denoiser(cfg.teacher.pipeline, **architecture)
-    den = with_model_fields(den, cfg, f"the preset {cfg.teacher.pipeline}")
+    den = with_model_fields(preset_denoiser(cfg.teacher.pipeline, **architecture)[0], cfg, cfg.teacher.pipeline)
 
     def cond_fn(batch):
         return batch["text"]
