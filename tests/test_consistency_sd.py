@@ -48,7 +48,9 @@ def sdxl_pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl")
     tok1, n1 = write_clip_tokenizer(root / "tok1")
     tok2, n2 = write_clip_tokenizer(root / "tok2", pad="!")
-    sdxl(tok1, n1, tok2, n2, 23, diffusers.EulerDiscreteScheduler(**EULER)).save_pretrained(root / "pipeline")
+    # a mid block, as SDXL's: the ControlNet adds a residual there
+    sdxl(tok1, n1, tok2, n2, 23, diffusers.EulerDiscreteScheduler(**EULER),
+         mid_block_type="UNetMidBlock2DCrossAttn").save_pretrained(root / "pipeline")
     return root
 
 
@@ -87,12 +89,7 @@ def test_sdxl_lcm_student_starts_as_the_teacher_trains_and_samples(sdxl_pipeline
     _lcm_student_starts_as_the_teacher_trains_and_samples(cfg, sdxl_pipeline / "lcm", "epsilon")
 
 
-@pytest.mark.slow  # tiny SD pipelines, trained and sampled: minutes on 2 cores
-def test_codi_controlnet_starts_as_the_unet_trains_and_samples(pipeline):
-    name, root, _ = pipeline
-    cfg = config_lib.load_config(os.path.join(REPO, "configs", f"{name}_codi.py"), [
-        *_overrides(root), "--config.codi.steps=2", "--config.methods=('codi', 'pe_codi')",
-        "--config.adapter.conditioning_embedding_out_channels=(4, 8)"])
+def _codi_controlnet_starts_as_the_unet_trains_and_samples(cfg, workdir):
     task = conditional.make_task(cfg)
     params = task.init_params(0)
     batch = task.source[0]
@@ -101,7 +98,6 @@ def test_codi_controlnet_starts_as_the_unet_trains_and_samples(pipeline):
     w_emb = layers.guidance_scale_embedding(jnp.full((8,), 7.5), 256)
     got = task.model.replace(params=params).predict(z, t, {**task.cond_fn(batch), "timestep_cond": w_emb}).x0
     np.testing.assert_array_equal(np.asarray(got), np.asarray(task.teacher.predict(z, t, task.prior_cond_fn(batch)).x0))
-    workdir = root / "codi"
     out = codi.train(cfg, str(workdir), progress=False)
     assert list(out) == ["codi", "pe_codi"]
     before = params["backbone"]
@@ -111,3 +107,25 @@ def test_codi_controlnet_starts_as_the_unet_trains_and_samples(pipeline):
     sampler = codi.make_sampler(runs.open_run(str(workdir / "codi")), steps=2)
     images, _, _ = sampler.run(3, batch_size=3)
     assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+
+
+CODI = ["--config.codi.steps=2", "--config.methods=('codi', 'pe_codi')",
+        "--config.adapter.conditioning_embedding_out_channels=(4, 8)"]
+
+
+@pytest.mark.slow  # tiny SD pipelines, trained and sampled: minutes on 2 cores
+def test_codi_controlnet_starts_as_the_unet_trains_and_samples(pipeline):
+    name, root, _ = pipeline
+    cfg = config_lib.load_config(os.path.join(REPO, "configs", f"{name}_codi.py"), [*_overrides(root), *CODI])
+    _codi_controlnet_starts_as_the_unet_trains_and_samples(cfg, root / "codi")
+
+
+@pytest.mark.slow  # a tiny SDXL pipeline, trained and sampled
+def test_sdxl_codi_controlnet_starts_as_the_unet_trains_and_samples(sdxl_pipeline):
+    """configs/sdxl_codi.py: the ControlNet copied from SDXL's UNet reads the pooled text and time ids
+    (its "text_time" embedding) as the UNet does; remat (the config's) leaves the function unchanged;
+    state on an fsdp=2 mesh as the config shards it."""
+    cfg = config_lib.load_config(os.path.join(REPO, "configs", "sdxl_codi.py"),
+                                 [*_overrides(sdxl_pipeline), *CODI, "--config.mesh.fsdp=2"])
+    assert cfg.model.remat == "full"
+    _codi_controlnet_starts_as_the_unet_trains_and_samples(cfg, sdxl_pipeline / "codi")
