@@ -25,7 +25,11 @@ import sys
 LIBC = ctypes.CDLL("libc.so.6")
 LIBC.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB, no dynamic adjustment
 
-import jax  # noqa: E402  (after mallopt: XLA's allocations follow it)
+from jdistill.plan.run import BUFFER_ASSIGNMENT_FLAGS  # noqa: E402  (imports no jax)
+
+# the program the plan compiles: every buffer in XLA's assignment (no YNNPACK scratch beside it)
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {BUFFER_ASSIGNMENT_FLAGS}".strip()
+import jax  # noqa: E402  (after mallopt and the flags: XLA's allocations follow them)
 import numpy as np  # noqa: E402
 
 from jdistill import config as config_lib

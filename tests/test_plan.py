@@ -225,10 +225,10 @@ def test_plan_matches_a_measured_8_device_run(tmp_path):
     """The plan of a small DiT's guided stage 1 on 8 devices against the same step run for real on 8
     CPU devices (tests/measure_step_memory.py): the arguments a device holds are the plan's to the
     byte, the executable that runs has the plan's temp to the byte, and the memory the step
-    allocates while it runs (peak RSS over the call minus RSS before, over 8 devices) is within 30%
-    of that temp. The issue's target is 20%: met before the activation pins (1.07x), not since
-    (1.13-1.25x at batch 64, 1.25x at 256): XLA:CPU's runtime allocates beyond its own buffer
-    assignment for the pinned program, which the exact executable check isolates (docs/pod-scale.md)."""
+    allocates while it runs (peak RSS over the call minus RSS before, over 8 devices) is within 20%
+    of that temp (1.06x at batch 64, 1.05x at 256). Both compile without XLA:CPU's YNNPACK fusions
+    (plan.run.BUFFER_ASSIGNMENT_FLAGS): with them the run allocated 1.17-1.38x, their scratch lying
+    outside the buffer assignment the plan reads (docs/pod-scale.md)."""
     config = derived_config(tmp_path, GUIDED, """
         c.model.update(hidden_size=384, num_heads=6, depth=1)  # DiT-S width, one block
         c.data.batch_size = 64
@@ -247,7 +247,7 @@ def test_plan_matches_a_measured_8_device_run(tmp_path):
     per_device = measured["step_peak_all_devices"] / 8
     temp = planned["memory"]["temp"]
     assert temp > 64 * 2**20  # large enough that the process's own noise does not matter
-    assert per_device == pytest.approx(temp, rel=0.3), (per_device, temp)
+    assert per_device == pytest.approx(temp, rel=0.2), (per_device, temp)
 
 
 @pytest.mark.slow
