@@ -168,7 +168,11 @@ LCM_SD15_UNET = {**SD15_UNET, "time_cond_proj_dim": 256}
 LCM_SDXL_UNET = {**SDXL_UNET, "time_cond_proj_dim": 256}
 SDXL_TURBO_UNET = {**SDXL_UNET, "sample_size": 64}  # ADD-distilled at 512 px
 # the refiner: 4 levels, 64-wide heads, 4 transformer layers a block, text_encoder_2's states alone (1280),
-# pooled text 1280 + 5 time ids x 256 (the aesthetic score replaces the target size)
+# pooled text 1280 + 5 time ids x 256 (the aesthetic score replaces the target size). Checked field by field
+# against the network the weights were trained as (Stability-AI/generative-models,
+# configs/inference/sd_xl_refiner.yaml): model_channels 384 x channel_mult (1, 2, 4, 4), attention at
+# the 2x and 4x levels, num_head_channels 64, transformer_depth 4, context_dim 1280, adm_in_channels 2560,
+# num_res_blocks 2, linear transformer projections
 SDXL_REFINER_UNET = {
     **SDXL_UNET, "attention_head_dim": [6, 12, 24, 24], "block_out_channels": [384, 768, 1536, 1536],
     "cross_attention_dim": 1280, "projection_class_embeddings_input_dim": 2560, "transformer_layers_per_block": 4,
