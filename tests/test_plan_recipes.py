@@ -135,6 +135,33 @@ def test_plan_sd15_codi_and_pe_codi(tmp_path):
         assert_arguments_add_up(step)
 
 
+@pytest.mark.slow
+def test_plan_sdxl_codi_and_pe_codi(tmp_path):
+    """configs/sdxl_codi.py (tiny SDXL UNet with the ControlNet copied from it, the config's remat kept):
+    the same byte counts as SD1.5's, the ControlNet's "text_time" embedding included in the adapter."""
+    steps, config = plan_steps(tmp_path, "sdxl_codi.py", f"""
+        c.model.update({SDXL_TINY!r}, sample_size=8)
+        c.data.batch_size = 16
+        c.data.resolution = 64
+        """)
+    from jdistill.recipes import conditional
+
+    module = conditional.plan_task(config_lib.load_config(config)).model.module
+    model = module_params(module)
+    net = elements(preset_denoiser("sdxl", **SDXL_TINY, sample_size=8)[0].params)
+    backbone, adapter = elements(model["backbone"]), elements(model["adapter"])
+    assert backbone == net + W_EMBEDDING
+    assert "add_embedding" in model["adapter"]["controlnet"]  # pooled text and time ids reach the ControlNet
+    assert module.backbone.remat == module.adapter.controlnet.remat == "full"
+    both = backbone + adapter
+    codi, pe_codi = steps["codi"]["bytes"], steps["pe_codi"]["bytes"]
+    assert codi["params"] == pe_codi["params"] == 4 * both and codi["frozen"] == pe_codi["frozen"] == 0
+    assert codi["optimizer"] == 2 * 4 * both + COUNTERS and codi["averages"] == 4 * both
+    assert pe_codi["optimizer"] == 2 * 4 * adapter + COUNTERS and pe_codi["averages"] == 4 * adapter
+    for step in steps.values():
+        assert_arguments_add_up(step)
+
+
 def test_plan_collab_sdxl_turbo(tmp_path):
     """Adaptive collaboration (SDXL-Turbo 2 steps, the SDXL refiner with CFG 5): one sampler step of
     each (tiny UNets, every block type). The refiner takes the pooled text (1280) and 5 time ids (the
