@@ -110,20 +110,21 @@ def test_plan_sd15_lcm(tmp_path):
     assert step["fit"]["v5p"]["fits"]
 
 
-@pytest.mark.slow
-def test_plan_sd15_codi_and_pe_codi(tmp_path):
-    """CoDi and PE-CoDi on SD1.5 (tiny UNet, every block type, with the ControlNet adapter): CoDi trains
-    backbone and adapter (Adam and the target average over both); PE-CoDi the same program with the
-    backbone frozen: its optimizer state and average cover only the adapter's params."""
-    steps, config = plan_steps(tmp_path, "sd15_codi.py", f"""
-        c.model = {SD15_TINY!r}
+def plan_codi(tmp_path, shipped, preset, tiny, model_section):
+    """The CoDi and PE-CoDi plans of ``shipped`` with a tiny UNet (``tiny`` fields of ``preset``) and
+    the ControlNet adapter: CoDi trains backbone and adapter (Adam and the target average over both);
+    PE-CoDi the same program with the backbone frozen: its optimizer state and average cover only
+    the adapter's params. Returns the conditional model's module and params."""
+    steps, config = plan_steps(tmp_path, shipped, f"""
+        {model_section}
         c.data.batch_size = 16
         c.data.resolution = 64
         """)
     from jdistill.recipes import conditional
 
-    model = module_params(conditional.plan_task(config_lib.load_config(config)).model.module)
-    net = elements(preset_denoiser("stable-diffusion-v1-5", **SD15_TINY)[0].params)
+    module = conditional.plan_task(config_lib.load_config(config)).model.module
+    model = module_params(module)
+    net = elements(preset_denoiser(preset, **tiny)[0].params)
     backbone, adapter = elements(model["backbone"]), elements(model["adapter"])
     assert backbone == net + W_EMBEDDING and adapter > 0
     both = backbone + adapter
@@ -133,33 +134,23 @@ def test_plan_sd15_codi_and_pe_codi(tmp_path):
     assert pe_codi["optimizer"] == 2 * 4 * adapter + COUNTERS and pe_codi["averages"] == 4 * adapter
     for step in steps.values():
         assert_arguments_add_up(step)
+    return module, model
+
+
+@pytest.mark.slow
+def test_plan_sd15_codi_and_pe_codi(tmp_path):
+    """CoDi and PE-CoDi on SD1.5 (tiny UNet, every block type, with the ControlNet adapter)."""
+    plan_codi(tmp_path, "sd15_codi.py", "stable-diffusion-v1-5", SD15_TINY, f"c.model = {SD15_TINY!r}")
 
 
 @pytest.mark.slow
 def test_plan_sdxl_codi_and_pe_codi(tmp_path):
     """configs/sdxl_codi.py (tiny SDXL UNet with the ControlNet copied from it, the config's remat kept):
     the same byte counts as SD1.5's, the ControlNet's "text_time" embedding included in the adapter."""
-    steps, config = plan_steps(tmp_path, "sdxl_codi.py", f"""
-        c.model.update({SDXL_TINY!r}, sample_size=8)
-        c.data.batch_size = 16
-        c.data.resolution = 64
-        """)
-    from jdistill.recipes import conditional
-
-    module = conditional.plan_task(config_lib.load_config(config)).model.module
-    model = module_params(module)
-    net = elements(preset_denoiser("sdxl", **SDXL_TINY, sample_size=8)[0].params)
-    backbone, adapter = elements(model["backbone"]), elements(model["adapter"])
-    assert backbone == net + W_EMBEDDING
+    tiny = {**SDXL_TINY, "sample_size": 8}
+    module, model = plan_codi(tmp_path, "sdxl_codi.py", "sdxl", tiny, f"c.model.update({tiny!r})")
     assert "add_embedding" in model["adapter"]["controlnet"]  # pooled text and time ids reach the ControlNet
     assert module.backbone.remat == module.adapter.controlnet.remat == "full"
-    both = backbone + adapter
-    codi, pe_codi = steps["codi"]["bytes"], steps["pe_codi"]["bytes"]
-    assert codi["params"] == pe_codi["params"] == 4 * both and codi["frozen"] == pe_codi["frozen"] == 0
-    assert codi["optimizer"] == 2 * 4 * both + COUNTERS and codi["averages"] == 4 * both
-    assert pe_codi["optimizer"] == 2 * 4 * adapter + COUNTERS and pe_codi["averages"] == 4 * adapter
-    for step in steps.values():
-        assert_arguments_add_up(step)
 
 
 def test_plan_collab_sdxl_turbo(tmp_path):
