@@ -17,7 +17,7 @@ import pytest
 
 from jdistill import config as config_lib
 from jdistill.metrics import oracles
-from jdistill.recipes import assets, collab, collab_sweep, guided
+from jdistill.recipes import assets, collab, collab_report, collab_sweep, guided
 from jdistill.sampling.generate import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,6 +124,9 @@ def test_sweep_accounting_pick_and_the_cli(runs_dir):
     assert 0.3 <= adaptive["refined_share"] <= 0.7  # k = 50 on samples drawn apart from the calibration's
     for name in ("results.json", "results.md", "sweep.png", "calibration.json"):
         assert os.path.getsize(os.path.join(out, name)) > 0
+    # the teacher's rows name the sweep's solver (every teacher run of the sweep uses it)
+    assert "| ~5 | teacher alone (DDIM + CFG) |" in collab_report.summary_table(result)
+    assert "teacher alone (DPM-Solver++ 2M + CFG)" in collab_report.full_table(dict(result, solver="dpmpp_2m"))
     assert {c["claim"].split(":")[0] for c in result["checks"]} >= {"~5 evaluations"}
     best = collab_sweep.pick(result, 5.0)
     assert best["avg_evals"] <= 5.0 and best["fd"] == min(r["fd"] for r in rows if r["avg_evals"] <= 5.0)

@@ -5,8 +5,17 @@ from __future__ import annotations
 from jdistill.recipes import evaluation
 
 STRATEGIES = ("student", "teacher", "refine_all", "adaptive_refine", "adaptive_regen")
-NAMES = {"student": "student alone", "teacher": "teacher alone (DDIM + CFG)", "refine_all": "refine everything",
+NAMES = {"student": "student alone", "teacher": "teacher alone", "refine_all": "refine everything",
          "adaptive_refine": "adaptive refinement", "adaptive_regen": "adaptive regeneration"}
+SOLVER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++ 2M", "dpmpp_sde": "DPM-Solver++ SDE", "euler": "Euler",
+                "euler_ancestral": "Euler ancestral", "heun": "Heun", "unipc": "UniPC", "ddpm": "DDPM"}
+
+
+def name(strategy: str, result) -> str:
+    """A strategy's name in tables and plots; the teacher's names the sweep's solver (every strategy's)."""
+    if strategy == "teacher":
+        return f"teacher alone ({SOLVER_NAMES.get(result['solver'], result['solver'])} + CFG)"
+    return NAMES[strategy]
 
 
 def best(rows, strategy, budget):
@@ -35,7 +44,7 @@ def summary_table(result) -> str:
     for b in result["budgets"]:
         for strategy in STRATEGIES[1:]:
             r = best(rows, strategy, b)
-            lines.append(f"| ~{b} | {NAMES[strategy]} | {_setting(r)} | {r['avg_steps']:.2f} | {r['avg_evals']:.2f} | "
+            lines.append(f"| ~{b} | {name(strategy, result)} | {_setting(r)} | {r['avg_steps']:.2f} | {r['avg_evals']:.2f} | "
                          f"{r['fd']:.2f} | {r['class_acc']:.3f} | {r['s_per_1000']:.2f} |")
         lines.append(f"| ~{b} | {NAMES['student']} | {result['student']['steps']} steps | {student['avg_steps']:.2f} | "
                      f"{student['avg_evals']:.2f} | {student['fd']:.2f} | {student['class_acc']:.3f} | "
@@ -47,7 +56,7 @@ def full_table(result) -> str:
     lines = ["| strategy | budget | setting | refined | avg evals | padded evals | FD | class acc | s / 1000 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {NAMES[r['strategy']]} | {r['budget'] or '-'} | {_setting(r)} | {r['refined_share']:.3f} | "
+        lines.append(f"| {name(r['strategy'], result)} | {r['budget'] or '-'} | {_setting(r)} | {r['refined_share']:.3f} | "
                      f"{r['avg_evals']:.2f} | {r['padded_evals']:.2f} | {r['fd']:.2f} | {r['class_acc']:.3f} | "
                      f"{r['s_per_1000']:.2f} |")
     return "\n".join(lines)
@@ -75,7 +84,7 @@ def plot(result, path: str) -> str:
     for strategy, style in (("teacher", "s-"), ("refine_all", "^-"), ("adaptive_refine", "o-"),
                             ("adaptive_regen", "v--")):
         pts = sorted((r["avg_evals"], r["fd"]) for b in result["budgets"] if (r := best(rows, strategy, b)))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=NAMES[strategy])
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name(strategy, result))
     k_rows = [r for r in rows if r["strategy"] == "adaptive_refine"]
     ax.scatter([r["avg_evals"] for r in k_rows], [r["fd"] for r in k_rows], s=10, c="grey", alpha=0.5,
                label="adaptive refinement, every k / sigma")

@@ -7,8 +7,9 @@ best setting within a budget.
     jdistill collab-pick runs/collab/results.json --budget 10
 
 At a budget B (average evaluations per sample; a CFG step is two), each strategy spends what the
-student leaves: the teacher alone takes B / 2 DDIM + CFG steps; refine-everything refines all
-samples with (B - s) / 2 steps; adaptive refinement and regeneration improve the k% the oracle
+student leaves: the teacher alone takes B / 2 CFG steps of the sweep's solver (``--solver``, DDIM by
+default: every teacher run of the sweep uses it); refine-everything refines all samples with
+(B - s) / 2 steps; adaptive refinement and regeneration improve the k% the oracle
 scores lowest with (B - s) / (2 k / 100) steps (s: the student's evaluations). The evaluations
 reported are the ones the run spent (its selections), not the target.
 """
