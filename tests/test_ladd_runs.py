@@ -1,9 +1,11 @@
 """LADD end to end: synthetic data written once and resumed exactly, `jdistill distill` killed
-(SIGKILL) and run again ends bit-identical, the results table, and the SD3 config trained for a
-few steps on a tiny converted SD3 pipeline (feature shapes, finite losses)."""
+(SIGKILL) and run again ends bit-identical, the results table (with the progressive and consistency
+students of the same teacher), and the SD3 config trained for a few steps on a tiny converted SD3
+pipeline (feature shapes, finite losses)."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -12,7 +14,7 @@ from cli_helpers import REPO, run_cli, sigkill_at_checkpoint
 
 from jdistill import config as config_lib
 from jdistill.errors import InvalidArgument, MissingInput
-from jdistill.recipes import ladd, ladd_table, runs, synth, teacher
+from jdistill.recipes import consistency, guided, ladd, ladd_table, runs, synth, teacher
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train.loop import read_metrics
 
@@ -109,6 +111,45 @@ def test_distill_killed_then_resumed_is_bit_identical_and_the_table_reads_it(mad
     # a LADD student samples unguided
     with pytest.raises(InvalidArgument, match="unguided"):
         ladd.make_sampler(runs.open_run(str(tmp_path / "full")), guidance_scale=2.0)
+
+
+def test_the_table_holds_the_progressive_and_consistency_students_of_the_same_teacher(made, tmp_path):
+    """configs/digits_flow_guided.py and configs/digits_flow_lcm.py distil the LADD run's flow teacher;
+    the table scores each at 1, 2 and 4 steps through its own recipe's sampler, with the teacher's CFG
+    scale as its guidance input, and refuses a student of another teacher."""
+    root, cfg = made
+
+    def teacher_args(teacher_dir):
+        return [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config=", "--config.data.batch_size=8"]
+
+    def lcm_config(teacher_dir):
+        return config_lib.load_config(os.path.join(REPO, "configs", "digits_flow_lcm.py"),
+                                      [*teacher_args(teacher_dir), "--config.lcm.steps=2", "--config.optim.warmup=1"])
+
+    ladd.train(config_lib.apply_overrides(cfg, ["--config.train.steps=2"]), str(tmp_path / "ladd"), progress=False)
+    consistency.train(lcm_config(root / "teacher"), str(tmp_path / "lcm"), progress=False)
+    guided.train(config_lib.load_config(os.path.join(REPO, "configs", "digits_flow_guided.py"), [
+        *teacher_args(root / "teacher"), "--config.stage1.steps=2", "--config.progressive.start_steps=4",
+        "--config.progressive.train_steps.default=2", "--config.progressive.train_steps.2=2",
+        "--config.progressive.train_steps.1=2"]), str(tmp_path / "guided"), progress=False)
+    compare = {"progressive": str(tmp_path / "guided"), "consistency": str(tmp_path / "lcm")}
+    result = ladd_table.results_table([str(tmp_path / "ladd")], compare=compare, num=70, teacher_steps=(64,),
+                                      student_steps=(1, 2, 4), progress=False)
+    rows = {(r["model"], r["steps"]): r for r in result["rows"]}
+    assert list(rows) == [("teacher", 64), *[(m, n) for m in ("ladd seed 0", "progressive", "consistency")
+                                             for n in (1, 2, 4)]]
+    assert rows[("progressive", 4)]["mode"] == "guided, g=1.5" and rows[("consistency", 4)]["mode"] == "lcm, g=1.5"
+    for n in (1, 2, 4):  # each step count through its own sampler (the guided run: the stage distilled for it)
+        assert rows[("progressive", n)]["sampler"] == f"student (steps_{n:03d}) ddim {n} steps, g=1.5"
+        assert f"{n} steps" in rows[("consistency", n)]["sampler"]
+        assert np.isfinite(rows[("progressive", n)]["fd"]) and np.isfinite(rows[("consistency", n)]["fd"])
+    assert result["compare"] == compare and "progressive" in ladd_table.format_results(result)
+    # a student of another teacher (a copy of the same network, another workdir) is refused by name
+    shutil.copytree(root / "teacher", tmp_path / "other_teacher")
+    consistency.train(lcm_config(tmp_path / "other_teacher"), str(tmp_path / "lcm_other"), progress=False)
+    with pytest.raises(InvalidArgument, match="the table compares students of ONE teacher"):
+        ladd_table.results_table([str(tmp_path / "ladd")], compare={"consistency": str(tmp_path / "lcm_other")},
+                                 num=70, progress=False)
 
 
 def test_sd3_config_trains_a_few_steps_on_a_tiny_converted_sd3_pipeline(tmp_path):

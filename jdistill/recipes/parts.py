@@ -139,7 +139,7 @@ def consistency_part(demo: Demo) -> dict:
 
 
 # The demo's LADD: one seed on fewer synthetic samples and steps (``--full``: configs/digits_ladd.py as
-# is, three seeds, and the progressive students of the same teacher in the table).
+# is, three seeds, and the progressive and consistency students of the same teacher in the table).
 LADD_DEMO = ["--config.synth.num=3000", "--config.train.steps=400"]
 LADD_QUICK = ["--config.synth.num=200", "--config.synth.shard_size=100", "--config.synth.steps=8",
               "--config.train.steps=10", "--config.data.batch_size=32"]
@@ -158,10 +158,12 @@ def ladd_part(demo: Demo) -> dict:
         workdirs.append(demo.run_dir(f"digits_ladd_seed{seed}{tag}"))
         ladd.train(cfg, workdirs[-1])
     compare = {}
-    if demo.full:
-        cfg = demo.config("digits_flow_guided", [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config="])
-        compare["progressive"] = demo.run_dir("digits_flow_guided")
-        guided.train(cfg, compare["progressive"])
+    if demo.full:  # the other students of the same flow teacher, each at its config's budget
+        for name, config, recipe in (("progressive", "digits_flow_guided", guided),
+                                     ("consistency", "digits_flow_lcm", consistency)):
+            compare[name] = demo.run_dir(config)
+            recipe.train(demo.config(config, [f"--config.teacher.workdir={teacher_dir}", "--config.teacher.config="]),
+                         compare[name])
     kw = {} if demo.full else dict(teacher_steps=(1, 4, 64), student_steps=(1, 4))
     table = ladd_table.results_table(workdirs, compare=compare, num=demo.num, out_dir=demo.out("ladd"),
                                      progress=False, **kw)
