@@ -68,6 +68,14 @@ def test_adapter_at_init_changes_nothing(backbone, kind):
                                       params["transformer_blocks_0"]["attn1"]["to_q"]["kernel"])
 
 
+
+def test_a_controlnet_copy_deeper_than_the_dit_is_refused_by_name():
+    bb = _dit()
+    assert adapters.make_adapter("controlnet", bb, copy_depth=bb.depth).copy_depth == bb.depth  # all blocks
+    for depth in (bb.depth + 1, -1):
+        with pytest.raises(ValueError, match=f"adapter copy_depth {depth}: the ControlNet copies 1 to {bb.depth}"):
+            adapters.make_adapter("controlnet", bb, copy_depth=depth)
+
 def test_conditions_are_derived_from_the_images():
     x = np.random.default_rng(0).uniform(-1, 1, (6, 8, 8, 1)).astype(np.float32)
     sr = conditions.make(conditions.parse("sr2"), x)

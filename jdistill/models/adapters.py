@@ -237,6 +237,9 @@ def make_adapter(kind: str, backbone: nn.Module, *, width: int = 32, copy_depth:
         if kind == "gated":
             return GatedDiTAdapter(backbone.depth, backbone.hidden_size, backbone.patch_size, backbone.input_size,
                                    width, backbone.dtype)
+        if copy_depth is not None and not 0 <= copy_depth <= backbone.depth:
+            raise ValueError(f"adapter copy_depth {copy_depth}: the ControlNet copies 1 to {backbone.depth} of the "
+                             f"DiT's {backbone.depth} blocks (0: half of them)")
         return ControlDiTAdapter(backbone, copy_depth or max(1, backbone.depth // 2), width)
     if family == "UNet2DModel" and kind == "gated":
         return GatedUNetAdapter(backbone, width)
