@@ -1,12 +1,12 @@
 """The LADD results table: one flow teacher, every method distilled from it, one table.
 
     jdistill ladd-table --workdir runs/digits_ladd_seed0 runs/digits_ladd_seed1 runs/digits_ladd_seed2 \\
-        --compare progressive=runs/digits_flow_guided --out runs/ladd_table
+        --compare progressive=runs/digits_flow_guided consistency=runs/digits_flow_lcm --out runs/ladd_table
 
 Rows: the teacher with Euler + CFG at 1, 2, 4, 8, 16, 64 steps; each LADD run (one per training
 seed) unguided at 1, 2, 4 steps; each ``--compare`` run (a student of another recipe distilled from
-the SAME teacher: progressive / guided distillation, and consistency distillation once its recipe
-is registered) at 1, 2, 4 steps through its recipe's own sampler, reading the teacher's CFG scale
+the SAME teacher: configs/digits_flow_guided.py, configs/digits_flow_lcm.py) at 1, 2, 4 steps
+through its recipe's own sampler, reading the teacher's CFG scale
 as its guidance input where it takes one. FD and class accuracy against the held-out digits, wall
 time per 1000 samples (best of 3, round-robin). The paper's claims are checked on the numbers:
 the 4-step student's FD at most 1.10x the teacher's 64-step CFG FD, the 1-step's at most 1.5x
