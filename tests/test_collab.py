@@ -4,7 +4,8 @@ sampled with 1 DDIM + CFG step through its recipe's sampler, as the student: k =
 student alone bit for bit; tau is numpy's percentile of the oracle's scores of the student's own
 samples; a calibration file refuses other settings. Slow: a tiny guided-distillation student (a
 guidance-input student, one pass a step); the CLI refuses a mismatched calibration in one line; the
-sweep's budget accounting follows its selections, and collab-pick respects the budget."""
+sweep's budget accounting follows its selections, and collab-pick respects the budget. A budget is a
+cap: every strategy's step count fits it."""
 
 import json
 import os
@@ -93,6 +94,20 @@ def test_tau_is_numpys_percentile_and_mismatched_settings_are_refused(shipped):
         again.check(collab.calibration_settings(student, other_oracle, 40, 1))
     with pytest.raises(collab.CalibrationMismatch, match="set_size"):
         again.check(collab.calibration_settings(student, oracle, 41, 1))
+
+
+def test_a_sweep_budget_is_a_cap_every_strategy_fits():
+    """Each strategy's teacher steps are the most that fit the budget (its rows compare at no more
+    than B evaluations, as collab-pick reads them). Python's round (half to even) gave
+    refine-everything 4 steps at B = 8 (9 evaluations) and 6 at B = 12 (13)."""
+    for budget in range(3, 15):
+        for spent, share in ((0, 1.0), (1, 1.0), (1, 0.9), (1, 0.7), (1, 0.5), (1, 0.3)):
+            steps = collab_sweep.teacher_steps(budget, spent, share, 2)
+            assert spent + steps * 2 * share <= budget + 1e-9 or steps == 1
+            assert spent + (steps + 1) * 2 * share > budget + 1e-9
+    assert [collab_sweep.teacher_steps(b, 1, 1.0, 2) for b in (6, 8, 10, 12)] == [2, 3, 4, 5]
+    assert [collab_sweep.teacher_steps(b, 1, 0.9, 2) for b in (6, 8, 10, 12)] == [2, 3, 5, 6]  # 9 / 1.8 = 5 exactly
+    assert [collab_sweep.teacher_steps(b, 0, 1.0, 2) for b in (7, 8)] == [3, 4]  # the teacher alone
 
 
 @pytest.mark.slow

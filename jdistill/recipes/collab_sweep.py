@@ -6,12 +6,14 @@ best setting within a budget.
         --teacher runs/digits_teacher --budgets 6 8 10 12 --out runs/collab
     jdistill collab-pick runs/collab/results.json --budget 10
 
-At a budget B (average evaluations per sample; a CFG step is two), each strategy spends what the
-student leaves: the teacher alone takes B / 2 CFG steps of the sweep's solver (``--solver``, DDIM by
-default: every teacher run of the sweep uses it); refine-everything refines all samples with
-(B - s) / 2 steps; adaptive refinement and regeneration improve the k% the oracle
-scores lowest with (B - s) / (2 k / 100) steps (s: the student's evaluations). The evaluations
-reported are the ones the run spent (its selections), not the target.
+At a budget B (average evaluations per sample; a CFG step is two), each strategy spends at most what
+the student leaves: the teacher alone takes floor(B / 2) CFG steps of the sweep's solver (``--solver``,
+DDIM by default: every teacher run of the sweep uses it); refine-everything refines all samples with
+floor((B - s) / 2) steps; adaptive refinement and regeneration improve the k% the oracle scores
+lowest with floor((B - s) / (2 k / 100)) steps (s: the student's evaluations). A budget is a cap, as
+in ``pick``: a strategy rounded up would spend more than the strategies it is compared with (Python's
+``round`` gave refine-everything 9 evaluations at B = 8 and 13 at B = 12). The evaluations reported
+are the ones the run spent (its selections), not the target.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ def refinement(form: str, sigma: float, run_steps: int, solver: str) -> Refineme
 
 
 def teacher_steps(budget: float, spent: float, share: float, per_step: int) -> int:
-    return max(1, int(round((budget - spent) / (per_step * share))))
+    """The most teacher steps whose evaluations (``per_step`` each, on ``share`` of the samples) fit
+    what the student's ``spent`` leaves of ``budget``; at least one."""
+    # the epsilon keeps an exact fit (e.g. (10 - 1) / (2 x 0.9) = 5) from flooring to one step less
+    return max(1, int(np.floor((budget - spent) / (per_step * share) + 1e-9)))
 
 
 def sweep(student_dir: str, teacher_dirs, *, student_steps: int = 1, guidance_scale: float = 1.5,
@@ -89,7 +94,7 @@ def sweep(student_dir: str, teacher_dirs, *, student_steps: int = 1, guidance_sc
         if budget <= student.evaluations:
             raise InvalidArgument(f"budget {budget} leaves nothing for the teacher after the student's "
                                   f"{student.evaluations} evaluations")
-        teacher_row(max(1, int(round(budget / per_step))), budget)
+        teacher_row(teacher_steps(budget, 0, 1.0, per_step), budget)
         for sigma in sigmas:
             collab_row("refine_all", budget, 100, sigma, teacher_steps(budget, student.evaluations, 1.0, per_step))
         for k in ks:
