@@ -143,6 +143,9 @@ def test_sweep_accounting_pick_and_the_cli(runs_dir):
     assert "| ~5 | teacher alone (DDIM + CFG) |" in collab_report.summary_table(result)
     assert "teacher alone (DPM-Solver++ 2M + CFG)" in collab_report.full_table(dict(result, solver="dpmpp_2m"))
     assert {c["claim"].split(":")[0] for c in result["checks"]} >= {"~5 evaluations"}
+    for strategy in ("teacher", "refine_all", "adaptive_refine"):  # the claims read rows within the cap
+        fits = [r for r in rows if r["strategy"] == strategy and r["budget"] and r["avg_evals"] <= 5.0]
+        assert collab_report.best(rows, strategy, 5.0) == (min(fits, key=lambda r: r["fd"]) if fits else None)
     best = collab_sweep.pick(result, 5.0)
     assert best["avg_evals"] <= 5.0 and best["fd"] == min(r["fd"] for r in rows if r["avg_evals"] <= 5.0)
     with pytest.raises(ValueError, match="nothing fits"):
