@@ -482,7 +482,9 @@ def build_parser():
     cs.add_argument("--teacher-fractions", nargs="+", type=fraction, help="T-Stitch teacher: the smaller runs' fractions")
     cs.add_argument("--guidance", type=finite_float, default=1.5)
     cs.add_argument("--oracle", default="digits_confidence")
-    cs.add_argument("--budgets", nargs="+", type=positive_float, default=[6, 8, 10, 12])
+    cs.add_argument("--budgets", nargs="+", type=positive_float, default=[6, 8, 10, 12],
+                    help="average network evaluations per sample (a CFG step is two), each a cap: every "
+                         "strategy takes the most teacher steps that fit it")
     cs.add_argument("--k", nargs="+", type=finite_float, default=[30, 50, 70], help="percentiles refined")
     cs.add_argument("--sigma", nargs="+", type=fraction, default=[0.4, 0.6, 0.8], help="refinement strengths")
     cs.add_argument("--form", default="paper", choices=["paper", "img2img"])
