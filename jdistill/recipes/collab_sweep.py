@@ -174,7 +174,7 @@ def _below(row, other) -> dict:
 
 def pick(result: dict, budget: float) -> dict:
     """The lowest-FD row (any strategy and setting) whose measured average evaluations fit ``budget``."""
-    fits = [r for r in result["rows"] if r["avg_evals"] <= budget]
+    fits = [r for r in result["rows"] if collab_report.fits(r, budget)]
     if not fits:
         cheapest = min(result["rows"], key=lambda r: r["avg_evals"])
         raise InvalidArgument(f"nothing fits {budget:g} evaluations; the cheapest row is {cheapest['sampler']} at "
