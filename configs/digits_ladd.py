@@ -23,9 +23,10 @@ def get_config():
     c.synth = dict(dir="", num=10000, shard_size=1000, batch_size=500, steps=64, solver="euler", guidance_scale=1.5,
                    seed=0, prompts=())
     c.data = dict(batch_size=128)
+    # time_shift S: the student's times and sampling grid under SD3's shift S t / (1 + (S - 1) t) (1: as listed)
     c.ladd = dict(loss="hinge", times=(1.0, 0.75, 0.5, 0.25), time_probs=(0.7, 0.1, 0.1, 0.1), renoise_mean=1.0,
                   renoise_std=1.0, r1_weight=0.0, r1_sigma=0.1, distill_weight=0.0, distill_guidance=1.5,
-                  d_every=1, g_every=1)
+                  d_every=1, g_every=1, time_shift=1.0)
     c.student = dict(optim=dict(lr=5e-5, warmup=50, decay="constant", b1=0.0, b2=0.99, weight_decay=0.0,
                                 clip_norm=1.0))
     c.discriminator = dict(blocks=(1, 3), width=128, head="conv",

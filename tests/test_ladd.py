@@ -217,6 +217,22 @@ def test_renoise_sampler_is_x_hat_then_fresh_noise_to_the_next_time(setup):
     assert_close(got, z, 1e-5, "LADD's 4-step sampler")
 
 
+def test_time_shift_moves_the_training_times_and_the_sampling_grid_alike(setup):
+    _, task, obj, _ = setup
+    assert obj.times == (1.0, 0.75, 0.5, 0.25)  # the default: as listed
+    assert np.asarray(unit_grid(task.teacher.schedule, 4, 1.0).t).tolist() == [1.0, 0.75, 0.5, 0.25]
+    shifted = ladd.objective(tiny_config(["--config.ladd.time_shift=3.0"]), task)
+    # SD3's shift 3 t / (1 + 2 t): FastGen's 4-step list is this rule at S = 5
+    np.testing.assert_allclose(shifted.times, [1.0, 0.9, 0.75, 0.5], rtol=1e-7)
+    grid = unit_grid(task.teacher.schedule, 4, 3.0)
+    np.testing.assert_allclose(np.asarray(grid.t), shifted.times, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grid.t_next), [0.9, 0.75, 0.5, 0.0], rtol=1e-6)
+    fastgen = unit_grid(task.teacher.schedule, 4, 5.0)
+    np.testing.assert_allclose(np.asarray(fastgen.t), [1.0, 0.9375, 0.8333333, 0.625], rtol=1e-6)
+    with pytest.raises(Exception, match="time_shift must be positive"):
+        ladd.objective(tiny_config(["--config.ladd.time_shift=0.0"]), task)
+
+
 def test_model_section_sets_execution_options_on_a_pretrained_network_and_refuses_the_rest():
     """LADD of a pipeline (configs/sd3_ladd.py) builds its network from the pipeline: the config's
     ``model`` section sets remat and dtype on it and is checked against it elsewhere (num_layers

@@ -116,10 +116,14 @@ def chain_grid(ts) -> TimeGrid:
     return _grid(ts, np.concatenate([ts[1:], [-1]]), jnp.int32)
 
 
-def unit_grid(schedule, n: int) -> TimeGrid:
+def unit_grid(schedule, n: int, shift: float = 1.0) -> TimeGrid:
     """n equal steps in unit time (1 -> 0) mapped to the schedule's units: the grid a
-    progressively distilled N-step student was trained on, for any schedule."""
+    progressively distilled N-step student was trained on, for any schedule. ``shift`` S moves
+    each unit time u to SD3's S u / (1 + (S - 1) u) first (1: none), as FastGen's LADD spaces
+    its students' steps."""
     u = np.linspace(1.0, 0.0, n + 1, dtype=np.float64)
+    if shift != 1.0:
+        u = shift_time(u, float(shift))
     return TimeGrid(t=schedule.from_unit(jnp.asarray(u[:-1], jnp.float32)),
                     t_next=schedule.from_unit(jnp.asarray(u[1:], jnp.float32)))
 

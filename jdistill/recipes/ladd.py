@@ -14,7 +14,7 @@ discriminator goes first, so the generator reads it as it is after this step's u
 teacher's params are the stage's ``frozen`` input and never change. ``distill`` generates the
 synthetic data first when they are missing (``recipes/synth.py``). The student samples
 unguided: x_hat, then re-noised along the flow to the next time (solver "renoise") on the
-grid t = 1, (N - 1) / N, ..., 1 / N.
+grid t = 1, (N - 1) / N, ..., 1 / N, moved by ``ladd.time_shift`` as the training times are.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jdistill import config as config_lib
+from jdistill.diffusion.schedules import shift_time
 from jdistill.diffusion.timesteps import unit_grid
 from jdistill.errors import InvalidArgument
 from jdistill.models import mmdit, registry
@@ -54,12 +55,24 @@ def discriminator_module(cfg, teacher) -> Discriminator:
                          pooled_dim=int(getattr(teacher.module, "pooled_projection_dim", 0)) if conditioned else 0)
 
 
+def time_shift(cfg) -> float:
+    """``ladd.time_shift`` S (runs from before the option: 1): the student's training times and its
+    sampler's grid are both moved by SD3's shift, t -> S t / (1 + (S - 1) t), so they stay the same
+    times (FastGen's 4-step list for Wan is the unit grid under S = 5)."""
+    shift = float(cfg.ladd.get("time_shift", 1.0))
+    if not shift > 0:
+        raise InvalidArgument(f"ladd.time_shift must be positive, not {shift}")
+    return shift
+
+
 def objective(cfg, task: tasks.Task) -> LADD:
     c = cfg.ladd
     template = task.teacher.replace(params=None)  # the student is the teacher's network
     heads = discriminator_module(cfg, task.teacher)
+    shift = time_shift(cfg)
     return LADD(template, template, heads, heads.blocks, task.cond_fn, task.uncond_fn, loss=c.loss,
-                times=tuple(float(t) for t in c.times), time_probs=tuple(float(p) for p in c.time_probs),
+                times=tuple(float(shift_time(float(t), shift)) for t in c.times),
+                time_probs=tuple(float(p) for p in c.time_probs),
                 renoise_mean=float(c.renoise_mean), renoise_std=float(c.renoise_std), r1_weight=float(c.r1_weight),
                 r1_sigma=float(c.r1_sigma), distill_weight=float(c.distill_weight),
                 distill_guidance=float(c.distill_guidance))
@@ -141,9 +154,10 @@ def train(cfg, workdir: str, *, progress: bool = True, mesh=None, allow_inexact_
                       allow_inexact=allow_inexact_resume)
 
 
-def sample_fn(task: tasks.Task, student, steps: int):
-    """``fn(noise, cond, key)`` of the unguided N-step sampler; text tasks read the sample prompts."""
-    grid = unit_grid(student.schedule, steps)
+def sample_fn(task: tasks.Task, student, steps: int, shift: float = 1.0):
+    """``fn(noise, cond, key)`` of the unguided N-step sampler (the unit grid under ``shift``); text
+    tasks read the sample prompts."""
+    grid = unit_grid(student.schedule, steps, shift)
 
     def fn(noise, cond, key):
         cond = task.sample_cond(noise.shape[0]) if task.num_classes is None else cond
@@ -157,8 +171,8 @@ def grid_sampler(cfg, task: tasks.Task, num: int = 100):
     cond = task.sample_cond(num)
 
     def sample(params):
-        return sample_fn(task, task.teacher.replace(params=params), int(cfg.sample.steps))(noise, cond,
-                                                                                           jax.random.key(0))
+        return sample_fn(task, task.teacher.replace(params=params), int(cfg.sample.steps), time_shift(cfg))(
+            noise, cond, jax.random.key(0))
 
     return sample
 
@@ -182,7 +196,7 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
                               f"time: --solver {SOLVER}), not {solver or '--stochastic'}")
     den, task, cfg = load_student(run.workdir, use_ema=use_ema)
     steps = common.check_steps(steps or cfg.sample.steps, "--steps")
-    return Sampler(fn=sample_fn(task, den, steps), image_shape=registry.image_shape(den.module),
+    return Sampler(fn=sample_fn(task, den, steps, time_shift(cfg)), image_shape=registry.image_shape(den.module),
                    num_classes=task.num_classes, description=f"LADD student, {steps} steps, unguided")
 
 
