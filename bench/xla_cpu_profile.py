@@ -71,9 +71,9 @@ def kind(name: str, line: str, hlo: str) -> str:
         if "bnts" in body:  # layers.attention_einsum's (T, S) scores
             return "YNNPACK, attention"
         return "YNNPACK, convolution" if " convolution(" in body else "YNNPACK, GEMM"
-    if "broadcast" in name:
+    if name.startswith("wrapped_broadcast"):  # a broadcast written out whole (a YNNPACK fusion's operand)
         return "materialised broadcast"
-    if "transpose" in name or "copy" in name:
+    if name.startswith(("transpose", "copy", "wrapped_transpose", "wrapped_copy")):
         return "transpose / copy"
     if "Await" in name:
         return "thread-pool wait"
