@@ -4,11 +4,11 @@ The conditional model is SDXL's UNet (with LCM's w embedding) plus a ControlNet 
 its encoder (diffusers' ``ControlNetModel.from_unet``, SDXL's "text_time" embedding included: pooled
 text and the six time ids reach the ControlNet as they reach the UNet); SDXL's time ids are the
 fixed 1024 x 1024, no crop. The UNet (2.6B params), the ControlNet (1.25B), the target average
-and AdamW's moments are about 60 GB in fp32, so the state is sharded over ``fsdp`` and every block
-is rematerialised in the backward pass, as configs/sd3_ladd.py does (SDXL LCM's step, without the
-ControlNet and without remat, already holds 49 GiB of activations a device). Its published-size
-plan has not finished compiling on this project's CPU (docs/pod-scale.md); the reduced-size plan
-and a tiny training run are tested.
+and AdamW's moments are about 60 GB in fp32, so the state is sharded over ``fsdp`` and every UNet
+block is rematerialised in the backward pass, as configs/sd3_ladd.py does (the ControlNet has no
+remat option yet; SDXL LCM's step, without the ControlNet and without remat, holds 57 GiB of
+activations a device). Its published-size CoDi step on 8x H100 peaks at 46 GiB a device and fits
+(docs/pod-scale.md); the reduced-size plan and a tiny training run are tested.
 
     jdistill distill --config configs/sdxl_codi.py --workdir runs/sdxl_codi
     jdistill sample --workdir runs/sdxl_codi/codi --condition lowres.npz --steps 4
