@@ -354,8 +354,8 @@ def test_sdxl_refiner(tmp_path):
                                  c["encoder_hidden_states"], added_cond_kwargs=c["added_cond_kwargs"])
         with torch.no_grad():
             ref = pipe.unet(torch.from_numpy(nchw(z)), torch.from_numpy(t),
-                            torch.from_numpy(np.asarray(c["encoder_hidden_states"])),
-                            added_cond_kwargs={k: torch.from_numpy(np.asarray(v))
+                            torch.from_numpy(np.array(c["encoder_hidden_states"])),
+                            added_cond_kwargs={k: torch.from_numpy(np.array(v))
                                                for k, v in c["added_cond_kwargs"].items()}).sample
         assert_close(ours, nhwc(ref.numpy()), TOL, "refiner UNet on the encoded prompts")
 
