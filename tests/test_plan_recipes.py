@@ -166,14 +166,42 @@ def test_plan_collab_sdxl_turbo(tmp_path):
     latents = 16 * 8 * 8 * 4
     # both sample on SD's scaled-linear betas (the presets' published scheduler configs, not DDPM's default)
     sd_betas = np.asarray(DiscreteVP.from_betas("scaled_linear", 1000, 0.00085, 0.012).alphas_cumprod)
-    for name, preset, states, time_ids in (("student step", "sdxl-turbo", 2048, 6),
-                                           ("teacher step", "sdxl-refiner", 1280, 5)):
+    for name, preset, states, time_ids, passes in (("student step", "sdxl-turbo", 2048, 6, 1),
+                                                   ("teacher step", "sdxl-refiner", 1280, 5, 2)):
         step = steps[name]
         den = preset_denoiser(preset, **SDXL_TINY)[0]
         np.testing.assert_array_equal(np.asarray(den.schedule.alphas_cumprod), sd_betas)
         net = elements(den.params)
         assert step["bytes"]["params"] == 4 * net, name
         cond = 16 * (77 * states + 1280 + time_ids)  # prompt states, pooled text, time ids
-        assert step["bytes"]["batch"] == 4 * (latents + 2 * cond) // 8, name  # cond and uncond, 2 rows a device
+        # the refiner's CFG reads cond and uncond, Turbo (no guidance) the prompt alone; 2 rows a device
+        assert step["bytes"]["batch"] == 4 * (latents + passes * cond) // 8, name
         assert_arguments_add_up(step)
         assert step["fit"]["v5p"]["fits"]
+
+
+def test_plan_collab_lcm_sdxl_student_takes_guidance_as_its_w_embedding(tmp_path):
+    """Adaptive collaboration's first recipe (LCM-SDXL 4 steps, SDXL base img2img with CFG 8): the
+    LCM student samples guided in ONE pass, the scale entering as its w embedding (``timestep_cond``),
+    as its pipeline runs it; the teacher's CFG runs two. A plan that gave the student CFG would count
+    its negative prompt and twice its FLOPs."""
+    steps, _ = plan_steps(tmp_path, "collab_lcm_sdxl.py", f"""
+        c.model = {SDXL_TINY!r}
+        c.sample.size = (64, 64)
+        c.sample.batch_size = 16
+        """)
+    assert set(steps) == {"student step", "teacher step"}
+    student, teacher = steps["student step"], steps["teacher step"]
+    latents = 16 * 8 * 8 * 4
+    cond = 16 * (77 * 2048 + 1280 + 6)  # prompt states, pooled text, SDXL base's 6 time ids
+    assert "guidance 8 as an input (one pass)" in student["description"]
+    assert "CFG 8 (2 passes" in teacher["description"]
+    assert student["bytes"]["batch"] == 4 * (latents + cond + 16 * 256) // 8  # + the w embedding, no uncond
+    assert teacher["bytes"]["batch"] == 4 * (latents + 2 * cond) // 8
+    lcm = preset_denoiser("lcm-sdxl", **SDXL_TINY)[0]
+    assert student["bytes"]["params"] == 4 * elements(lcm.params)
+    assert teacher["bytes"]["params"] == student["bytes"]["params"] - 4 * W_EMBEDDING
+    for step in (student, teacher):
+        assert_arguments_add_up(step)
+    # one pass against two of the same network (the w embedding's projection is a rounding error)
+    assert 0.45 < student["flops"] / teacher["flops"] < 0.55

@@ -115,15 +115,22 @@ def sampling_cond(module, batch_size: int, pooled_dim: int | None = None) -> dic
     labels; a UNet's prompt states (77 CLIP tokens) and, for SDXL, its pooled text embeddings
     (``pooled_dim`` wide: text_encoder_2's projection) and time ids, as many as the rest of the added
     embedding's input holds (the base's 6 size / crop ids, the refiner's 5 with the aesthetic score;
-    6 when ``pooled_dim`` is not given); an SD3 transformer's joint text states and pooled projections."""
+    6 when ``pooled_dim`` is not given); an SD3 transformer's joint text states and pooled projections.
+    A network that reads the guidance scale as an input (an LCM UNet's ``timestep_cond``, a
+    guidance-embedding DiT's ``guidance``) gets that input too: it samples guided in one pass."""
     from jdistill.errors import InvalidArgument
 
     b = int(batch_size)
     name = type(module).__name__
     if name == "DiT":
-        return {"class_labels": jax.ShapeDtypeStruct((b,), jnp.int32)}
+        out = {"class_labels": jax.ShapeDtypeStruct((b,), jnp.int32)}
+        if getattr(module, "guidance_embed", False):  # a guidance-distilled student reads the scale as an input
+            out["guidance"] = jax.ShapeDtypeStruct((b,), jnp.float32)
+        return out
     if name in ("UNet2DConditionModel", "ControlNetModel"):
         out = {"encoder_hidden_states": jax.ShapeDtypeStruct((b, TEXT_TOKENS[name], module.context_dim), jnp.float32)}
+        if getattr(module, "time_cond_proj_dim", None):  # an LCM UNet: the scale enters as its w embedding
+            out["timestep_cond"] = jax.ShapeDtypeStruct((b, int(module.time_cond_proj_dim)), jnp.float32)
         if module.addition_embed_type == "text_time":
             width, dim = module.projection_class_embeddings_input_dim, module.addition_time_embed_dim
             text = int(pooled_dim) if pooled_dim else width - 6 * dim
@@ -165,7 +172,7 @@ def sampler_call(name: str, denoisers, fractions, grid, batch_size: int, *, solv
     conds = [sampling_cond(d.module, batch_size, p) for d, p in zip(denoisers, pooled)]
     batch = {"noise": jax.ShapeDtypeStruct((int(batch_size), *latent_shape(ref.module, size)), jnp.float32),
              "cond": conds}
-    if text:
+    if text and any(g not in (None, 1, 1.0) for g in (guidance_scales or [])):  # only CFG reads a negative prompt
         batch["uncond"] = list(conds)
     segs = stitch.segments(grid, ref.schedule, fractions, mode)
     loops = {f"{type(d.module).__name__} {i} steps": b - a for i, (d, (a, b)) in enumerate(zip(denoisers, segs))}
@@ -240,8 +247,16 @@ def preset_sampler_call(preset: str, batch_size: int, *, guidance_scale: float |
     den, p = preset_denoiser(preset, dtype, **dict(fields or {}))
     module = den.module
     g = None if guidance_scale in (None, 1, 1.0) else float(guidance_scale)
+    # an LCM UNet or a guidance-embedding DiT takes the scale as an input, one pass a step (as its pipeline samples)
+    guidance_input = bool(getattr(module, "time_cond_proj_dim", None) or getattr(module, "guidance_embed", False))
+    if g is None:
+        how = ", no guidance"
+    elif guidance_input:
+        how, g = f", guidance {g:g} as an input (one pass)", None
+    else:
+        how = f", CFG {g:g} (2 passes as one batch)"
     h, w, _ = latent_shape(module, size)
     return sampler_call(name or f"{p.name} step", [den], [1.0], make_grid(den.schedule, 1, solver), batch_size,
                         solver=solver, guidance_scales=[g], size=size, pooled_dims=[pooled_text_dim(p)],
                         description=f"one {solver} step of {p.name} ({type(module).__name__}, {dtype}) on {h}x{w} "
-                        f"latents" + (f", CFG {g:g} (2 passes as one batch)" if g else ", no guidance"))
+                        f"latents" + how)
