@@ -74,6 +74,7 @@ def test_plan_sd3_ladd_one_block(tmp_path):
     assert step["memory"]["peak"] == sum(step["memory"][k] for k in ("argument", "unread", "output", "temp",
                                                                      "generated_code")) - step["memory"]["alias"]
     assert step["fit"]["v5p"]["fits"]
+    assert set(step["options"]) == {"dtype", "remat"}  # what the advice may name (no param_dtype: a pipeline's)
 
 
 def test_plan_sets_remat_and_compute_dtype_as_training_does():
@@ -87,6 +88,31 @@ def test_plan_sets_remat_and_compute_dtype_as_training_does():
     assert teacher.module.num_layers == 1 and teacher.module.remat == "full"
     assert teacher.module.dtype == jax.numpy.bfloat16
     assert {np.dtype(x.dtype) for x in jax.tree.leaves(teacher.params)} == {np.dtype("float32")}
+
+
+def test_plan_advises_only_settings_training_accepts_on_a_pipeline():
+    """A pretrained pipeline's network takes only the execution options (remat, compute dtype), so the
+    plan's advice for its recipes names nothing else: SD3.5 Large LADD over 8 H100s was advised
+    ``model.param_dtype=bfloat16``, which training on the pipeline refuses by name. A recipe that
+    builds its own network keeps the bf16-params advice."""
+    from jdistill.errors import InvalidArgument
+    from jdistill.recipes import tasks
+
+    def sd3(*overrides):
+        return config_lib.load_config(os.path.join(REPO, "configs", "sd3_ladd.py"),
+                                      ["--config.model.num_layers=1", *overrides])
+
+    assert set(tasks.plan_settings(sd3())) == {"dtype", "remat"}
+    den = preset_denoiser("sd3-medium", num_layers=1, sample_size=16)[0]
+    for key, value in (("dtype", "bfloat16"), ("remat", "none")):  # what training sets on the pipeline's network
+        tasks.with_model_fields(den, sd3(f"--config.model.{key}={value}"), "the pipeline")
+    edited = sd3()  # the advice said "add model.param_dtype=bfloat16 to the config": a key the file lacks
+    with edited.unlocked():
+        edited.model.param_dtype = "bfloat16"
+    with pytest.raises(InvalidArgument, match="model.param_dtype"):
+        tasks.with_model_fields(den, edited, "the pipeline")
+    own = config_lib.load_config(os.path.join(REPO, "configs", "digits_ladd.py"))
+    assert set(tasks.plan_settings(own)) == {"param_dtype", "dtype", "remat"}
 
 
 @pytest.mark.slow

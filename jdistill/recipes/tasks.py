@@ -168,6 +168,17 @@ def model_fields(cfg) -> dict:
 EXECUTION_FIELDS = ("remat", "dtype")
 
 
+def plan_settings(cfg) -> dict:
+    """The config keys a plan's advice may name for this config's networks (setting -> key): a
+    pretrained pipeline's network takes only the execution options (:data:`EXECUTION_FIELDS`), so
+    a plan never advises e.g. ``model.param_dtype``, which training on that pipeline refuses."""
+    from jdistill.plan.steps import MODEL_SETTINGS
+
+    if cfg.teacher.get("pipeline"):
+        return {k: v for k, v in MODEL_SETTINGS.items() if k in EXECUTION_FIELDS}
+    return dict(MODEL_SETTINGS)
+
+
 def with_model_fields(den: Denoiser, cfg, where: str) -> Denoiser:
     """``den`` (a pretrained network) with the config's ``model`` section applied: the execution
     options (activation checkpointing, compute dtype) set on its module, every other field checked
