@@ -155,6 +155,11 @@ def test_fit_advice_and_fix_for_a_step_over_capacity():
     step["options"]["remat"]["values"] = ["full"]
     assert "remat" not in {a["setting"] for a in fit_lib.advice(step, v5e, {"data": 8, "fsdp": 2, "tensor": 1})}
     step["batch_per_device"] = 1
+    # no data axis to fold into fsdp: the state sharded over twice the devices (20 - 10 / 2 = 15 GiB)
+    twice = fit_lib.fix(step, v5e, {"data": 1, "fsdp": 16})
+    assert twice["setting"] == "fsdp over twice the devices" and twice["how"] == "--mesh data=1,fsdp=32 --devices 32"
+    assert twice["estimated_peak"] == 15 * 2**30
+    step["memory"]["peak"] = 30 * 2**30
     assert fit_lib.fix(step, v5e, {"data": 1, "fsdp": 16}) is None  # no setting it knows is enough
 
 

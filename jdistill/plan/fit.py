@@ -8,7 +8,8 @@ The advice is estimated from the plan's own figures, each stated with its assump
 
 * bf16 params: float32 params, optimizer moments, averages and frozen weights take half;
 * more fsdp: move a factor k from the data axis to fsdp (same devices, same per-device
-  batch): sharded state / k;
+  batch): sharded state / k; where no such move fits, fsdp over twice the devices (the same
+  per-device batch, so twice the global one): sharded state / 2;
 * remat: activations (most of ``temp``) are recomputed in the backward pass instead of
   kept, about a third more compute; offered where the network has the option;
 * a smaller per-device batch: ``temp`` scales about linearly with it.
@@ -91,6 +92,11 @@ def advice(result: dict, acc: Accelerator, mesh: dict) -> list[dict]:
         if estimate <= acc.memory:
             break
         k *= 2
+    if not any(a["fits"] for a in out if a["setting"].startswith("fsdp x")):
+        fsdp, tensor = int(mesh.get("fsdp", 1)), int(mesh.get("tensor", 1))
+        add("fsdp over twice the devices", f"--mesh data={data},fsdp={2 * fsdp}" + (f",tensor={tensor}" if tensor > 1
+            else "") + f" --devices {2 * data * fsdp * tensor}", peak - state / 2,
+            "the same per-device batch (twice the global batch); sharded state / 2")
     remat = options.get("remat", {})
     # the networks' remat is a policy name (layers.REMAT_POLICIES: "none", "dots", "full")
     if remat.get("available") and set(remat.get("values", [])) <= {"none"}:
