@@ -96,13 +96,13 @@ def test_plan_advises_only_settings_training_accepts_on_a_pipeline():
     ``model.param_dtype=bfloat16``, which training on the pipeline refuses by name. A recipe that
     builds its own network keeps the bf16-params advice."""
     from jdistill.errors import InvalidArgument
-    from jdistill.recipes import tasks
+    from jdistill.recipes import common, tasks
 
     def sd3(*overrides):
         return config_lib.load_config(os.path.join(REPO, "configs", "sd3_ladd.py"),
                                       ["--config.model.num_layers=1", *overrides])
 
-    assert set(tasks.plan_settings(sd3())) == {"dtype", "remat"}
+    assert set(common.plan_settings(sd3())) == {"dtype", "remat"}
     den = preset_denoiser("sd3-medium", num_layers=1, sample_size=16)[0]
     for key, value in (("dtype", "bfloat16"), ("remat", "none")):  # what training sets on the pipeline's network
         tasks.with_model_fields(den, sd3(f"--config.model.{key}={value}"), "the pipeline")
@@ -112,7 +112,7 @@ def test_plan_advises_only_settings_training_accepts_on_a_pipeline():
     with pytest.raises(InvalidArgument, match="model.param_dtype"):
         tasks.with_model_fields(den, edited, "the pipeline")
     own = config_lib.load_config(os.path.join(REPO, "configs", "digits_ladd.py"))
-    assert set(tasks.plan_settings(own)) == {"param_dtype", "dtype", "remat"}
+    assert set(common.plan_settings(own)) == {"param_dtype", "dtype", "remat"}
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from jdistill.models import adapters, registry
 from jdistill.objectives.codi import codi_loss
 from jdistill.objectives.consistency import with_guidance_input
 from jdistill.objectives.denoising import denoising_loss
-from jdistill.recipes import Recipe, common, conditional, consistency, runs, stages, tasks
+from jdistill.recipes import Recipe, common, conditional, consistency, runs, stages
 from jdistill.recipes.evaluation import Sampler
 from jdistill.sampling import samplers
 from jdistill.train import engine as engine_lib
@@ -85,7 +85,7 @@ def plan_steps(cfg) -> list:
     modules = {"teacher": task.teacher.module, PART: task.model.module}
     what = {"codi": "backbone and adapter train", "pe_codi": "the adapter trains, the backbone is frozen"}
     return [TrainStep.of_stage(codi_stage(cfg, task, name), batch, modules=modules,
-                               settings=tasks.plan_settings(cfg),
+                               settings=common.plan_settings(cfg),
                                description=f"{name}: one PF-ODE step of the conditional model ({cfg.codi.ode}) with "
                                f"CFG, the target average, the model forward and backward; {what[name]}")
             for name in ("codi", "pe_codi") if name in cfg.methods]

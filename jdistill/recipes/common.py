@@ -11,8 +11,8 @@ from jdistill.errors import InvalidArgument, check_finite, check_positive_int
 from jdistill.models import registry
 from jdistill.train import mesh as mesh_lib
 
-__all__ = ["InvalidArgument", "as_float", "check_sampling", "check_steps", "check_train_config", "class_labels_for",
-           "init_params", "make_mesh", "make_source", "refuse_options"]
+__all__ = ["EXECUTION_FIELDS", "InvalidArgument", "as_float", "check_sampling", "check_steps", "check_train_config",
+           "class_labels_for", "init_params", "make_mesh", "make_source", "plan_settings", "refuse_options"]
 
 
 def init_params(module, seed: int):
@@ -95,3 +95,19 @@ def class_labels_for(num: int, num_classes: int) -> np.ndarray:
 
 def as_float(x) -> jax.Array:
     return jnp.asarray(x, jnp.float32)
+
+
+# how a pretrained network runs, not what it is: the only ``model`` fields training sets on one
+# (``tasks.with_model_fields``)
+EXECUTION_FIELDS = ("remat", "dtype")
+
+
+def plan_settings(cfg) -> dict:
+    """The config keys a plan's advice may name for this config's networks (setting -> key): a
+    pretrained pipeline's network takes only the execution options (:data:`EXECUTION_FIELDS`), so
+    a plan never advises e.g. ``model.param_dtype``, which training on that pipeline refuses."""
+    from jdistill.plan.steps import MODEL_SETTINGS
+
+    if cfg.teacher.get("pipeline"):
+        return {k: v for k, v in MODEL_SETTINGS.items() if k in EXECUTION_FIELDS}
+    return dict(MODEL_SETTINGS)

@@ -146,7 +146,7 @@ def plan_steps(cfg) -> list:
     st = lcm_stage(cfg, task)
     modules = {"teacher": task.teacher.module, PART: student_template(task.teacher).module}
     return [TrainStep.of_stage(st, tasks.plan_batch(task, cfg.data.batch_size), modules=modules,
-                               settings=tasks.plan_settings(cfg),
+                               settings=common.plan_settings(cfg),
                                description=f"LCM step: one {cfg.lcm.solver} step of the frozen teacher"
                                + (" with CFG (2 passes)" if scale_range(cfg) else "") + ", the target average "
                                "(no gradient) and the student (forward and backward)")]

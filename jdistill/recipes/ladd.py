@@ -131,7 +131,7 @@ def plan_steps(cfg) -> list:
     heads = discriminator_module(cfg, task.teacher)
     modules = {"teacher": task.teacher.module, PART: task.teacher.module}
     return [TrainStep.of_stage(stage(cfg, task), tasks.plan_batch(task, cfg.data.batch_size), modules=modules,
-                               settings=tasks.plan_settings(cfg),
+                               settings=common.plan_settings(cfg),
                                description=f"LADD step: discriminator ({len(heads.blocks)} heads on the frozen "
                                "teacher's tokens) then generator, every part's optimizer state")]
 

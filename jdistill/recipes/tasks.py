@@ -164,21 +164,6 @@ def model_fields(cfg) -> dict:
     return dict(cfg.get("model") or {})
 
 
-# how a pretrained network runs, not what it is: the only ``model`` fields training sets on one
-EXECUTION_FIELDS = ("remat", "dtype")
-
-
-def plan_settings(cfg) -> dict:
-    """The config keys a plan's advice may name for this config's networks (setting -> key): a
-    pretrained pipeline's network takes only the execution options (:data:`EXECUTION_FIELDS`), so
-    a plan never advises e.g. ``model.param_dtype``, which training on that pipeline refuses."""
-    from jdistill.plan.steps import MODEL_SETTINGS
-
-    if cfg.teacher.get("pipeline"):
-        return {k: v for k, v in MODEL_SETTINGS.items() if k in EXECUTION_FIELDS}
-    return dict(MODEL_SETTINGS)
-
-
 def with_model_fields(den: Denoiser, cfg, where: str) -> Denoiser:
     """``den`` (a pretrained network) with the config's ``model`` section applied: the execution
     options (activation checkpointing, compute dtype) set on its module, every other field checked
@@ -191,14 +176,14 @@ def with_model_fields(den: Denoiser, cfg, where: str) -> Denoiser:
     for key, value in fields.items():
         if not hasattr(module, key):
             wrong.append(f"model.{key}: {type(module).__name__} has no such field")
-        elif key not in EXECUTION_FIELDS and getattr(module, key) != value:
+        elif key not in common.EXECUTION_FIELDS and getattr(module, key) != value:
             wrong.append(f"model.{key}={value!r} but {where} has {getattr(module, key)!r}")
     if wrong:
         raise InvalidArgument("; ".join(wrong) + ". A pretrained network's architecture comes from its weights: "
-                              f"training sets only {', '.join(EXECUTION_FIELDS)} on it; drop the others or set them "
+                              f"training sets only {', '.join(common.EXECUTION_FIELDS)} on it; drop the others or set them "
                               "to the network's values (they size `jdistill plan`'s compiles)")
     options = {k: DTYPES[v] if k == "dtype" and isinstance(v, str) else v
-               for k, v in fields.items() if k in EXECUTION_FIELDS}
+               for k, v in fields.items() if k in common.EXECUTION_FIELDS}
     return den.replace(module=module.clone(**options)) if options else den
 
 
@@ -233,7 +218,7 @@ def plan_text_task(cfg) -> Task:
     from jdistill.plan.steps import preset_denoiser, sampling_cond
 
     # remat and compute dtype set as training sets them on the pipeline's network (params stay float32)
-    architecture = {k: v for k, v in model_fields(cfg).items() if k not in EXECUTION_FIELDS}
+    architecture = {k: v for k, v in model_fields(cfg).items() if k not in common.EXECUTION_FIELDS}
     den = with_model_fields(preset_denoiser(cfg.teacher.pipeline, **architecture)[0], cfg, cfg.teacher.pipeline)
 
     def cond_fn(batch):
