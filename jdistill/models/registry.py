@@ -99,6 +99,18 @@ def num_classes(module) -> int | None:
     return classes.num_classes if classes is not None else None
 
 
+def guidance_input(module) -> str | None:
+    """The input through which ``module`` reads the guidance scale, so that it samples guided in one
+    pass without classifier-free guidance: "timestep_cond" (an SD UNet with ``time_cond_proj_dim``:
+    LCM's w embedding, as diffusers' LatentConsistencyModelPipeline passes it), "guidance" (a
+    guidance-distilled student's embedder, ``guidance_embed=True``) or None (it does not)."""
+    if getattr(module, "time_cond_proj_dim", None):
+        return "timestep_cond"
+    if getattr(module, "guidance_embed", False):
+        return "guidance"
+    return None
+
+
 def learned_variance(module) -> bool:
     """Whether the network outputs a variance beside its prediction (2x its input channels)."""
     out = getattr(module, "output_channels", None) or getattr(module, "out_channels", None)

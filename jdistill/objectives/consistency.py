@@ -35,6 +35,7 @@ from jdistill.denoiser import Denoiser
 from jdistill.diffusion import solvers
 from jdistill.diffusion.consistency import consistency_output, skip_grid
 from jdistill.models import layers
+from jdistill.models import registry as model_registry
 from jdistill.objectives.denoising import labels_cond
 from jdistill.objectives.guided import GUIDANCE_KEY, sample_scales
 
@@ -46,9 +47,8 @@ def guidance_input(module, scale) -> dict:
     """How a student reads the guidance scale g (diffusers' convention): an SD UNet with
     ``time_cond_proj_dim`` as LCM's w embedding (``timestep_cond``, what diffusers'
     LatentConsistencyModelPipeline passes), any other network through its guidance embedder."""
-    dim = getattr(module, "time_cond_proj_dim", None)
-    if dim:
-        return {"timestep_cond": layers.guidance_scale_embedding(scale, dim)}
+    if model_registry.guidance_input(module) == "timestep_cond":
+        return {"timestep_cond": layers.guidance_scale_embedding(scale, int(module.time_cond_proj_dim))}
     return {GUIDANCE_KEY: jnp.asarray(scale, jnp.float32)}
 
 

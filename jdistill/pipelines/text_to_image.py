@@ -44,6 +44,7 @@ from jdistill import images as images_lib
 from jdistill.convert import io, pretrained
 from jdistill.denoiser import Denoiser
 from jdistill.models import layers
+from jdistill.models import registry as model_registry
 from jdistill.models import tokenizers as tokenizers_lib
 from jdistill.pipelines import scheduling
 from jdistill.pipelines.prompts import TEXT_COMPONENTS, PromptEncoder, as_list, family_of, negatives, sdxl_time_ids
@@ -407,8 +408,9 @@ class TextToImage:
         noise = latents if latents is not None else jax.random.normal(key_noise, shape, jnp.float32)
         noise = noise * plan.noise_scale
 
-        guidance_input = bool(getattr(self.network, "guidance_embed", False))
-        lcm = getattr(self.network, "time_cond_proj_dim", None)
+        reads_guidance = model_registry.guidance_input(self.network)
+        guidance_input = reads_guidance == "guidance"
+        lcm = int(self.network.time_cond_proj_dim) if reads_guidance == "timestep_cond" else None
         uncond = self._uncond_mode(guidance_scale > 1 and not guidance_input and lcm is None, negative_prompts)
         enc, tokens, neg = self._tokens(prompts, negative_prompts, uncond, max_sequence_length)
         static = _Static(enc, self.vae if decode else None, plan.solver, plan.clip_x0, plan.ddpm_variance, uncond,

@@ -120,16 +120,19 @@ def sampling_cond(module, batch_size: int, pooled_dim: int | None = None) -> dic
     guidance-embedding DiT's ``guidance``) gets that input too: it samples guided in one pass."""
     from jdistill.errors import InvalidArgument
 
+    from jdistill.models import registry
+
     b = int(batch_size)
     name = type(module).__name__
+    reads_guidance = registry.guidance_input(module)
     if name == "DiT":
         out = {"class_labels": jax.ShapeDtypeStruct((b,), jnp.int32)}
-        if getattr(module, "guidance_embed", False):  # a guidance-distilled student reads the scale as an input
+        if reads_guidance == "guidance":  # a guidance-distilled student
             out["guidance"] = jax.ShapeDtypeStruct((b,), jnp.float32)
         return out
     if name in ("UNet2DConditionModel", "ControlNetModel"):
         out = {"encoder_hidden_states": jax.ShapeDtypeStruct((b, TEXT_TOKENS[name], module.context_dim), jnp.float32)}
-        if getattr(module, "time_cond_proj_dim", None):  # an LCM UNet: the scale enters as its w embedding
+        if reads_guidance == "timestep_cond":  # an LCM UNet: the scale enters as its w embedding
             out["timestep_cond"] = jax.ShapeDtypeStruct((b, int(module.time_cond_proj_dim)), jnp.float32)
         if module.addition_embed_type == "text_time":
             width, dim = module.projection_class_embeddings_input_dim, module.addition_time_embed_dim
@@ -243,12 +246,13 @@ def preset_sampler_call(preset: str, batch_size: int, *, guidance_scale: float |
     on it (T-Stitch, adaptive collaboration) runs per step of that network. The schedule and the
     prediction type are the preset's published scheduler's; ``fields`` are set on the network."""
     from jdistill.diffusion.timesteps import make_grid
+    from jdistill.models import registry
 
     den, p = preset_denoiser(preset, dtype, **dict(fields or {}))
     module = den.module
     g = None if guidance_scale in (None, 1, 1.0) else float(guidance_scale)
     # an LCM UNet or a guidance-embedding DiT takes the scale as an input, one pass a step (as its pipeline samples)
-    guidance_input = bool(getattr(module, "time_cond_proj_dim", None) or getattr(module, "guidance_embed", False))
+    guidance_input = registry.guidance_input(module) is not None
     if g is None:
         how = ", no guidance"
     elif guidance_input:
