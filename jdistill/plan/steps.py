@@ -119,7 +119,6 @@ def sampling_cond(module, batch_size: int, pooled_dim: int | None = None) -> dic
     A network that reads the guidance scale as an input (an LCM UNet's ``timestep_cond``, a
     guidance-embedding DiT's ``guidance``) gets that input too: it samples guided in one pass."""
     from jdistill.errors import InvalidArgument
-
     from jdistill.models import registry
 
     b = int(batch_size)
