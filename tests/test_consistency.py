@@ -229,7 +229,7 @@ def test_lcm_student_starts_as_the_teacher():
 
 
 def test_one_rule_names_how_a_network_reads_the_guidance_scale():
-    """The objective, the pipelines and the plan ask ``registry.guidance_input``: an SD UNet given
+    """The objective, the pipelines and the plan ask ``registry.guidance_input_kind``: an SD UNet given
     LCM's fields reads w through ``timestep_cond``, any other student through its ``guidance``
     embedder, and a plain network not at all (it samples with classifier-free guidance)."""
     from jdistill.models import dit, registry
@@ -238,11 +238,11 @@ def test_one_rule_names_how_a_network_reads_the_guidance_scale():
 
     plain_dit = dit.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=1, num_heads=2)
     plain_unet = UNet2DConditionModel()
-    assert registry.guidance_input(plain_dit) is None and registry.guidance_input(plain_unet) is None
+    assert registry.guidance_input_kind(plain_dit) is None and registry.guidance_input_kind(plain_unet) is None
     lcm_unet = plain_unet.clone(**lcm_recipe.guidance_fields(plain_unet))
     guided_dit = plain_dit.clone(**lcm_recipe.guidance_fields(plain_dit))
-    assert registry.guidance_input(lcm_unet) == "timestep_cond"
-    assert registry.guidance_input(guided_dit) == "guidance"
+    assert registry.guidance_input_kind(lcm_unet) == "timestep_cond"
+    assert registry.guidance_input_kind(guided_dit) == "guidance"
     scale = jnp.asarray([1.0, 7.5])
     assert guidance_input(lcm_unet, scale)["timestep_cond"].shape == (2, lcm_recipe.LCM_EMBEDDING_DIM)
     np.testing.assert_array_equal(guidance_input(guided_dit, scale)["guidance"], scale)

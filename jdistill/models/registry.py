@@ -99,7 +99,7 @@ def num_classes(module) -> int | None:
     return classes.num_classes if classes is not None else None
 
 
-def guidance_input(module) -> str | None:
+def guidance_input_kind(module) -> str | None:
     """The input through which ``module`` reads the guidance scale, so that it samples guided in one
     pass without classifier-free guidance: "timestep_cond" (an SD UNet with ``time_cond_proj_dim``:
     LCM's w embedding, as diffusers' LatentConsistencyModelPipeline passes it), "guidance" (a

@@ -47,7 +47,7 @@ def guidance_input(module, scale) -> dict:
     """How a student reads the guidance scale g (diffusers' convention): an SD UNet with
     ``time_cond_proj_dim`` as LCM's w embedding (``timestep_cond``, what diffusers'
     LatentConsistencyModelPipeline passes), any other network through its guidance embedder."""
-    if model_registry.guidance_input(module) == "timestep_cond":
+    if model_registry.guidance_input_kind(module) == "timestep_cond":
         return {"timestep_cond": layers.guidance_scale_embedding(scale, int(module.time_cond_proj_dim))}
     return {GUIDANCE_KEY: jnp.asarray(scale, jnp.float32)}
 

@@ -408,7 +408,7 @@ class TextToImage:
         noise = latents if latents is not None else jax.random.normal(key_noise, shape, jnp.float32)
         noise = noise * plan.noise_scale
 
-        reads_guidance = model_registry.guidance_input(self.network)
+        reads_guidance = model_registry.guidance_input_kind(self.network)
         guidance_input = reads_guidance == "guidance"
         lcm = int(self.network.time_cond_proj_dim) if reads_guidance == "timestep_cond" else None
         uncond = self._uncond_mode(guidance_scale > 1 and not guidance_input and lcm is None, negative_prompts)

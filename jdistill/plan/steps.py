@@ -123,7 +123,7 @@ def sampling_cond(module, batch_size: int, pooled_dim: int | None = None) -> dic
 
     b = int(batch_size)
     name = type(module).__name__
-    reads_guidance = registry.guidance_input(module)
+    reads_guidance = registry.guidance_input_kind(module)
     if name == "DiT":
         out = {"class_labels": jax.ShapeDtypeStruct((b,), jnp.int32)}
         if reads_guidance == "guidance":  # a guidance-distilled student
@@ -251,7 +251,7 @@ def preset_sampler_call(preset: str, batch_size: int, *, guidance_scale: float |
     module = den.module
     g = None if guidance_scale in (None, 1, 1.0) else float(guidance_scale)
     # an LCM UNet or a guidance-embedding DiT takes the scale as an input, one pass a step (as its pipeline samples)
-    guidance_input = registry.guidance_input(module) is not None
+    guidance_input = registry.guidance_input_kind(module) is not None
     if g is None:
         how = ", no guidance"
     elif guidance_input:
