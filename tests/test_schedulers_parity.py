@@ -357,3 +357,25 @@ def test_codi_matches_its_formula(n, prediction):
     ours = samplers.sample_jit(make_denoiser(schedule, prediction), jnp.asarray(unit_noise(3)), grid=grid,
                                solver="codi")
     assert_close(ours, z, TOL, f"CoDi {n} steps")
+
+
+@pytest.mark.parametrize("solver,cls,kw", [
+    ("dpmpp_2m", diffusers.DPMSolverMultistepScheduler, {}),
+    ("dpmpp_sde", diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    ("unipc", diffusers.UniPCMultistepScheduler, {}),
+])
+@pytest.mark.parametrize("shift,n", [(3.0, 4), (3.0, 12), (1.0, 7), (3.0, 20)])
+def test_multistep_solvers_on_a_flow_schedule_step_as_diffusers_flow_sigmas(monkeypatch, solver, cls, kw, shift, n):
+    """A flow model sampled with DPM-Solver++ / UniPC by name (``make_grid``): the class with
+    ``use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction"``: its own sigma
+    list, not FlowMatchEuler's, and the network at its integer timesteps."""
+    euler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
+    schedule = schedules.from_diffusers_config(config_of(euler))
+    ref = cls(use_flow_sigmas=True, flow_shift=shift, prediction_type="flow_prediction", **kw)
+    grid = timesteps.make_grid(schedule, n, solver)
+    z0, key = unit_noise(5), jax.random.key(6)
+    expected = run_diffusers(monkeypatch, ref, z0, n, None, step_noises(key, n))
+    assert_close(np.asarray(schedule.model_time(grid.t)), ref.timesteps.numpy(), 1e-4, "integer timesteps")
+    assert_close(grid.sigma, ref.sigmas.numpy()[:-1], 1e-7, "sigmas")
+    ours = samplers.sample_jit(make_denoiser(schedule, "flow"), jnp.asarray(z0), grid=grid, solver=solver, rng=key)
+    assert_close(ours, expected, TOL, f"{solver} on flow sigmas")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jdistill.diffusion.schedules import RectifiedFlow
+
 
 def forward(x0, eps, a, s):
     """q(z_t | x): z_t = a x + s eps."""
@@ -101,6 +103,14 @@ def vp_from_sigma(sigma):
     """(a, s) of diffusers' sigma = s / a, computed as its schedulers do: a = 1 / sqrt(sigma^2 + 1)."""
     a = 1.0 / jnp.sqrt(sigma**2 + 1.0)
     return a, sigma * a
+
+
+def levels_from_sigma(schedule, sigma):
+    """(a, s) of a grid's own noise level ``TimeGrid.sigma``: diffusers' sigma = s / a on VP schedules,
+    its flow sigma = s (a = 1 - s) on flow ones, as its schedulers' ``_sigma_to_alpha_sigma_t``."""
+    if isinstance(schedule, RectifiedFlow):
+        return 1.0 - sigma, sigma
+    return vp_from_sigma(sigma)
 
 
 def dpmpp_step(z, x0, x0_prev, a_t, s_t, a_s, s_s, lam_prev, second_order, solver_type="midpoint", noise=None):

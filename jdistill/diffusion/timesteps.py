@@ -23,9 +23,11 @@ SPACINGS = ("leading", "trailing", "linspace")
 class TimeGrid:
     t: jax.Array
     t_next: jax.Array
-    # diffusers' sigma = s / a at t and t_next, for grids whose noise levels are not the
-    # schedule's at t (Karras sigmas, sigmas interpolated between integer timesteps): the
-    # network sees t, the solver step reads these. None: the schedule's own at t.
+    # the scheduler's sigma at t and t_next, for grids whose noise levels are not the schedule's
+    # at t (Karras sigmas, sigmas interpolated between integer timesteps, flow sigmas the network
+    # sees rounded down to integer timesteps): the network sees t, the solver step reads these.
+    # diffusers' sigma = s / a on VP schedules, s (= t) on flow ones (``solvers.levels_from_sigma``).
+    # None: the schedule's own at t.
     sigma: jax.Array | None = None
     sigma_next: jax.Array | None = None
 
@@ -141,6 +143,29 @@ def flow_grid(n: int, shift: float = 1.0, T: int = 1000) -> TimeGrid:
     return _grid(sig, np.concatenate([sig[1:], np.zeros(1, np.float32)]), jnp.float32)
 
 
+def flow_multistep_grid(n: int, shift: float = 1.0, T: int = 1000, solver: str = "dpmpp_2m") -> TimeGrid:
+    """The flow sigmas of diffusers' multistep schedulers (``use_flow_sigmas=True``, ``flow_shift`` =
+    the schedule's shift), ending at 0: DPMSolverMultistepScheduler's (DPM-Solver++ 2M / SDE)
+    shift(1 - linspace(1, 1 / T, n + 1)) flipped, UniPCMultistepScheduler's shift(linspace(1, 1 / T,
+    n + 1)[:-1]) (its first 1 moved to 1 - 1e-6). Not FlowMatchEuler's grid (``flow_grid``), whose
+    last step is 1 / T long: the second-order multistep then takes one long step before it, and the
+    DPM-Solver++ FD of the digits flow teacher fell and rose with the step count (4: 12.4, 6: 15.8,
+    12: 7.8). Both schedulers give the network int64 timesteps int(sigma T); the solver steps
+    between the sigmas themselves (``TimeGrid.sigma``, here t itself)."""
+    if solver == "unipc":
+        sig = np.linspace(1, 1 / T, n + 1)[:-1]
+        sig = shift * sig / (1 + (shift - 1) * sig)
+        if np.fabs(sig[0] - 1) < 1e-6:
+            sig[0] -= 1e-6
+    else:
+        sig = 1.0 - np.linspace(1, 1 / T, n + 1)
+        sig = np.flip(shift * sig / (1 + (shift - 1) * sig))[:-1].copy()
+    sig = np.concatenate([sig, [0.0]]).astype(np.float32)
+    t = (sig[:-1] * T).astype(np.int64).astype(np.float32) / np.float32(T)
+    return TimeGrid(t=jnp.asarray(t), t_next=jnp.asarray(np.concatenate([t[1:], [0.0]]).astype(np.float32)),
+                    sigma=jnp.asarray(sig[:-1]), sigma_next=jnp.asarray(sig[1:]))
+
+
 def sigma_grid(ts, sigmas, last_sigma: float, t_dtype=jnp.float32) -> TimeGrid:
     """Steps from each (t, sigma) to the next; the last lands on ``last_sigma`` (t = -1 when
     that is 0, the clean end; else timestep 0)."""
@@ -229,7 +254,9 @@ def make_grid(schedule, num_steps: int, solver: str = "ddim", spacing: str | Non
     DPM-Solver and UniPC chain their listed timesteps; Heun and Euler ancestral interpolate
     sigmas; LCM / CoDi pick from the ``original_inference_steps`` grid); ``timesteps``: a custom
     list (``custom_grid``). Continuous schedules use equal steps in t (``unit_grid``), flow
-    schedules diffusers' sigma list; LCM / CoDi there pick from the unit skip grid (``lcm_unit_grid``).
+    schedules the sigma list of the diffusers scheduler of that solver (FlowMatchEuler's, or the
+    multistep schedulers' ``use_flow_sigmas`` one: ``flow_multistep_grid``); LCM / CoDi there pick
+    from the unit skip grid (``lcm_unit_grid``).
     """
     if isinstance(schedule, DiscreteVP):
         T = schedule.num_train_timesteps
@@ -253,6 +280,8 @@ def make_grid(schedule, num_steps: int, solver: str = "ddim", spacing: str | Non
         raise ValueError("solver 'tcd' steps between integer timesteps: it needs a discrete schedule")
     if solver in ("lcm", "codi"):
         return lcm_unit_grid(schedule, num_steps, original_inference_steps)
+    if isinstance(schedule, RectifiedFlow) and solver in ("dpmpp_2m", "dpmpp_sde", "unipc"):
+        return flow_multistep_grid(num_steps, schedule.shift, schedule.num_train_timesteps, solver)
     if isinstance(schedule, RectifiedFlow):
         return flow_grid(num_steps, schedule.shift, schedule.num_train_timesteps)
     if isinstance(schedule, CosineVP):

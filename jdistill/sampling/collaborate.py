@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdistill.diffusion.schedules import DiscreteVP, RectifiedFlow
-from jdistill.diffusion.solvers import vp_from_sigma
+from jdistill.diffusion.solvers import levels_from_sigma
 from jdistill.diffusion.timesteps import TimeGrid, make_grid
 from jdistill.sampling import stitch
 
@@ -125,7 +125,7 @@ def teacher_grid(schedule, refinement: Refinement, grid_fn=None) -> tuple[TimeGr
 def noise_level(schedule, grid: TimeGrid, step: int):
     """(a, s) at grid step ``step``: the grid's own sigma when it has one, else the schedule's."""
     if grid.sigma is not None:
-        return vp_from_sigma(grid.sigma[step])
+        return levels_from_sigma(schedule, grid.sigma[step])
     return schedule.alpha_sigma(grid.t[step])
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jdistill.diffusion import solvers, unipc
 from jdistill.diffusion.consistency import scalings_at
+from jdistill.diffusion.schedules import RectifiedFlow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,12 +49,12 @@ class Step:
         t, sigma = (self.t_next, self.sigma_next) if at_next else (self.t, self.sigma)
         if sigma is None:
             return self.denoiser.schedule.alpha_sigma(t)
-        return solvers.vp_from_sigma(sigma)
+        return solvers.levels_from_sigma(self.denoiser.schedule, sigma)
 
     def sigma_at(self, at_next: bool = False):
-        """diffusers' sigma = s / a at t (or t_next)."""
+        """diffusers' VP sigma = s / a at t (or t_next)."""
         sigma = self.sigma_next if at_next else self.sigma
-        if sigma is not None:
+        if sigma is not None and not isinstance(self.denoiser.schedule, RectifiedFlow):
             return sigma
         a, s = self.levels(at_next)
         return s / a
