@@ -14,7 +14,8 @@ from cli_helpers import REPO, run_cli, sigkill_at_checkpoint
 
 from jdistill import config as config_lib
 from jdistill.errors import InvalidArgument, MissingInput
-from jdistill.recipes import consistency, guided, ladd, ladd_table, runs, synth, teacher
+from jdistill.metrics import oracles
+from jdistill.recipes import collab, collab_sweep, consistency, guided, ladd, ladd_table, runs, synth, teacher
 from jdistill.train import checkpoint as ckpt_lib
 from jdistill.train.loop import read_metrics
 
@@ -111,6 +112,15 @@ def test_distill_killed_then_resumed_is_bit_identical_and_the_table_reads_it(mad
     # a LADD student samples unguided
     with pytest.raises(InvalidArgument, match="unguided"):
         ladd.make_sampler(runs.open_run(str(tmp_path / "full")), guidance_scale=2.0)
+    # ... so as a collaboration's student it takes no guidance scale (the teacher's is for the teacher)
+    student = collab.load_student(str(tmp_path / "full"), steps=2, guidance_scale=1.5)
+    assert student.evaluations == 2 and student.settings["guidance_scale"] is None
+    tchr, members = collab.load_teacher(str(root / "teacher"), guidance_scale=1.5)
+    calib = collab.calibrate(student, oracles.get("digits_confidence"), num=16, batch_size=8)
+    sampler = collab.collab_sampler(student, oracles.get("digits_confidence"), tchr, members,
+                                    collab_sweep.refinement("paper", 0.6, 1, "euler"), calib.tau(50), buckets=2)
+    images, _, _ = sampler.run(16, seed=0)
+    assert images.shape == (16, 8, 8, 1) and 0.0 < sampler.plan.budget()["refined_share"] < 1.0
 
 
 def test_the_table_holds_the_progressive_and_consistency_students_of_the_same_teacher(made, tmp_path):

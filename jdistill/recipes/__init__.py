@@ -31,6 +31,9 @@ class Recipe:
     # (cfg) -> [jdistill.plan.steps.TrainStep | CallStep]: the jitted steps it runs, built without
     # weights or data, for `jdistill plan`
     plan: Callable | None = None
+    # whether its sampler takes a guidance scale (False: a student that learnt guided samples and samples
+    # unguided, as LADD's), so that a composite (collaboration) passes the teacher's scale only where it applies
+    guided_sampling: bool = True
 
 
 class UnknownRecipe(UserError, ValueError):

@@ -41,7 +41,7 @@ class Student:
     """A student run sampled as its recipe samples it, with its settings (what calibration records)."""
 
     sampler: Sampler
-    settings: dict  # run, steps, guidance scale, sampler description
+    settings: dict  # run, steps, guidance scale (None: unguided), sampler description
     evaluations: int  # network evaluations per sample
     steps: int
 
@@ -51,8 +51,10 @@ def load_student(workdir: str, *, steps: int, guidance_scale: float) -> Student:
     recipe = get_recipe(run.recipe)
     if recipe.sampler is None:
         raise InvalidArgument(f"{workdir}: a {run.recipe!r} run has nothing to sample as a student")
-    sampler = recipe.sampler(run, steps=steps, guidance_scale=guidance_scale)
-    settings = {"run": os.path.abspath(workdir), "steps": int(steps), "guidance_scale": float(guidance_scale),
+    # the teacher's guidance scale, given to a student only if it reads one (a LADD student samples unguided)
+    scale = float(guidance_scale) if recipe.guided_sampling else None
+    sampler = recipe.sampler(run, steps=steps, **({} if scale is None else {"guidance_scale": scale}))
+    settings = {"run": os.path.abspath(workdir), "steps": int(steps), "guidance_scale": scale,
                 "sampler": sampler.description}
     return Student(sampler, settings, int(steps) * sampler.model_calls_per_step, int(steps))
 

@@ -209,4 +209,4 @@ def member(run: runs.Run, guidance_scale: float) -> Member:
 
 RECIPE = Recipe("ladd", "LADD: adversarial distillation on synthetic data, the frozen teacher as the "
                 "discriminator's feature network", "distill", train=train, sampler=make_sampler, member=member,
-                plan=plan_steps)
+                plan=plan_steps, guided_sampling=False)
