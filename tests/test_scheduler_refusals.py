@@ -80,6 +80,7 @@ REFUSED = [
     (_DPM, dict(lambda_min_clipped=-5.1), 10, None, "lambda_min_clipped=-5.1", True),
     (_DPM, dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), 10, None, "algorithm_type='dpmsolver'", True),
     (_DPM, dict(thresholding=True), 10, None, "thresholding=True", True),
+    (_DPM, dict(prediction_type="flow_prediction"), 10, None, "prediction_type='flow_prediction'", False),
     (_DPM, dict(use_karras_sigmas=True), None, [999, 500, 10], "use_karras_sigmas=True", True),
     (_DPM, dict(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True), 12, None, "timesteps=[998, 998", True),
     (diffusers.DDIMScheduler, dict(rescale_betas_zero_snr=True, timestep_spacing="trailing"), 10, None,
@@ -102,7 +103,8 @@ REFUSED = [
     (_UNIPC, dict(solver_order=4), 10, None, "solver_order=4", True),
     (_UNIPC, dict(solver_type="bh1"), 10, None, "solver_type='bh1', final_sigmas_type='zero'", True),
     (_UNIPC, dict(lower_order_final=False), 10, None, "lower_order_final=False", True),
-    (_UNIPC, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), 10, None, "use_flow_sigmas=True", True),
+    (_UNIPC, dict(use_flow_sigmas=True, prediction_type="flow_prediction", shift_terminal=0.1), 10, None,
+     "shift_terminal=0.1", False),
     (_UNIPC, dict(), None, [999, 500], "timesteps=[999, 500]", False),
     (diffusers.LCMScheduler, dict(thresholding=True), 4, None, "thresholding=True", True),
     (diffusers.FlowMatchEulerDiscreteScheduler, dict(use_dynamic_shifting=True), 10, None,
@@ -130,8 +132,16 @@ def test_named_solvers_refuse_what_their_class_cannot_run():
     with pytest.raises(UnsupportedSchedulerOption, match=r"last alpha_bar differs"):
         scheduling.plan(euler_zero_snr, 10, "ddim")  # DDIM keeps alpha_bar = 0 where Euler put 2**-24
     flow = config_of(diffusers.FlowMatchEulerDiscreteScheduler())
-    with pytest.raises(UnsupportedSchedulerOption, match="solver='unipc'"):
-        scheduling.plan(flow, 10, "unipc")
+    with pytest.raises(UnsupportedSchedulerOption, match="solver='heun'"):
+        scheduling.plan(flow, 10, "heun")
+    # a multistep class on flow sigmas: its options off their defaults are named
+    for cls, kw in [(diffusers.DPMSolverMultistepScheduler, dict(solver_order=3)),
+                    (diffusers.DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min")),
+                    (diffusers.DPMSolverMultistepScheduler, dict(euler_at_final=True)),
+                    (diffusers.UniPCMultistepScheduler, dict(solver_type="bh1"))]:
+        config = config_of(cls(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction", **kw))
+        with pytest.raises(UnsupportedSchedulerOption, match=list(kw)[0]):
+            scheduling.plan(config, 10)
 
 
 def test_zero_snr_needs_the_class():

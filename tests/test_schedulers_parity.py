@@ -379,3 +379,19 @@ def test_multistep_solvers_on_a_flow_schedule_step_as_diffusers_flow_sigmas(monk
     assert_close(grid.sigma, ref.sigmas.numpy()[:-1], 1e-7, "sigmas")
     ours = samplers.sample_jit(make_denoiser(schedule, "flow"), jnp.asarray(z0), grid=grid, solver=solver, rng=key)
     assert_close(ours, expected, TOL, f"{solver} on flow sigmas")
+
+
+@pytest.mark.parametrize("solver", ["dpmpp_2m", "dpmpp_sde", "unipc"])
+def test_flow_configs_through_the_mapper_sample_as_the_multistep_class_on_flow_sigmas(monkeypatch, solver):
+    """SD3's FlowMatchEuler config with a multistep solver named, and that class's own config with
+    ``use_flow_sigmas=True``: both as diffusers' class with flow sigmas, flow_shift = the shift."""
+    euler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    cls = diffusers.UniPCMultistepScheduler if solver == "unipc" else diffusers.DPMSolverMultistepScheduler
+    kw = {"algorithm_type": "sde-dpmsolver++"} if solver == "dpmpp_sde" else {}
+    z0, key = unit_noise(7), jax.random.key(8)
+    ref = cls(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction", **kw)
+    expected = run_diffusers(monkeypatch, ref, z0, 9, None, step_noises(key, 9))
+    for config, named in ((config_of(euler), solver), (config_of(ref), None)):
+        ours, plan = run_plan(config, z0, 9, key, solver=named)
+        assert plan.solver == solver and scheduling.prediction_type(config) == "flow"
+        assert_close(ours, expected, TOL, f"{solver} on flow sigmas from {config['_class_name']}")

@@ -286,6 +286,10 @@ def from_diffusers_config(cfg: dict, strict: bool = True):
         refuse_plain_violations(cfg)
     if "FlowMatch" in cfg.get("_class_name", ""):
         return RectifiedFlow(shift=float(cfg.get("shift", 1.0)), num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
+    if cfg.get("use_flow_sigmas", False) and cfg.get("prediction_type") == "flow_prediction":
+        # DPMSolverMultistep / UniPC on a flow model: alpha = 1 - sigma, sigma shifted by flow_shift
+        return RectifiedFlow(shift=float(cfg.get("flow_shift", 1.0)),
+                             num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)))
     if cfg.get("rescale_betas_zero_snr", False):
         return DiscreteVP(alphas_cumprod=jnp.asarray(diffusers_alphas_cumprod(cfg)))
     return DiscreteVP.from_betas_array(_diffusers_betas(cfg))

@@ -175,7 +175,7 @@ def dpm_solver(req: Request, solver: str | None) -> SamplingPlan:
     req.only(thresholding=False, use_lu_lambdas=False, use_exponential_sigmas=False, use_beta_sigmas=False,
              use_flow_sigmas=False, use_dynamic_shifting=False, lambda_min_clipped=-math.inf)
     if req.get("prediction_type", "epsilon") == "flow_prediction":
-        req.refuse({"prediction_type": "flow_prediction"}, "DPM-Solver on flow models is not reproduced")
+        req.refuse({"prediction_type": "flow_prediction"}, "a flow model samples with use_flow_sigmas=True")
     final = req.final()
     req.no_karras_with_custom()
     if req.get("use_karras_sigmas", False):
@@ -247,7 +247,7 @@ def unipc(req: Request) -> SamplingPlan:
     req.only(predict_x0=True, disable_corrector=[], solver_p=None, thresholding=False, use_exponential_sigmas=False,
              use_beta_sigmas=False, use_flow_sigmas=False, use_dynamic_shifting=False, shift_terminal=None)
     if req.get("prediction_type", "epsilon") == "flow_prediction":
-        req.refuse({"prediction_type": "flow_prediction"}, "UniPC on flow models is not reproduced")
+        req.refuse({"prediction_type": "flow_prediction"}, "a flow model samples with use_flow_sigmas=True")
     final = req.final()
     lower_order_final = bool(req.get("lower_order_final", True))
     if not lower_order_final and final == "zero":

@@ -19,6 +19,9 @@ UniPCMultistepScheduler                unipc            its timesteps (or Karras
 LCMScheduler                           lcm              from its original_inference_steps grid
 TCDScheduler                           tcd              LCM's picks, the last step to timestep 0
 FlowMatchEulerDiscreteScheduler        euler            its shifted sigmas
+DPMSolverMultistepScheduler /          dpmpp_2m,        the class's own flow sigmas
+  UniPCMultistepScheduler with         dpmpp_sde,       (``timesteps.flow_multistep_grid``)
+  use_flow_sigmas=True, flow_prediction  unipc
 ====================================  ===============  ======================================
 
 EulerDiscreteScheduler (SDXL's) integrates the same probability-flow ODE in the variables
@@ -29,7 +32,10 @@ the noise times s at the first timestep for "linspace" / "trailing": ``SamplingP
 
 A ``solver`` may also be named for any config: it then samples as its diffusers scheduler built
 ``from_config(config)`` does (that class's options read from the config, its defaults for the
-rest; "stochastic" on DDIM's grid, "codi" on LCM's). On SD 1.5's PNDMScheduler, which has no
+rest; "stochastic" on DDIM's grid, "codi" on LCM's). On a flow config (SD3's FlowMatchEuler) the
+multistep solvers sample as their class with ``use_flow_sigmas=True, flow_shift=shift,
+prediction_type="flow_prediction"``, the one way diffusers runs them on a flow model (``from_config``
+alone would read the flow model as a VP one). On SD 1.5's PNDMScheduler, which has no
 jdistill counterpart, naming one is required. Options that would change the grid or the update
 in ways jdistill does not reproduce are refused by name (``UnsupportedSchedulerOption``, a
 ValueError), never ignored.
@@ -87,7 +93,16 @@ _FLOW_DEFAULTS = {
     "use_beta_sigmas": False,
     "stochastic_sampling": False,
 }
-_FLOW_SOLVERS = ("ddim", "ddpm", "dpmpp_2m", "euler", "stochastic")  # as before the sigma-grid solvers
+_FLOW_SOLVERS = ("ddim", "ddpm", "dpmpp_2m", "dpmpp_sde", "euler", "stochastic", "unipc")
+# a multistep class's options on a flow config (use_flow_sigmas=True) reproduced only at their defaults
+_FLOW_MULTISTEP_DEFAULTS = {
+    "DPMSolverMultistepScheduler": dict(solver_order=2, solver_type="midpoint", lower_order_final=True,
+                                        euler_at_final=False, final_sigmas_type="zero", thresholding=False,
+                                        use_lu_lambdas=False, variance_type=None),
+    "UniPCMultistepScheduler": dict(solver_order=2, solver_type="bh2", lower_order_final=True,
+                                    final_sigmas_type="zero", predict_x0=True, disable_corrector=[], solver_p=None,
+                                    thresholding=False),
+}
 
 
 def without_used_defaults(config: dict) -> dict:
@@ -103,7 +118,9 @@ def class_name(config: dict) -> str:
 
 
 def is_flow(config: dict) -> bool:
-    return "FlowMatch" in class_name(config)
+    """A flow-matching config: FlowMatchEuler's, or a multistep class's on flow sigmas."""
+    return "FlowMatch" in class_name(config) or (
+        bool(config.get("use_flow_sigmas", False)) and config.get("prediction_type") == "flow_prediction")
 
 
 def prediction_type(config: dict) -> str:
@@ -168,7 +185,11 @@ def _check_first_timestep_once(scheduler: str, grid) -> None:
 
 
 def _flow_plan(config: dict, schedule, num_steps: int, solver: str) -> SamplingPlan:
-    bad = {k: config[k] for k, want in _FLOW_DEFAULTS.items() if k in config and differs(config[k], want)}
+    defaults = {**_FLOW_DEFAULTS, **_FLOW_MULTISTEP_DEFAULTS.get(class_name(config), {})}
+    bad = {k: config[k] for k, want in defaults.items() if k in config and differs(config[k], want)}
+    if class_name(config) == "DPMSolverMultistepScheduler" and config.get("algorithm_type", "dpmsolver++") not in (
+            "dpmsolver++", "sde-dpmsolver++"):
+        bad["algorithm_type"] = config["algorithm_type"]
     if bad:
         raise UnsupportedSchedulerOption(class_name(config), bad, "jdistill reproduces these only at their defaults")
     if solver not in _FLOW_SOLVERS:
