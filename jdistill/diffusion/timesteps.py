@@ -153,13 +153,11 @@ def flow_multistep_grid(n: int, shift: float = 1.0, T: int = 1000, solver: str =
     12: 7.8). Both schedulers give the network int64 timesteps int(sigma T); the solver steps
     between the sigmas themselves (``TimeGrid.sigma``, here t itself)."""
     if solver == "unipc":
-        sig = np.linspace(1, 1 / T, n + 1)[:-1]
-        sig = shift * sig / (1 + (shift - 1) * sig)
+        sig = shift_time(np.linspace(1, 1 / T, n + 1)[:-1], shift)
         if np.fabs(sig[0] - 1) < 1e-6:
             sig[0] -= 1e-6
     else:
-        sig = 1.0 - np.linspace(1, 1 / T, n + 1)
-        sig = np.flip(shift * sig / (1 + (shift - 1) * sig))[:-1].copy()
+        sig = np.flip(shift_time(1.0 - np.linspace(1, 1 / T, n + 1), shift))[:-1].copy()
     sig = np.concatenate([sig, [0.0]]).astype(np.float32)
     t = (sig[:-1] * T).astype(np.int64).astype(np.float32) / np.float32(T)
     return TimeGrid(t=jnp.asarray(t), t_next=jnp.asarray(np.concatenate([t[1:], [0.0]]).astype(np.float32)),
