@@ -193,7 +193,8 @@ def cmd_ladd_table(args, overrides):
 
 
 def _sampling_options(args) -> dict:
-    return dict(steps=args.steps, solver=args.solver, guidance_scale=args.guidance, stochastic=args.stochastic)
+    return dict(steps=args.steps, solver=args.solver, guidance_scale=args.guidance, stochastic=args.stochastic,
+                spacing=args.spacing, timesteps=args.timesteps)
 
 
 def _pretrained_source(args) -> str | None:
@@ -254,7 +255,7 @@ def cmd_sample(args, overrides):
 def cmd_codi_table(args, overrides):
     from jdistill.recipes import codi_table
 
-    result = codi_table.results_table(args.workdir, num=args.num, out_dir=args.out)
+    result = codi_table.results_table(args.workdir, num=args.num, out_dir=args.out, spacing=args.spacing)
     print(codi_table.format_results(result))
     if args.out:
         print(f"table and pictures in {args.out}")
@@ -330,7 +331,7 @@ def cmd_eval(args, overrides):
         result = sample_lib.evaluate_run(args.samples, num=args.num or 1000, seed=args.seed, **_sampling_options(args))
     else:
         if any(v not in (None, False) for v in _sampling_options(args).values()) or args.num:
-            raise UserError("--num / --steps / --solver / --guidance / --stochastic are for evaluating a run "
+            raise UserError("--num / --steps / --solver / --guidance / --stochastic / --spacing / --timesteps are for evaluating a run "
                             f"directory; {args.samples} is a samples file")
         result = sample_lib.evaluate_file(args.samples, reference=args.reference, target=args.target)
     for key, value in result.items():
@@ -368,6 +369,11 @@ def _add_sampling(p):
     p.add_argument("--solver")
     p.add_argument("--guidance", type=finite_float, help="guidance scale g (diffusers' convention; Meng's w = g - 1)")
     p.add_argument("--stochastic", action="store_true", help="distilled students: the N-step stochastic sampler")
+    p.add_argument("--spacing", help="consistency samplers (lcm, codi): which skip-grid timesteps they visit, "
+                                     "'lcm' (LCMScheduler's) or 'quadratic' (default: the run's config)")
+    p.add_argument("--timesteps", nargs="+", type=finite_float,
+                   help="consistency and CoDi runs: the sampler's timesteps as a list, descending (continuous "
+                        "schedules: unit times, e.g. 1.0 0.56 0.24 0.06; discrete: 999 559 239 59)")
     p.add_argument("--seed", type=seed, default=0)
 
 
@@ -435,6 +441,8 @@ def build_parser():
     ct.add_argument("--workdir", required=True, nargs="+", help="CoDi workdirs, one per conditional task")
     ct.add_argument("--num", type=positive_int, default=1000)
     ct.add_argument("--out")
+    ct.add_argument("--spacing", help="the consistency rows' skip-grid picks, 'lcm' or 'quadratic' (default: the "
+                                      "runs' configs)")
     ct.set_defaults(fn=cmd_codi_table)
 
     lt = sub.add_parser("lcm-table", help="teacher vs LCM student: FD / accuracy / time table + the LCM target")

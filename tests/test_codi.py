@@ -240,6 +240,26 @@ def test_distill_killed_resumes_bit_identical_then_samples_conditions(tiny_teach
     assert np.isfinite(float(scores["fd"])) and 0 <= float(scores["class_acc"]) <= 1, scores
 
 
+def test_the_config_names_the_consistency_samplers_spacing_and_other_solvers_refuse_one():
+    from jdistill.recipes import consistency
+
+    cfg = config_lib.load_config(os.path.join(REPO, "configs", "digits_codi.py"))
+    assert consistency.spacing_of(cfg, "codi") == "quadratic" and consistency.spacing_of(cfg, "lcm", "lcm") == "lcm"
+    del cfg.sample["spacing"]  # a run written before the key samples as it did: LCMScheduler's picks
+    assert consistency.spacing_of(cfg, "codi") == "lcm"
+    assert consistency.spacing_of(cfg, "ddim") is None
+    with pytest.raises(InvalidArgument, match="--spacing picks a consistency sampler's timesteps.*'ddim' takes none"):
+        consistency.spacing_of(cfg, "ddim", "quadratic")
+    with pytest.raises(InvalidArgument, match="unknown consistency spacing 'trailing'"):
+        consistency.consistency_grid(schedules.CosineVP(), 4, "codi", 50, "trailing")
+    # a timestep list sets the step count, and goes with no spacing and no other count
+    assert consistency.steps_and_spacing(cfg, "codi", None, None, [1.0, 0.5]) == (2, None)
+    with pytest.raises(InvalidArgument, match="--timesteps and --spacing both choose"):
+        consistency.steps_and_spacing(cfg, "codi", None, "lcm", [1.0, 0.5])
+    with pytest.raises(InvalidArgument, match=r"--steps 4 but 2 --timesteps \[1.0, 0.5\]"):
+        consistency.steps_and_spacing(cfg, "codi", 4, None, [1.0, 0.5])
+
+
 def test_an_unconditional_prior_reads_no_condition():
     """The photo prior has no class input: its task's condition is empty for training batches and
     for evaluation samples (the two-stage baseline's LCM stage of it stopped with a TypeError on

@@ -36,6 +36,33 @@ def test_skip_grid_is_the_scripts_and_continuous_schedules_read_model_time():
     np.testing.assert_allclose(grid.t_next, [0.76, 0.5, 0.26, 0.0], rtol=1e-6)
 
 
+
+def test_quadratic_spacing_picks_ddims_quadratic_skip_from_the_grid_and_lcm_spacing_is_the_schedulers():
+    # DDIM's quadratic skip on the 50-step grid: remaining fractions (1 - i/4)^2 = 1, 0.5625, 0.25, 0.0625
+    grid = timesteps.make_grid(schedules.CosineVP(), 4, "codi", "quadratic")
+    np.testing.assert_allclose(grid.t, [1.0, 0.56, 0.24, 0.06], rtol=1e-6)
+    np.testing.assert_allclose(grid.t_next, [0.56, 0.24, 0.06, 0.0], rtol=1e-6, atol=1e-7)
+    # the same picks on a discrete schedule (k = 20), and "lcm" is LCMScheduler's [999, 759, 499, 259]
+    assert timesteps.lcm_timesteps(1000, 4, 50, "quadratic").tolist() == [999, 559, 239, 59]
+    assert timesteps.make_grid(schedules.DiscreteVP.from_betas(), 4, "lcm", "lcm").t.tolist() == [999, 759, 499, 259]
+    for original in (4, 10, 50):  # every step count: distinct picks, the first at the noisy end, on the grid
+        for n in range(1, original + 1):
+            picks = timesteps.consistency_picks(n, original, "quadratic")
+            assert picks[0] == 0 and picks[-1] < original and np.all(np.diff(picks) > 0), (original, n, picks)
+    with pytest.raises(ValueError, match="unknown consistency spacing 'leading'"):
+        timesteps.consistency_picks(4, 50, "leading")
+    with pytest.raises(ValueError, match="1 <= num_steps"):
+        timesteps.consistency_picks(51, 50, "quadratic")
+    # the same grid as a custom list of unit times (how a user tries other picks: --timesteps)
+    custom = timesteps.make_grid(schedules.CosineVP(), 4, "codi", timesteps=[1.0, 0.56, 0.24, 0.06])
+    np.testing.assert_array_equal(custom.t, grid.t)
+    np.testing.assert_array_equal(custom.t_next, grid.t_next)
+    with pytest.raises(ValueError, match=r"descending unit times in \(0, 1\], got \[999.0, 559.0\]"):
+        timesteps.make_grid(schedules.CosineVP(), 2, "codi", timesteps=[999, 559])
+    with pytest.raises(ValueError, match="custom timesteps on a flow schedule"):
+        timesteps.make_grid(schedules.RectifiedFlow(), 2, "codi", timesteps=[1.0, 0.5])
+
+
 class LinearNet(nn.Module):
     """out = W z + b(t) + e(label) per pixel: a tiny eps / v network with a class table (null row 4)."""
 

@@ -75,6 +75,16 @@ def test_a_stage_trained_for_other_steps_is_refused(trained, capsys):
     assert "distilled for 2 steps" in capsys.readouterr().err
 
 
+def test_a_spacing_or_timestep_list_is_refused_where_no_consistency_sampler_reads_it(trained, capsys):
+    root, teacher, _ = trained
+    assert cli.main(["eval", teacher, "--num", "80", "--steps", "2", "--spacing", "quadratic"]) == 2
+    assert "a teacher takes no spacing option" in capsys.readouterr().err
+    assert cli.main(["sample", "--workdir", str(root / "guided" / "steps_002"), "--spacing", "quadratic"]) == 2
+    assert "a guided-distillation student takes no spacing option" in capsys.readouterr().err
+    assert cli.main(["eval", teacher, "--num", "80", "--timesteps", "1.0", "0.5"]) == 2
+    assert "a teacher takes no timesteps option" in capsys.readouterr().err
+
+
 def test_loading_never_trains_a_missing_teacher(trained, tmp_path, capsys):
     root, teacher, guided = trained
     copy = tmp_path / "guided"

@@ -75,22 +75,47 @@ def euler_timesteps(T: int, n: int, spacing: str = "linspace", steps_offset: int
     return spaced_timesteps(T, n, spacing, steps_offset).astype(np.float32)
 
 
-def lcm_timesteps(T: int, n: int, original_steps: int = 50) -> np.ndarray:
+# which of the skip grid's timesteps a consistency sampler visits: LCMScheduler's linear picks, or
+# DDIM's "quadratic" skip (Song et al. 2021, their CIFAR-10 grids), denser near the clean end, where a
+# few-step consistency sampler's last step decides the detail
+CONSISTENCY_SPACINGS = ("lcm", "quadratic")
+
+
+def consistency_picks(n: int, original_steps: int = 50, spacing: str = "lcm") -> np.ndarray:
+    """Indices (ascending) into the descending skip grid of ``original_steps`` timesteps of the n
+    a consistency sampler visits. "lcm": LCMScheduler's floor(linspace(0, original_steps, n,
+    endpoint=False)); "quadratic": the remaining fractions (1 - i/n)^2 of the grid, rounded (4 of
+    50: 50, 28, 12 and 3 steps from the clean end), kept distinct."""
+    if not 1 <= n <= original_steps:
+        raise ValueError(f"a consistency sampler needs 1 <= num_steps ({n}) <= original_inference_steps "
+                         f"({original_steps})")
+    if spacing == "lcm":
+        return np.floor(np.linspace(0, original_steps, n, endpoint=False)).astype(np.int64)
+    if spacing != "quadratic":
+        raise ValueError(f"unknown consistency spacing {spacing!r}; expected one of {CONSISTENCY_SPACINGS}")
+    remaining = np.round(original_steps * (1.0 - np.arange(n) / n) ** 2).astype(np.int64)
+    for i in range(n - 1, -1, -1):  # at least one grid step per sampler step
+        remaining[i] = max(remaining[i], 1 if i == n - 1 else remaining[i + 1] + 1)
+    return original_steps - remaining
+
+
+def lcm_timesteps(T: int, n: int, original_steps: int = 50, spacing: str = "lcm") -> np.ndarray:
     """LCMScheduler's: n of the distillation grid's ``original_steps`` timesteps (k = T //
     original_steps: 999, 979, ..., 19 for 50), at indices floor(linspace(0, original_steps, n,
-    endpoint=False)). It reads no timestep_spacing or steps_offset."""
+    endpoint=False)). It reads no timestep_spacing or steps_offset; ``spacing="quadratic"`` picks
+    as ``consistency_picks`` says."""
     if not 1 <= n <= original_steps <= T:
         raise ValueError(f"LCM needs 1 <= num_steps ({n}) <= original_inference_steps ({original_steps}) <= {T}")
     k = T // original_steps
     origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
-    return origin[np.floor(np.linspace(0, original_steps, n, endpoint=False)).astype(np.int64)].astype(np.int32)
+    return origin[consistency_picks(n, original_steps, spacing)].astype(np.int32)
 
 
-def lcm_unit_grid(schedule, n: int, original_steps: int = 50) -> TimeGrid:
-    """LCM / CoDi sampling on a continuous schedule: LCMScheduler's picks from the skip grid of
-    ``original_steps`` unit times (the grid a consistency student was trained on, see
+def lcm_unit_grid(schedule, n: int, original_steps: int = 50, spacing: str = "lcm") -> TimeGrid:
+    """LCM / CoDi sampling on a continuous schedule: LCMScheduler's picks (or ``spacing``'s) from the
+    skip grid of ``original_steps`` unit times (the grid a consistency student was trained on, see
     ``diffusion.consistency.skip_grid``), each step landing on the next pick, the last on 0."""
-    picks = (lcm_timesteps(1000 * original_steps, n, original_steps) + 1) // 1000
+    picks = (lcm_timesteps(1000 * original_steps, n, original_steps, spacing) + 1) // 1000
     u = np.concatenate([picks, [0]]).astype(np.float64) / original_steps
     if isinstance(schedule, RectifiedFlow) and schedule.shift != 1.0:
         u = shift_time(u, schedule.shift)
@@ -237,6 +262,22 @@ def custom_grid(schedule, solver: str, timesteps) -> TimeGrid:
     return _solver_chain(solver, ts.astype(np.int32))
 
 
+def custom_unit_grid(schedule, solver: str, times) -> TimeGrid:
+    """Custom times on a continuous VP schedule: unit times in (0, 1], descending (4 consistency
+    steps: 1.0, 0.56, 0.24, 0.06), each stepping to the next, the last to the clean end. No
+    diffusers scheduler runs these schedules, so every solver that steps a chain of times takes them."""
+    if isinstance(schedule, RectifiedFlow):
+        raise ValueError("custom timesteps on a flow schedule are not supported (its grids are shifted sigmas)")
+    if solver == "tcd":
+        raise ValueError("solver 'tcd' steps between integer timesteps: it needs a discrete schedule")
+    u = np.asarray(times, np.float64)
+    if u.ndim != 1 or len(u) == 0 or np.any(np.diff(u) >= 0) or u[0] > 1.0 or u[-1] <= 0.0:
+        raise ValueError(f"custom times on a continuous schedule must be descending unit times in (0, 1], "
+                         f"got {u.tolist()}")
+    u = np.concatenate([u, [0.0]])
+    return _grid(u[:-1].astype(np.float32), u[1:].astype(np.float32), jnp.float32)
+
+
 def _solver_chain(solver: str, ts) -> TimeGrid:
     """The listed timesteps chained; TCDScheduler's last step lands on timestep 0, not the clean end."""
     grid = chain_grid(ts)
@@ -251,7 +292,7 @@ def make_grid(schedule, num_steps: int, solver: str = "ddim", spacing: str | Non
     Discrete schedules follow each diffusers scheduler's own rule (DDIM steps by T // n; DDPM,
     DPM-Solver and UniPC chain their listed timesteps; Heun and Euler ancestral interpolate
     sigmas; LCM / CoDi pick from the ``original_inference_steps`` grid); ``timesteps``: a custom
-    list (``custom_grid``). Continuous schedules use equal steps in t (``unit_grid``), flow
+    list (``custom_grid``; on continuous VP schedules unit times, ``custom_unit_grid``). Continuous schedules use equal steps in t (``unit_grid``), flow
     schedules the sigma list of the diffusers scheduler of that solver (FlowMatchEuler's, or the
     multistep schedulers' ``use_flow_sigmas`` one: ``flow_multistep_grid``); LCM / CoDi there pick
     from the unit skip grid (``lcm_unit_grid``).
@@ -269,15 +310,15 @@ def make_grid(schedule, num_steps: int, solver: str = "ddim", spacing: str | Non
         if solver in ("heun", "euler_ancestral"):
             return euler_grid(schedule.alphas_cumprod, euler_timesteps(T, num_steps, spacing or "linspace", steps_offset))
         if solver in ("lcm", "codi", "tcd"):  # TCDScheduler picks its timesteps as LCMScheduler does
-            return _solver_chain(solver, lcm_timesteps(T, num_steps, original_inference_steps))
+            return _solver_chain(solver, lcm_timesteps(T, num_steps, original_inference_steps, spacing or "lcm"))
         raise ValueError(f"solver {solver!r} has no grid on a discrete VP schedule (ddim, stochastic, ddpm, "
                          "dpmpp_2m, dpmpp_sde, unipc, heun, euler_ancestral, lcm, codi or tcd; euler is for flow schedules)")
     if timesteps is not None:
-        raise ValueError("custom timesteps need a discrete schedule")
+        return custom_unit_grid(schedule, solver, timesteps)
     if solver == "tcd":
         raise ValueError("solver 'tcd' steps between integer timesteps: it needs a discrete schedule")
     if solver in ("lcm", "codi"):
-        return lcm_unit_grid(schedule, num_steps, original_inference_steps)
+        return lcm_unit_grid(schedule, num_steps, original_inference_steps, spacing or "lcm")
     if isinstance(schedule, RectifiedFlow) and solver in ("dpmpp_2m", "dpmpp_sde", "unipc"):
         return flow_multistep_grid(num_steps, schedule.shift, schedule.num_train_timesteps, solver)
     if isinstance(schedule, RectifiedFlow):

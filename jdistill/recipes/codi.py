@@ -22,7 +22,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jdistill.diffusion.timesteps import make_grid
 from jdistill.errors import InvalidArgument
 from jdistill.models import adapters, registry
 from jdistill.objectives.codi import codi_loss
@@ -142,7 +141,8 @@ def grid_sampler(cfg, task: conditional.ConditionalTask, stage: str, num: int = 
         return None
     evals = conditional.evaluation_set(cfg, task.spec)
     solver, steps = default_sampling(stage, cfg)
-    grid = make_grid(task.model.schedule, steps, solver, original_inference_steps=int(cfg.codi.num_steps))
+    grid = consistency.consistency_grid(task.model.schedule, steps, solver, int(cfg.codi.num_steps),
+                                        consistency.spacing_of(cfg, solver))
     noise = jax.random.normal(jax.random.key(1234), (num, *registry.image_shape(task.model.module)))
     cond = {"condition": evals.conditions[:num]}
 
@@ -153,7 +153,7 @@ def grid_sampler(cfg, task: conditional.ConditionalTask, stage: str, num: int = 
 
 
 def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None, stochastic=False, use_ema=True,
-                 condition=None, **unused) -> Sampler:
+                 condition=None, spacing=None, timesteps=None, **unused) -> Sampler:
     """The stage pointed at (default ``codi``) on the evaluation set's conditions, or on ``condition``
     (a ``.npz``: ``data.conditions.read_condition_file``)."""
     from jdistill.data.conditions import read_condition_file
@@ -166,10 +166,12 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
     task = conditional.make_task(cfg, with_data=False)
     den = task.model.replace(params=runs.read_params(run.workdir, stage, part=PART))
     default_solver, default_steps = default_sampling(stage, cfg)
-    solver, steps = solver or default_solver, int(steps or default_steps)
+    solver = solver or default_solver
     if stage in CONSISTENCY_STAGES and solver not in consistency.SAMPLERS:
         raise InvalidArgument(f"the {stage} model samples with {consistency.SAMPLERS}, not {solver!r}")
-    grid = make_grid(den.schedule, steps, solver, original_inference_steps=int(cfg.codi.num_steps))
+    steps, spacing = consistency.steps_and_spacing(cfg, solver, steps or (default_steps if timesteps is None else None),
+                                                   spacing, timesteps)
+    grid = consistency.consistency_grid(den.schedule, steps, solver, int(cfg.codi.num_steps), spacing, timesteps)
     shape = registry.image_shape(den.module)
     if cfg.codi.get("scale_range") and guidance_scale is None:  # the model reads the scale as an input
         guidance_scale = float(cfg.sample.guidance_scale)
@@ -181,7 +183,8 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
         evals = conditional.evaluation_set(cfg, task.spec)
         conds, targets, labels = evals.conditions, evals.images, evals.labels
     sampler = Sampler(fn=conditional_fn(task, den, grid, solver, guidance_scale), image_shape=shape, num_classes=None,
-                      description=f"{stage} {solver} {steps} steps ({task.spec.name})",
+                      description=f"{stage} {solver} {steps} steps{consistency.grid_text(spacing, timesteps)} "
+                                  f"({task.spec.name})",
                       conditions={"condition": conds}, targets=targets, source_labels=labels)
     return sampler
 

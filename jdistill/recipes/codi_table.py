@@ -21,7 +21,7 @@ import numpy as np
 from jdistill import images as images_lib
 from jdistill.data import conditions
 from jdistill.errors import InvalidArgument
-from jdistill.recipes import codi, evaluation, runs
+from jdistill.recipes import codi, consistency, evaluation, runs
 
 ROWS = (("finetune", "ddim", 50), ("finetune", "ddim", 4), ("two_stage", "codi", 4),
         ("codi", "codi", 1), ("codi", "codi", 2), ("codi", "codi", 4),
@@ -40,7 +40,7 @@ def condition_picture(spec: conditions.ConditionSpec, conds: np.ndarray, channel
     return images_lib.to_uint8(x)
 
 
-def task_rows(workdir: str, num: int, seed: int, progress: bool):
+def task_rows(workdir: str, num: int, seed: int, progress: bool, spacing: str | None = None):
     run = runs.open_run(workdir)
     if run.recipe != "codi":
         raise InvalidArgument(f"{workdir} is a {run.recipe!r} run; codi-table reads CoDi workdirs")
@@ -51,10 +51,14 @@ def task_rows(workdir: str, num: int, seed: int, progress: bool):
     for stage, solver, steps in ROWS:
         if stage not in run.stages:
             continue
-        sampler = codi.make_sampler(runs.open_run(os.path.join(run.workdir, stage)), steps=steps, solver=solver)
+        # the consistency rows visit the skip grid as ``spacing`` says (default: each stage's config)
+        used = consistency.spacing_of(run.stage_config(stage), solver, spacing if solver != "ddim" else None)
+        sampler = codi.make_sampler(runs.open_run(os.path.join(run.workdir, stage)), steps=steps, solver=solver,
+                                    spacing=used)
         images, _, seconds = sampler.run(num, seed=seed)
         targets, labels = sampler.cycled_targets(num)
-        row = {"task": task, "method": stage, "sampler": solver, "steps": steps,
+        label = solver if used in (None, "lcm") else f"{solver} ({used})"
+        row = {"task": task, "method": stage, "sampler": label, "steps": steps,
                **evaluation.evaluate(images, labels, targets, evaluators_for(cfg.data.name)),
                "s_per_1000": seconds * 1000.0 / num}
         rows.append(row)
@@ -62,7 +66,7 @@ def task_rows(workdir: str, num: int, seed: int, progress: bool):
         outputs[(stage, steps)] = images[:EXAMPLES]
         first = first or sampler
         if progress:
-            print(f"{task:22s} {stage:9s} {solver:5s} {steps:2d} steps: PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f} "
+            print(f"{task:22s} {stage:9s} {label:5s} {steps:2d} steps: PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f} "
                   f"FD {row['fd']:.2f} {row['s_per_1000']:.3f} s/1000", flush=True)
     if first is None:
         raise InvalidArgument(f"{workdir} has none of the stages {sorted({r[0] for r in ROWS})}")
@@ -73,10 +77,12 @@ def task_rows(workdir: str, num: int, seed: int, progress: bool):
 
 
 def results_table(workdirs, *, num: int = 1000, out_dir: str | None = None, seed: int = 0,
-                  progress: bool = True) -> dict:
+                  progress: bool = True, spacing: str | None = None) -> dict:
+    """``spacing``: the consistency samplers' picks from the skip grid (``diffusion.timesteps.
+    consistency_picks``) for every consistency row; default: each stage's config."""
     rows, timed, grids = [], [], {}
     for workdir in workdirs:
-        r, t, picture, task = task_rows(workdir, num, seed, progress)
+        r, t, picture, task = task_rows(workdir, num, seed, progress, spacing)
         rows += r
         timed += t
         grids[task.replace("/", "_").replace(" ", "_")] = picture

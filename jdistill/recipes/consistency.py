@@ -152,8 +152,49 @@ def plan_steps(cfg) -> list:
                                "(no gradient) and the student (forward and backward)")]
 
 
+def spacing_of(cfg, solver: str, spacing: str | None = None) -> str | None:
+    """Which skip-grid timesteps a consistency sampler visits: ``spacing`` if given, else the config's
+    ``sample.spacing`` (configs written before it: LCMScheduler's picks); None for other solvers,
+    which refuse one."""
+    if solver not in SAMPLERS:
+        if spacing is not None:
+            raise InvalidArgument(f"--spacing picks a consistency sampler's timesteps ({', '.join(SAMPLERS)}); "
+                                  f"solver {solver!r} takes none")
+        return None
+    return spacing or cfg.sample.get("spacing") or "lcm"
+
+
+def consistency_grid(schedule, steps: int, solver: str, original_steps: int, spacing: str | None, timesteps=None):
+    """A sampler's grid; a consistency solver's picks from the ``original_steps`` skip grid by ``spacing``,
+    or ``timesteps`` as listed (``diffusion.timesteps.make_grid``)."""
+    try:
+        return make_grid(schedule, steps, solver, spacing, timesteps=timesteps, original_inference_steps=original_steps)
+    except ValueError as e:  # a spacing, step count or timestep list the grid cannot take, named by the grid
+        raise InvalidArgument(str(e)) from None
+
+
+def steps_and_spacing(cfg, solver: str, steps, spacing, timesteps) -> tuple[int, str | None]:
+    """(steps, spacing) of a consistency model's sampler: a ``timesteps`` list sets both (its length,
+    no spacing), and may not be given beside a different step count or a spacing."""
+    if timesteps is None:
+        return int(steps or cfg.sample.steps), spacing_of(cfg, solver, spacing)
+    if spacing is not None:
+        raise InvalidArgument("--timesteps and --spacing both choose the sampler's timesteps; give one")
+    if steps is not None and int(steps) != len(timesteps):
+        raise InvalidArgument(f"--steps {steps} but {len(timesteps)} --timesteps {list(timesteps)}")
+    return len(timesteps), None
+
+
+def grid_text(spacing: str | None, timesteps) -> str:
+    """How a sampler description names its timesteps when they are not LCMScheduler's."""
+    if timesteps is not None:
+        return ", at " + " ".join(f"{t:g}" for t in timesteps)
+    return "" if spacing in (None, "lcm") else f", {spacing} spacing"
+
+
 def grid_sampler(cfg, task: tasks.Task, student: Denoiser, guided: bool, num: int = 100):
-    grid = make_grid(student.schedule, int(cfg.sample.steps), cfg.sample.solver)
+    grid = consistency_grid(student.schedule, int(cfg.sample.steps), cfg.sample.solver, int(cfg.lcm.num_steps),
+                            spacing_of(cfg, cfg.sample.solver))
     noise = jax.random.normal(jax.random.key(1234), (num, *registry.image_shape(student.module)))
     cond = with_guidance_input(student.module, task.sample_cond(num) or {},
                                np.full((num,), float(cfg.sample.guidance_scale), np.float32) if guided else None)
@@ -175,17 +216,19 @@ def load_student(workdir: str, stage: str = STAGE, task: tasks.Task | None = Non
 
 
 def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None, stochastic=False, use_ema=True,
-                 **unused) -> Sampler:
-    """The consistency student with LCMScheduler's sampler (``--solver codi``: CoDi's deterministic one)."""
+                 spacing=None, timesteps=None, **unused) -> Sampler:
+    """The consistency student with LCMScheduler's sampler (``--solver codi``: CoDi's deterministic one);
+    ``spacing``: which skip-grid timesteps it visits (``diffusion.timesteps.consistency_picks``), or
+    ``timesteps``: a list (the schedule's own numbering: unit times on continuous schedules)."""
     common.refuse_options(dict(unused, stochastic=stochastic), "a consistency-distilled student")
     den, cfg, task = load_student(run.workdir, run.stage or STAGE)
     solver = solver or cfg.sample.solver
     if solver not in SAMPLERS:
         raise InvalidArgument(f"a consistency student samples with {SAMPLERS}, not {solver!r}")
-    steps = int(steps or cfg.sample.steps)
+    steps, spacing = steps_and_spacing(cfg, solver, steps, spacing, timesteps)
     g = float(cfg.sample.guidance_scale if guidance_scale is None else guidance_scale)
     guided = scale_range(cfg) is not None
-    grid = make_grid(den.schedule, steps, solver, original_inference_steps=int(cfg.lcm.num_steps))
+    grid = consistency_grid(den.schedule, steps, solver, int(cfg.lcm.num_steps), spacing, timesteps)
 
     def fn(noise, cond, key):
         n = noise.shape[0]
@@ -194,7 +237,8 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
         return task.decode(samplers.sample_jit(den, noise, full or None, grid=grid, solver=solver, rng=key))
 
     return Sampler(fn=fn, image_shape=registry.image_shape(den.module), num_classes=task.num_classes,
-                   description=f"LCM student {solver} {steps} steps" + (f", g={g:g}" if guided else ""))
+                   description=f"LCM student {solver} {steps} steps" + (f", g={g:g}" if guided else "")
+                   + grid_text(spacing, timesteps))
 
 
 def member(run: runs.Run, guidance_scale: float) -> Member:

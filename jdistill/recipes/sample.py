@@ -26,8 +26,8 @@ def make_sampler(workdir: str, *, stitch=None, fractions=None, stitch_mode: str 
     if stitch:
         from jdistill.recipes import stitch as stitch_lib
 
-        if options.get("stochastic"):
-            raise InvalidArgument("--stochastic is not available for stitched sampling")
+        if options.get("stochastic") or options.get("spacing") or options.get("timesteps"):
+            raise InvalidArgument("--stochastic / --spacing / --timesteps are not available for stitched sampling")
         return stitch_lib.make_sampler(workdir, stitch, fractions or [], steps=int(options.get("steps") or 64),
                                        solver=options.get("solver") or "ddim",
                                        guidance_scale=options.get("guidance_scale") or 1.5, mode=stitch_mode)
