@@ -255,7 +255,8 @@ def cmd_sample(args, overrides):
 def cmd_codi_table(args, overrides):
     from jdistill.recipes import codi_table
 
-    result = codi_table.results_table(args.workdir, num=args.num, out_dir=args.out, spacing=args.spacing)
+    result = codi_table.results_table(args.workdir, num=args.num, out_dir=args.out, spacing=args.spacing,
+                                      solver=args.solver, seeds=args.seeds)
     print(codi_table.format_results(result))
     if args.out:
         print(f"table and pictures in {args.out}")
@@ -441,6 +442,9 @@ def build_parser():
     ct.add_argument("--workdir", required=True, nargs="+", help="CoDi workdirs, one per conditional task")
     ct.add_argument("--num", type=positive_int, default=1000)
     ct.add_argument("--out")
+    ct.add_argument("--seeds", type=positive_int, default=1,
+                    help="score every row at this many sampling seeds (0, 1, ...) and report the means")
+    ct.add_argument("--solver", help="the consistency rows' sampler, lcm or codi (default: the runs' configs)")
     ct.add_argument("--spacing", help="the consistency rows' skip-grid picks, 'lcm' or 'quadratic' (default: the "
                                       "runs' configs)")
     ct.set_defaults(fn=cmd_codi_table)

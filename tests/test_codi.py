@@ -238,6 +238,15 @@ def test_distill_killed_resumes_bit_identical_then_samples_conditions(tiny_teach
     scores = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
     assert 0 < float(scores["psnr"]) < 100 and -1 <= float(scores["ssim"]) <= 1, scores
     assert np.isfinite(float(scores["fd"])) and 0 <= float(scores["class_acc"]) <= 1, scores
+    # the table over two sampling seeds: each metric the mean of the per-seed scores, seed 0's as one seed gives
+    from jdistill.recipes import codi_table
+
+    one = codi_table.results_table([str(tmp_path / "full")], num=80, progress=False)
+    two = codi_table.results_table([str(tmp_path / "full")], num=80, progress=False, seeds=2)
+    assert [r["steps"] for r in two["rows"]] == [1, 2, 4] and two["seeds"] == [0, 1]
+    for a, b in zip(one["rows"], two["rows"], strict=True):
+        assert b["fd_per_seed"][0] == a["fd"] and b["fd"] == np.mean(b["fd_per_seed"]) != a["fd"]
+    assert "metrics the mean over seeds 0, 1" in codi_table.format_results(two)
 
 
 def test_the_config_names_the_consistency_samplers_spacing_and_other_solvers_refuse_one():

@@ -23,9 +23,10 @@ from jdistill.data import conditions
 from jdistill.errors import InvalidArgument
 from jdistill.recipes import codi, consistency, evaluation, runs
 
-ROWS = (("finetune", "ddim", 50), ("finetune", "ddim", 4), ("two_stage", "codi", 4),
-        ("codi", "codi", 1), ("codi", "codi", 2), ("codi", "codi", 4),
-        ("pe_codi", "codi", 1), ("pe_codi", "codi", 2), ("pe_codi", "codi", 4))
+# (stage, solver, steps); solver None: the stage config's consistency sampler (``sample.solver``)
+ROWS = (("finetune", "ddim", 50), ("finetune", "ddim", 4), ("two_stage", None, 4),
+        ("codi", None, 1), ("codi", None, 2), ("codi", None, 4),
+        ("pe_codi", None, 1), ("pe_codi", None, 2), ("pe_codi", None, 4))
 PICTURE_ROWS = (("finetune", 50), ("finetune", 4), ("two_stage", 4), ("codi", 4), ("pe_codi", 4))
 EXAMPLES = 10
 
@@ -40,7 +41,8 @@ def condition_picture(spec: conditions.ConditionSpec, conds: np.ndarray, channel
     return images_lib.to_uint8(x)
 
 
-def task_rows(workdir: str, num: int, seed: int, progress: bool, spacing: str | None = None):
+def task_rows(workdir: str, num: int, seed: int, progress: bool, spacing: str | None = None,
+              solver: str | None = None, seeds: int = 1):
     run = runs.open_run(workdir)
     if run.recipe != "codi":
         raise InvalidArgument(f"{workdir} is a {run.recipe!r} run; codi-table reads CoDi workdirs")
@@ -48,19 +50,28 @@ def task_rows(workdir: str, num: int, seed: int, progress: bool, spacing: str | 
     spec = conditions.parse(cfg.condition.kind)
     task = f"{cfg.data.name} {spec.name}"
     rows, timed, outputs, first = [], [], {}, None
-    for stage, solver, steps in ROWS:
+    for stage, row_solver, steps in ROWS:
         if stage not in run.stages:
             continue
-        # the consistency rows visit the skip grid as ``spacing`` says (default: each stage's config)
-        used = consistency.spacing_of(run.stage_config(stage), solver, spacing if solver != "ddim" else None)
-        sampler = codi.make_sampler(runs.open_run(os.path.join(run.workdir, stage)), steps=steps, solver=solver,
+        # the consistency rows sample as ``solver`` / ``spacing`` say, else as the stage's config does
+        stage_cfg = run.stage_config(stage)
+        solver_used = row_solver or solver or stage_cfg.sample.solver
+        used = consistency.spacing_of(stage_cfg, solver_used, None if row_solver else spacing)
+        sampler = codi.make_sampler(runs.open_run(os.path.join(run.workdir, stage)), steps=steps, solver=solver_used,
                                     spacing=used)
-        images, _, seconds = sampler.run(num, seed=seed)
         targets, labels = sampler.cycled_targets(num)
-        label = solver if used in (None, "lcm") else f"{solver} ({used})"
+        scored = []  # one score per sampling seed: the same conditions, other noise
+        for k in range(seeds):
+            drawn, _, took = sampler.run(num, seed=seed + k)
+            images, seconds = (drawn, took) if k == 0 else (images, seconds)
+            scored.append(evaluation.evaluate(drawn, labels, targets, evaluators_for(cfg.data.name)))
+        label = solver_used if used in (None, "lcm") else f"{solver_used} ({used})"
         row = {"task": task, "method": stage, "sampler": label, "steps": steps,
-               **evaluation.evaluate(images, labels, targets, evaluators_for(cfg.data.name)),
+               **{key: float(np.mean([m[key] for m in scored])) if scored[0][key] is not None else None
+                  for key in scored[0]},
                "s_per_1000": seconds * 1000.0 / num}
+        if seeds > 1:
+            row["fd_per_seed"] = [m["fd"] for m in scored]
         rows.append(row)
         timed.append((row, sampler))
         outputs[(stage, steps)] = images[:EXAMPLES]
@@ -77,17 +88,23 @@ def task_rows(workdir: str, num: int, seed: int, progress: bool, spacing: str | 
 
 
 def results_table(workdirs, *, num: int = 1000, out_dir: str | None = None, seed: int = 0,
-                  progress: bool = True, spacing: str | None = None) -> dict:
-    """``spacing``: the consistency samplers' picks from the skip grid (``diffusion.timesteps.
-    consistency_picks``) for every consistency row; default: each stage's config."""
+                  progress: bool = True, spacing: str | None = None, solver: str | None = None,
+                  seeds: int = 1) -> dict:
+    """``solver`` (lcm or codi) and ``spacing`` (its picks from the skip grid: ``diffusion.timesteps.
+    consistency_picks``): how every consistency row samples; default: each stage's config. ``seeds``:
+    every metric the mean over sampling seeds ``seed``, ``seed + 1``, ... (FD from 1000 samples moves
+    by several percent between seeds; each row keeps its per-seed FDs), the claims judged on the means."""
+    if seeds < 1:
+        raise InvalidArgument(f"seeds must be at least 1, got {seeds}")
     rows, timed, grids = [], [], {}
     for workdir in workdirs:
-        r, t, picture, task = task_rows(workdir, num, seed, progress, spacing)
+        r, t, picture, task = task_rows(workdir, num, seed, progress, spacing, solver, seeds)
         rows += r
         timed += t
         grids[task.replace("/", "_").replace(" ", "_")] = picture
     evaluation.retime_round_robin(timed, num, repeats=evaluation.TIMING_REPEATS, seed=seed)
-    result = {"workdirs": list(workdirs), "num": num, "rows": rows, "device": evaluation.device_name(),
+    result = {"workdirs": list(workdirs), "num": num, "seeds": list(range(seed, seed + seeds)), "rows": rows,
+              "device": evaluation.device_name(),
               "checks": claims(rows)}
     if out_dir:
         evaluation.write_report(out_dir, result, format_results(result), grids)
@@ -129,8 +146,11 @@ def claims(rows) -> list[dict]:
 
 
 def format_results(result: dict) -> str:
-    lines = [f"Conditional distillation: {result['num']} samples per row (the held-out split's conditions, cycled), "
-             f"{result['device']}; wall time: the best of 3 runs round-robin over all rows, compilation excluded", "",
+    seeds = result.get("seeds", [0])
+    drawn = f" per sampling seed, metrics the mean over seeds {', '.join(map(str, seeds))}" if len(seeds) > 1 else ""
+    lines = [f"Conditional distillation: {result['num']} samples per row{drawn} (the held-out split's conditions, "
+             f"cycled), {result['device']}; wall time: the best of 3 runs round-robin over all rows, compilation "
+             "excluded", "",
              "| task | method | sampler | steps | PSNR | SSIM | FD | class acc | s / 1000 samples |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
