@@ -259,14 +259,18 @@ def test_the_config_names_the_consistency_samplers_spacing_and_other_solvers_ref
     assert consistency.spacing_of(cfg, "ddim") is None
     with pytest.raises(InvalidArgument, match="--spacing picks a consistency sampler's timesteps.*'ddim' takes none"):
         consistency.spacing_of(cfg, "ddim", "quadratic")
+    cosine = schedules.CosineVP()
     with pytest.raises(InvalidArgument, match="unknown consistency spacing 'trailing'"):
-        consistency.consistency_grid(schedules.CosineVP(), 4, "codi", 50, "trailing")
+        consistency.sampler_grid(cfg, cosine, "codi", 50, 4, "trailing")
+    grid, steps, spacing = consistency.sampler_grid(cfg, cosine, "codi", 50)  # the config's: 4 steps, LCM's picks
+    assert (steps, spacing) == (4, "lcm") and np.allclose(grid.t, [1.0, 0.76, 0.5, 0.26])
     # a timestep list sets the step count, and goes with no spacing and no other count
-    assert consistency.steps_and_spacing(cfg, "codi", None, None, [1.0, 0.5]) == (2, None)
+    grid, steps, spacing = consistency.sampler_grid(cfg, cosine, "codi", 50, None, None, [1.0, 0.5])
+    assert (steps, spacing) == (2, None) and np.allclose(grid.t, [1.0, 0.5]) and np.allclose(grid.t_next, [0.5, 0.0])
     with pytest.raises(InvalidArgument, match="--timesteps and --spacing both choose"):
-        consistency.steps_and_spacing(cfg, "codi", None, "lcm", [1.0, 0.5])
+        consistency.sampler_grid(cfg, cosine, "codi", 50, None, "lcm", [1.0, 0.5])
     with pytest.raises(InvalidArgument, match=r"--steps 4 but 2 --timesteps \[1.0, 0.5\]"):
-        consistency.steps_and_spacing(cfg, "codi", 4, None, [1.0, 0.5])
+        consistency.sampler_grid(cfg, cosine, "codi", 50, 4, None, [1.0, 0.5])
 
 
 def test_an_unconditional_prior_reads_no_condition():

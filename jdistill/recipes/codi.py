@@ -141,8 +141,7 @@ def grid_sampler(cfg, task: conditional.ConditionalTask, stage: str, num: int = 
         return None
     evals = conditional.evaluation_set(cfg, task.spec)
     solver, steps = default_sampling(stage, cfg)
-    grid = consistency.consistency_grid(task.model.schedule, steps, solver, int(cfg.codi.num_steps),
-                                        consistency.spacing_of(cfg, solver))
+    grid = consistency.sampler_grid(cfg, task.model.schedule, solver, int(cfg.codi.num_steps), steps)[0]
     noise = jax.random.normal(jax.random.key(1234), (num, *registry.image_shape(task.model.module)))
     cond = {"condition": evals.conditions[:num]}
 
@@ -169,9 +168,9 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
     solver = solver or default_solver
     if stage in CONSISTENCY_STAGES and solver not in consistency.SAMPLERS:
         raise InvalidArgument(f"the {stage} model samples with {consistency.SAMPLERS}, not {solver!r}")
-    steps, spacing = consistency.steps_and_spacing(cfg, solver, steps or (default_steps if timesteps is None else None),
-                                                   spacing, timesteps)
-    grid = consistency.consistency_grid(den.schedule, steps, solver, int(cfg.codi.num_steps), spacing, timesteps)
+    grid, steps, spacing = consistency.sampler_grid(cfg, den.schedule, solver, int(cfg.codi.num_steps),
+                                                    steps or (default_steps if timesteps is None else None),
+                                                    spacing, timesteps)
     shape = registry.image_shape(den.module)
     if cfg.codi.get("scale_range") and guidance_scale is None:  # the model reads the scale as an input
         guidance_scale = float(cfg.sample.guidance_scale)

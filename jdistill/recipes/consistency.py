@@ -164,25 +164,22 @@ def spacing_of(cfg, solver: str, spacing: str | None = None) -> str | None:
     return spacing or cfg.sample.get("spacing") or "lcm"
 
 
-def consistency_grid(schedule, steps: int, solver: str, original_steps: int, spacing: str | None, timesteps=None):
-    """A sampler's grid; a consistency solver's picks from the ``original_steps`` skip grid by ``spacing``,
-    or ``timesteps`` as listed (``diffusion.timesteps.make_grid``)."""
+def sampler_grid(cfg, schedule, solver: str, original_steps: int, steps=None, spacing=None, timesteps=None):
+    """(grid, steps, spacing) a sampler walks: a consistency solver's picks from the ``original_steps``
+    skip grid by ``spacing`` (default: the config's), or ``timesteps`` as listed, which set the step
+    count and go with no spacing and no other count (``diffusion.timesteps.make_grid``)."""
+    if timesteps is None:
+        steps, spacing = int(steps or cfg.sample.steps), spacing_of(cfg, solver, spacing)
+    elif spacing is not None:
+        raise InvalidArgument("--timesteps and --spacing both choose the sampler's timesteps; give one")
+    elif steps is not None and int(steps) != len(timesteps):
+        raise InvalidArgument(f"--steps {steps} but {len(timesteps)} --timesteps {list(timesteps)}")
+    steps = len(timesteps) if timesteps is not None else steps
     try:
-        return make_grid(schedule, steps, solver, spacing, timesteps=timesteps, original_inference_steps=original_steps)
+        grid = make_grid(schedule, steps, solver, spacing, timesteps=timesteps, original_inference_steps=original_steps)
     except ValueError as e:  # a spacing, step count or timestep list the grid cannot take, named by the grid
         raise InvalidArgument(str(e)) from None
-
-
-def steps_and_spacing(cfg, solver: str, steps, spacing, timesteps) -> tuple[int, str | None]:
-    """(steps, spacing) of a consistency model's sampler: a ``timesteps`` list sets both (its length,
-    no spacing), and may not be given beside a different step count or a spacing."""
-    if timesteps is None:
-        return int(steps or cfg.sample.steps), spacing_of(cfg, solver, spacing)
-    if spacing is not None:
-        raise InvalidArgument("--timesteps and --spacing both choose the sampler's timesteps; give one")
-    if steps is not None and int(steps) != len(timesteps):
-        raise InvalidArgument(f"--steps {steps} but {len(timesteps)} --timesteps {list(timesteps)}")
-    return len(timesteps), None
+    return grid, steps, spacing
 
 
 def grid_text(spacing: str | None, timesteps) -> str:
@@ -193,8 +190,7 @@ def grid_text(spacing: str | None, timesteps) -> str:
 
 
 def grid_sampler(cfg, task: tasks.Task, student: Denoiser, guided: bool, num: int = 100):
-    grid = consistency_grid(student.schedule, int(cfg.sample.steps), cfg.sample.solver, int(cfg.lcm.num_steps),
-                            spacing_of(cfg, cfg.sample.solver))
+    grid = sampler_grid(cfg, student.schedule, cfg.sample.solver, int(cfg.lcm.num_steps))[0]
     noise = jax.random.normal(jax.random.key(1234), (num, *registry.image_shape(student.module)))
     cond = with_guidance_input(student.module, task.sample_cond(num) or {},
                                np.full((num,), float(cfg.sample.guidance_scale), np.float32) if guided else None)
@@ -225,10 +221,9 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
     solver = solver or cfg.sample.solver
     if solver not in SAMPLERS:
         raise InvalidArgument(f"a consistency student samples with {SAMPLERS}, not {solver!r}")
-    steps, spacing = steps_and_spacing(cfg, solver, steps, spacing, timesteps)
+    grid, steps, spacing = sampler_grid(cfg, den.schedule, solver, int(cfg.lcm.num_steps), steps, spacing, timesteps)
     g = float(cfg.sample.guidance_scale if guidance_scale is None else guidance_scale)
     guided = scale_range(cfg) is not None
-    grid = consistency_grid(den.schedule, steps, solver, int(cfg.lcm.num_steps), spacing, timesteps)
 
     def fn(noise, cond, key):
         n = noise.shape[0]
