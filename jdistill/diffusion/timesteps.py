@@ -115,8 +115,8 @@ def lcm_unit_grid(schedule, n: int, original_steps: int = 50, spacing: str = "lc
     """LCM / CoDi sampling on a continuous schedule: LCMScheduler's picks (or ``spacing``'s) from the
     skip grid of ``original_steps`` unit times (the grid a consistency student was trained on, see
     ``diffusion.consistency.skip_grid``), each step landing on the next pick, the last on 0."""
-    picks = (lcm_timesteps(1000 * original_steps, n, original_steps, spacing) + 1) // 1000
-    u = np.concatenate([picks, [0]]).astype(np.float64) / original_steps
+    remaining = original_steps - consistency_picks(n, original_steps, spacing)  # grid steps left at each pick
+    u = np.concatenate([remaining, [0]]).astype(np.float64) / original_steps
     if isinstance(schedule, RectifiedFlow) and schedule.shift != 1.0:
         u = shift_time(u, schedule.shift)
     return _grid(u[:-1].astype(np.float32), u[1:].astype(np.float32), jnp.float32)

@@ -60,11 +60,11 @@ def task_rows(workdir: str, num: int, seed: int, progress: bool, spacing: str | 
         sampler = codi.make_sampler(runs.open_run(os.path.join(run.workdir, stage)), steps=steps, solver=solver_used,
                                     spacing=used)
         targets, labels = sampler.cycled_targets(num)
-        scored = []  # one score per sampling seed: the same conditions, other noise
-        for k in range(seeds):
-            drawn, _, took = sampler.run(num, seed=seed + k)
-            images, seconds = (drawn, took) if k == 0 else (images, seconds)
-            scored.append(evaluation.evaluate(drawn, labels, targets, evaluators_for(cfg.data.name)))
+        images, _, seconds = sampler.run(num, seed=seed)  # the pictures and the first timing: seed's
+        scored = [evaluation.evaluate(images, labels, targets, evaluators_for(cfg.data.name))]
+        for k in range(1, seeds):  # further sampling seeds: the same conditions, other noise
+            scored.append(evaluation.evaluate(sampler.run(num, seed=seed + k)[0], labels, targets,
+                                              evaluators_for(cfg.data.name)))
         label = solver_used if used in (None, "lcm") else f"{solver_used} ({used})"
         row = {"task": task, "method": stage, "sampler": label, "steps": steps,
                **{key: float(np.mean([m[key] for m in scored])) if scored[0][key] is not None else None
