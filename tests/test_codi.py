@@ -289,3 +289,24 @@ def test_an_unconditional_prior_reads_no_condition():
     assert task.num_classes is None and task.cond_fn(batch) == {} and task.sample_cond(3) is None
     out = prior.output(jnp.zeros((2, 8, 8, 3)), jnp.full((2,), 0.5), task.cond_fn(batch))
     assert out.shape == (2, 8, 8, 3)
+
+
+def test_fd_ratio_claims_carry_the_standard_error_of_the_per_seed_ratios():
+    from jdistill.recipes import codi_table, evaluation
+
+    def row(method, steps, per_seed):
+        return {"task": "digits inpaint", "method": method, "steps": steps, "fd": float(np.mean(per_seed)),
+                "psnr": 15.0, "s_per_1000": 50.0 / steps, "fd_per_seed": per_seed}
+
+    ft50, codi4, pe4 = row("finetune", 50, [10.0, 12.0, 14.0]), row("codi", 4, [11.0, 12.0, 16.0]), \
+        row("pe_codi", 4, [12.0, 15.0, 14.0])
+    checks = {c["claim"]: c for c in codi_table.claims([ft50, codi4, pe4])}
+    fd_claim = checks["CoDi 4 steps: FD at most 1.10x the 50-step conditional model's"]
+    ratios = np.array([1.1, 1.0, 16.0 / 14.0])
+    assert fd_claim["value"] == pytest.approx(13.0 / 12.0)  # the ratio of the means, not the mean ratio
+    assert fd_claim["se"] == pytest.approx(ratios.std(ddof=1) / np.sqrt(3))
+    assert checks["PE-CoDi 4 steps: FD at most 1.25x the 50-step conditional model's"]["se"] > 0
+    assert f"| 1.083 ± {fd_claim['se']:.3f} | <= 1.10 | yes |" in evaluation.claims_table(list(checks.values()))
+    # one seed: no spread to report, and the table reads as before
+    single = codi_table.claims([{**r, "fd_per_seed": None} for r in (ft50, codi4)])
+    assert all("se" not in c for c in single) and "±" not in evaluation.claims_table(single)

@@ -115,12 +115,24 @@ def _get(rows, task, method, steps):
     return next((r for r in rows if r["task"] == task and r["method"] == method and r["steps"] == steps), None)
 
 
+def ratio_se(row: dict, reference: dict) -> float | None:
+    """The standard error of an FD ratio over sampling seeds: the spread of the per-seed ratios (both
+    rows drew the same seeds) over sqrt(seeds). None for a single seed. The claims read the ratio of
+    the means; this says how far another set of seeds could move it."""
+    a, b = row.get("fd_per_seed"), reference.get("fd_per_seed")
+    if not a or not b or len(a) < 2:
+        return None
+    ratios = np.asarray(a) / np.asarray(b)
+    return float(ratios.std(ddof=1) / np.sqrt(len(ratios)))
+
+
 def claims(rows) -> list[dict]:
     """CoDi's claims at this scale, per task, each with the numbers it was judged on."""
     out = []
 
-    def check(task, text, value, target, ok):
-        out.append({"task": task, "claim": text, "value": float(value), "target": target, "ok": bool(ok)})
+    def check(task, text, value, target, ok, se=None):
+        out.append({"task": task, "claim": text, "value": float(value), "target": target, "ok": bool(ok),
+                    **({"se": se} if se is not None else {})})
 
     for task in dict.fromkeys(r["task"] for r in rows):
         ft50, ft4 = _get(rows, task, "finetune", 50), _get(rows, task, "finetune", 4)
@@ -129,7 +141,7 @@ def claims(rows) -> list[dict]:
             check(task, "CoDi 4 steps: PSNR within 0.3 dB of the 50-step conditional model",
                   c4["psnr"] - ft50["psnr"], ">= -0.3", c4["psnr"] >= ft50["psnr"] - 0.3)
             check(task, "CoDi 4 steps: FD at most 1.10x the 50-step conditional model's",
-                  c4["fd"] / ft50["fd"], "<= 1.10", c4["fd"] <= 1.10 * ft50["fd"])
+                  c4["fd"] / ft50["fd"], "<= 1.10", c4["fd"] <= 1.10 * ft50["fd"], ratio_se(c4, ft50))
         if ft4 and c4:
             check(task, "CoDi 4 steps: FD below the 4-step conditional model's", c4["fd"] - ft4["fd"], "< 0",
                   c4["fd"] < ft4["fd"])
@@ -138,7 +150,7 @@ def claims(rows) -> list[dict]:
                   c4["fd"] < two4["fd"])
         if ft50 and pe4:
             check(task, "PE-CoDi 4 steps: FD at most 1.25x the 50-step conditional model's",
-                  pe4["fd"] / ft50["fd"], "<= 1.25", pe4["fd"] <= 1.25 * ft50["fd"])
+                  pe4["fd"] / ft50["fd"], "<= 1.25", pe4["fd"] <= 1.25 * ft50["fd"], ratio_se(pe4, ft50))
         if ft50 and c4:
             check(task, "4-step sampling at least 10x faster than 50-step", ft50["s_per_1000"] / c4["s_per_1000"],
                   ">= 10", ft50["s_per_1000"] >= 10 * c4["s_per_1000"])

@@ -168,14 +168,16 @@ def write_report(out_dir: str, result: dict, markdown: str, grids: dict | None =
 
 
 def claims_table(checks: list[dict], key: str | None = None) -> str:
-    """The paper's claims as a Markdown table (``key``: a leading column, e.g. the task or g)."""
+    """The paper's claims as a Markdown table (``key``: a leading column, e.g. the task or g; a claim's
+    ``se``, where it has one, printed after its value)."""
     head, rule = ("| claim | value | target | met |", "|---|---|---|---|")
     if key:
         head, rule = f"| {key} {head}", f"|---{rule}"
     lines = [head, rule]
     for c in checks:
         lead = "" if not key else f"| {c[key]:g} " if isinstance(c[key], (int, float)) else f"| {c[key]} "
-        lines.append(f"{lead}| {c['claim']} | {c['value']:.3f} | {c['target']} | {'yes' if c['ok'] else 'NO'} |")
+        value = f"{c['value']:.3f}" + (f" ± {c['se']:.3f}" if c.get("se") is not None else "")
+        lines.append(f"{lead}| {c['claim']} | {value} | {c['target']} | {'yes' if c['ok'] else 'NO'} |")
     return "\n".join(lines)
 
 
