@@ -275,6 +275,19 @@ def test_the_config_names_the_consistency_samplers_spacing_and_other_solvers_ref
         consistency.sampler_grid(cfg, cosine, "codi", 50, 4, None, [1.0, 0.5])
 
 
+def test_the_two_stage_baseline_samples_on_its_lcm_priors_skip_grid_and_codi_on_its_own():
+    from jdistill.recipes import codi, consistency
+
+    cfg = config_lib.load_config(os.path.join(REPO, "configs", "digits_codi.py"))
+    assert (cfg.lcm.num_steps, cfg.codi.num_steps) == (50, 20)  # the config trains them on different grids
+    assert codi.skip_grid_steps("two_stage", cfg) == 50 and codi.skip_grid_steps("codi", cfg) == 20
+    assert codi.skip_grid_steps("pe_codi", cfg) == 20
+    grid = {stage: consistency.sampler_grid(cfg, schedules.CosineVP(), "lcm", codi.skip_grid_steps(stage, cfg))[0]
+            for stage in ("two_stage", "codi")}
+    np.testing.assert_allclose(grid["two_stage"].t, [1.0, 0.56, 0.24, 0.06], rtol=1e-6)  # on the 50-step grid
+    np.testing.assert_allclose(grid["codi"].t, [1.0, 0.55, 0.25, 0.05], rtol=1e-6)  # on the 20-step grid
+
+
 def test_an_unconditional_prior_reads_no_condition():
     """The photo prior has no class input: its task's condition is empty for training batches and
     for evaluation samples (the two-stage baseline's LCM stage of it stopped with a TypeError on

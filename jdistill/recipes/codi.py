@@ -123,6 +123,12 @@ def default_sampling(stage: str, cfg) -> tuple[str, int]:
     return cfg.sample.solver, int(cfg.sample.steps)
 
 
+def skip_grid_steps(stage: str, cfg) -> int:
+    """The skip grid (N teacher steps) a consistency stage was trained on: the two-stage baseline's
+    backbone is the LCM prior (``lcm.num_steps``), CoDi and PE-CoDi train on ``codi.num_steps``."""
+    return int(cfg.lcm.num_steps if stage == "two_stage" else cfg.codi.num_steps)
+
+
 def conditional_fn(task: conditional.ConditionalTask, den, grid, solver, guidance_scale=None):
     """``fn(noise, cond, key)`` for a conditional network: ``cond["condition"]`` the condition images."""
     def fn(noise, cond, key):
@@ -141,7 +147,7 @@ def grid_sampler(cfg, task: conditional.ConditionalTask, stage: str, num: int = 
         return None
     evals = conditional.evaluation_set(cfg, task.spec)
     solver, steps = default_sampling(stage, cfg)
-    grid = consistency.sampler_grid(cfg, task.model.schedule, solver, int(cfg.codi.num_steps), steps)[0]
+    grid = consistency.sampler_grid(cfg, task.model.schedule, solver, skip_grid_steps(stage, cfg), steps)[0]
     noise = jax.random.normal(jax.random.key(1234), (num, *registry.image_shape(task.model.module)))
     cond = {"condition": evals.conditions[:num]}
 
@@ -168,7 +174,7 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
     solver = solver or default_solver
     if stage in CONSISTENCY_STAGES and solver not in consistency.SAMPLERS:
         raise InvalidArgument(f"the {stage} model samples with {consistency.SAMPLERS}, not {solver!r}")
-    grid, steps, spacing = consistency.sampler_grid(cfg, den.schedule, solver, int(cfg.codi.num_steps),
+    grid, steps, spacing = consistency.sampler_grid(cfg, den.schedule, solver, skip_grid_steps(stage, cfg),
                                                     steps or (default_steps if timesteps is None else None),
                                                     spacing, timesteps)
     shape = registry.image_shape(den.module)
