@@ -74,6 +74,15 @@ ARGUMENTS = [
     (["stitch-pick", "O", "--budget", "0.5"], r"no results file at .*out"),
     (["guided-table", "--workdir", "W", "--num", "0"], r"--num: expected an integer >= 1"),
     (["guided-table", "--workdir", "W", "--guidance", "inf"], r"--guidance: expected a finite number"),
+    # options a path would otherwise drop without a word
+    (["sample", "--pretrained", "sdxl-turbo", "--prompt", "a", "--timesteps", "999", "499"],
+     r"--timesteps: not for text-to-image"),
+    (["sample", "--pretrained", "sdxl-turbo", "--prompt", "a", "--spacing", "quadratic"],
+     r"--spacing: not for text-to-image"),
+    (["sample", "--config", os.path.join(REPO, "configs", "stitch_dit_s_xl.py"), "--steps", "8", "--solver", "euler"],
+     r"--steps, --solver: `sample --config` samples as the config's sample section says"),
+    (["codi-table", "--workdir", "W", "--spacing", "quadratc"], r"--spacing 'quadratc': expected one of lcm, quadratic"),
+    (["codi-table", "--workdir", "W", "--solver", "ddim"], r"--solver 'ddim': the consistency rows sample with"),
 ]
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from jdistill import images as images_lib
 from jdistill.data import conditions
+from jdistill.diffusion import timesteps
 from jdistill.errors import InvalidArgument
 from jdistill.recipes import codi, consistency, evaluation, runs
 
@@ -96,6 +97,11 @@ def results_table(workdirs, *, num: int = 1000, out_dir: str | None = None, seed
     by several percent between seeds; each row keeps its per-seed FDs), the claims judged on the means."""
     if seeds < 1:
         raise InvalidArgument(f"seeds must be at least 1, got {seeds}")
+    # before any row samples: a typo should not cost the minutes of the 50-step rows
+    if solver is not None and solver not in consistency.SAMPLERS:
+        raise InvalidArgument(f"--solver {solver!r}: the consistency rows sample with {', '.join(consistency.SAMPLERS)}")
+    if spacing is not None and spacing not in timesteps.CONSISTENCY_SPACINGS:
+        raise InvalidArgument(f"--spacing {spacing!r}: expected one of {', '.join(timesteps.CONSISTENCY_SPACINGS)}")
     rows, timed, grids = [], [], {}
     for workdir in workdirs:
         r, t, picture, task = task_rows(workdir, num, seed, progress, spacing, solver, seeds)
