@@ -40,7 +40,7 @@ def get_config():
                    nonfinite="stop", max_update_ratio=100.0)
     c.mesh = dict(data=-1, fsdp=1)
     # LCMScheduler's sampler (fresh noise between steps; "codi": CoDi's deterministic one) at the skip
-    # grid's "quadratic" picks (DDIM's quadratic skip: remaining fractions (1 - i/n)^2, 4 of 20 steps at
+    # grid's "quadratic" picks (remaining fractions (1 - i/n)^2, 4 of 20 steps at
     # unit times 1.0, 0.55, 0.25, 0.05) or "lcm" (LCMScheduler's linear picks)
     c.sample = dict(steps=4, solver="lcm", spacing="quadratic")
     return c

@@ -37,8 +37,8 @@ def test_skip_grid_is_the_scripts_and_continuous_schedules_read_model_time():
 
 
 
-def test_quadratic_spacing_picks_ddims_quadratic_skip_from_the_grid_and_lcm_spacing_is_the_schedulers():
-    # DDIM's quadratic skip on the 50-step grid: remaining fractions (1 - i/4)^2 = 1, 0.5625, 0.25, 0.0625
+def test_quadratic_spacing_picks_remaining_fractions_squared_and_lcm_spacing_is_the_schedulers():
+    # quadratic picks on the 50-step grid: remaining fractions (1 - i/4)^2 = 1, 0.5625, 0.25, 0.0625
     grid = timesteps.make_grid(schedules.CosineVP(), 4, "codi", "quadratic")
     np.testing.assert_allclose(grid.t, [1.0, 0.56, 0.24, 0.06], rtol=1e-6)
     np.testing.assert_allclose(grid.t_next, [0.56, 0.24, 0.06, 0.0], rtol=1e-6, atol=1e-7)
@@ -59,6 +59,8 @@ def test_quadratic_spacing_picks_ddims_quadratic_skip_from_the_grid_and_lcm_spac
     np.testing.assert_array_equal(custom.t_next, grid.t_next)
     with pytest.raises(ValueError, match=r"descending unit times in \(0, 1\], got \[999.0, 559.0\]"):
         timesteps.make_grid(schedules.CosineVP(), 2, "codi", timesteps=[999, 559])
+    with pytest.raises(ValueError, match="descending unit times"):  # one float32 apart: a zero-length step
+        timesteps.make_grid(schedules.CosineVP(), 2, "codi", timesteps=[0.5, 0.49999999])
     with pytest.raises(ValueError, match="custom timesteps on a flow schedule"):
         timesteps.make_grid(schedules.RectifiedFlow(), 2, "codi", timesteps=[1.0, 0.5])
 

@@ -76,8 +76,10 @@ def euler_timesteps(T: int, n: int, spacing: str = "linspace", steps_offset: int
 
 
 # which of the skip grid's timesteps a consistency sampler visits: LCMScheduler's linear picks, or
-# DDIM's "quadratic" skip (Song et al. 2021, their CIFAR-10 grids), denser near the clean end, where a
-# few-step consistency sampler's last step decides the detail
+# "quadratic" ones, denser near the clean end, where a few-step consistency sampler's last step decides
+# the detail. The shape of DDIM's quadratic skip (Song et al. 2021, their CIFAR-10 grids), not its rule:
+# DDIM squares a linspace up to sqrt(0.8 T) and ends at t = 0; these span the whole grid and keep its
+# last step
 CONSISTENCY_SPACINGS = ("lcm", "quadratic")
 
 
@@ -271,11 +273,13 @@ def custom_unit_grid(schedule, solver: str, times) -> TimeGrid:
     if solver == "tcd":
         raise ValueError("solver 'tcd' steps between integer timesteps: it needs a discrete schedule")
     u = np.asarray(times, np.float64)
-    if u.ndim != 1 or len(u) == 0 or np.any(np.diff(u) >= 0) or u[0] > 1.0 or u[-1] <= 0.0:
+    # judged as the float32 the sampler steps on: two times one float32 apart would be a zero-length step
+    u32 = u.astype(np.float32)
+    if u.ndim != 1 or len(u) == 0 or np.any(np.diff(u32) >= 0) or u[0] > 1.0 or u32[-1] <= 0.0:
         raise ValueError(f"custom times on a continuous schedule must be descending unit times in (0, 1], "
                          f"got {u.tolist()}")
-    u = np.concatenate([u, [0.0]])
-    return _grid(u[:-1].astype(np.float32), u[1:].astype(np.float32), jnp.float32)
+    u = np.concatenate([u32, [0.0]]).astype(np.float32)
+    return _grid(u[:-1], u[1:], jnp.float32)
 
 
 def _solver_chain(solver: str, ts) -> TimeGrid:
