@@ -50,15 +50,20 @@ def consistency_output(schedule, z, x0, t, sigma_data: float = 0.5, timestep_sca
                           timestep_scaling)
 
 
+def discrete_skip_starts(T: int, n: int) -> np.ndarray:
+    """The N skip-grid steps' start timesteps on T discrete ones, least noisy first: k - 1, 2k - 1,
+    ..., nk - 1 with k = T // N (LCM's: 19, 39, ..., 999 for N = 50)."""
+    if not 1 <= n <= T:
+        raise ValueError(f"a skip grid of {n} steps on {T} timesteps")
+    return np.arange(1, n + 1) * (T // n) - 1
+
+
 def skip_grid(schedule, num_steps: int = 50) -> tuple[np.ndarray, np.ndarray]:
     """(start, end) native times of the N skip-grid steps, least noisy first (see the module docstring)."""
     n = int(num_steps)
     if isinstance(schedule, DiscreteVP):
-        T = schedule.num_train_timesteps
-        if not 1 <= n <= T:
-            raise ValueError(f"a skip grid of {n} steps on {T} timesteps")
-        k = T // n
-        start = np.arange(1, n + 1) * k - 1
+        start = discrete_skip_starts(schedule.num_train_timesteps, n)
+        k = schedule.num_train_timesteps // n
         return start.astype(np.int32), np.maximum(start - k, 0).astype(np.int32)
     if n < 1:
         raise ValueError(f"a skip grid needs at least one step, got {n}")

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jdistill.diffusion import sigmas as sigmas_lib
+from jdistill.diffusion.consistency import discrete_skip_starts
 from jdistill.diffusion.schedules import CosineVP, DiscreteVP, RectifiedFlow, shift_time
 
 SPACINGS = ("leading", "trailing", "linspace")
@@ -108,8 +109,7 @@ def lcm_timesteps(T: int, n: int, original_steps: int = 50, spacing: str = "lcm"
     as ``consistency_picks`` says."""
     if not 1 <= n <= original_steps <= T:
         raise ValueError(f"LCM needs 1 <= num_steps ({n}) <= original_inference_steps ({original_steps}) <= {T}")
-    k = T // original_steps
-    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    origin = discrete_skip_starts(T, original_steps)[::-1]
     return origin[consistency_picks(n, original_steps, spacing)].astype(np.int32)
 
 
