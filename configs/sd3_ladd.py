@@ -24,6 +24,9 @@ def get_config():
                    seed=0, prompts=("a photo of a cat", "an astronaut riding a horse"), prompts_file="")
     c.data.batch_size = 64
     c.ladd.distill_guidance = 7.0
+    # the paper's re-noising, t ~ logit-normal(1, 1): mostly high noise, global structure at 1024 px
+    # (digits_ladd's 0.0 lets its heads judge the grain of 8x8 digits)
+    c.ladd.renoise_mean = 1.0
     c.student.optim.lr = 5e-6
     c.student.optim.warmup = 500
     c.discriminator.blocks = (5, 11, 17, 23)

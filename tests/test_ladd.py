@@ -153,6 +153,43 @@ def test_d_loss_gets_no_generator_gradient_and_g_loss_no_discriminator_gradient(
     assert any(np.asarray(g).any() for g in jax.tree.leaves(own))
 
 
+def test_d_loss_reads_real_as_the_data_and_fake_as_the_students_each_renoised_with_its_own_key(setup):
+    # rebuilt by hand from the pieces, in d_loss's key order (fake draw, real re-noise, fake re-noise, R1):
+    # a swapped real / fake split or one key for both re-noisings reads other logits and another loss
+    _, task, obj, d_params = setup
+    tp = task.teacher.params
+    batch = {k: jnp.asarray(v) for k, v in batch_of(2).items()}
+    rng = jax.random.key(11)
+    cond = obj.cond_fn(batch)
+    k_fake, k_real, k_renoise_fake, _ = jax.random.split(rng, 4)
+    x_hat = obj.fake(tp, batch["image"], cond, k_fake)[0]
+    z_real, t_real = obj.renoise(batch["image"], k_real)
+    z_fake, t_fake = obj.renoise(x_hat, k_renoise_fake)
+    assert not np.array_equal(np.asarray(t_real), np.asarray(t_fake))
+    real = np.asarray(obj.logits(d_params, tp, z_real, t_real, cond))
+    fake = np.asarray(obj.logits(d_params, tp, z_fake, t_fake, cond))
+    assert abs(real.mean() - fake.mean()) > 1e-3  # the two differ, so a swap shows
+    loss, metrics = obj.d_loss(d_params, (tp, tp), batch, rng)
+    np.testing.assert_allclose(metrics["real_logit"], real.mean(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["fake_logit"], fake.mean(), rtol=1e-5, atol=1e-6)
+    hinge = np.mean(np.maximum(0, 1 - real)) + np.mean(np.maximum(0, 1 + fake))
+    np.testing.assert_allclose(loss, hinge, rtol=1e-5)
+
+
+def test_each_parts_lr_schedule_spans_the_updates_it_gets(setup):
+    # 10 steps, the student every 3rd: updates at steps 0, 3, 6, 9, four of them; a linear decay to 0
+    # over steps // 3 = 3 would give the fourth lr 0
+    _, task, _, _ = setup
+    cfg = tiny_config(["--config.student.optim.decay=linear",
+                       "--config.discriminator.optim.decay=linear",
+                       "--config.ladd.d_every=2"])
+    engine = ladd.engine(cfg, task, 10)
+    g, d = engine.parts[ladd.PART].lr_schedule, engine.parts[ladd.DISC].lr_schedule
+    lr_g, lr_d = float(cfg.student.optim.lr), float(cfg.discriminator.optim.lr)
+    np.testing.assert_allclose([float(g(k)) for k in range(4)], [lr_g * (1 - k / 4) for k in range(4)], rtol=1e-6)
+    np.testing.assert_allclose([float(d(k)) for k in range(5)], [lr_d * (1 - k / 5) for k in range(5)], rtol=1e-6)
+
+
 def _train(cfg, task, mesh, steps):
     """``steps`` LADD steps as the stage runner takes them (its init, shardings and jitted step)."""
     stage = ladd.stage(cfg, task)
@@ -165,11 +202,11 @@ def _train(cfg, task, mesh, steps):
     return state, stage.frozen, history
 
 
-def test_engine_step_ratio_separation_and_a_bit_identical_teacher(setup):
+def test_engine_step_ratio_separation_and_no_teacher_part(setup):
     cfg, task, _, _ = setup
     teacher_before = jax.device_get(task.teacher.params)
     mesh = mesh_lib.make_mesh(1, 1, 1, jax.devices()[:1])
-    state, frozen, history = _train(cfg, task, mesh, 6)
+    state, _, history = _train(cfg, task, mesh, 6)
     # D every step, G on steps 0 and 3 (g_every=3), counted
     assert int(state.count("discriminator")) == 6 and int(state.count("student")) == 2
     assert [float(m["student/updated"]) for _, m in history] == [1, 0, 0, 1, 0, 0]
@@ -181,11 +218,9 @@ def test_engine_step_ratio_separation_and_a_bit_identical_teacher(setup):
         assert all(same) == (k % 3 != 0), f"step {k}: the student moved off its turn (or not on it)"
         assert np.isfinite(metrics["discriminator/loss"]) and np.isfinite(metrics["student/loss"])
     assert int(state.skipped) == 0
-    # the teacher: bit-identical, in the frozen input and in the task's copy
-    for a, b, c in zip(jax.tree.leaves(jax.device_get(frozen)), jax.tree.leaves(teacher_before),
-                       jax.tree.leaves(jax.device_get(task.teacher.params))):
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(c, b)
+    # the teacher is no trainable part: the step has nothing through which to update it (its frozen
+    # input is read-only, so comparing it before and after could not fail)
+    assert set(after) == {"student", "discriminator"}
     assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after["student"].params),
                                                         jax.tree.leaves(teacher_before)))
 

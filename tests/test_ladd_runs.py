@@ -106,7 +106,9 @@ def test_distill_killed_then_resumed_is_bit_identical_and_the_table_reads_it(mad
     spread = {s["steps"]: s for s in result["seeds"]}
     assert spread[4]["worst_over_best"] == pytest.approx(1.0)  # the two runs are bit-identical
     assert [c["target"] for c in result["checks"]] == ["<= 1.10", "<= 1.50", ">= 25", "<= 1.20"]
-    assert {"results.json", "results.md", "teacher_64steps.png"} <= set(os.listdir(out))
+    assert {"results.json", "results.md", "teacher_64steps.png", "ladd_seed_0_run_0_4steps.png",
+            "ladd_seed_0_run_1_4steps.png"} <= set(os.listdir(out))  # one seed twice: two pictures, not one
+    assert result["guidance_scale"] == cfg.synth.guidance_scale  # the teacher rows: the CFG the students learnt
     with pytest.raises(InvalidArgument, match="takes LADD runs"):
         ladd_table.results_table([str(root / "teacher")], num=10, progress=False)
     # a LADD student samples unguided
@@ -216,5 +218,6 @@ def test_sd3_config_trains_a_few_steps_on_a_tiny_converted_sd3_pipeline(tmp_path
         assert np.isfinite(metrics["discriminator/loss"]) and np.isfinite(metrics["student/loss"]), metrics
     assert int(state.count("student")) == 2 and int(state.skipped) == 0
     student = task.teacher.replace(params=state.params("student"))
-    out = ladd.sample_fn(task, student, 2)(jax.random.normal(jax.random.key(0), (2, 8, 8, 4)), None, jax.random.key(1))
+    out = ladd.sample_fn(task, student, 2, float(cfg.ladd.time_shift))(jax.random.normal(jax.random.key(0), (2, 8, 8, 4)),
+                                                                        None, jax.random.key(1))
     assert np.isfinite(np.asarray(out)).all()

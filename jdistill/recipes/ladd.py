@@ -93,9 +93,9 @@ def init_discriminator(module: Discriminator, task: tasks.Task, seed: int):
 def engine(cfg, task: tasks.Task, steps: int) -> engine_lib.Engine:
     obj = objective(cfg, task)
     d_every, g_every = (common.check_steps(cfg.ladd[k], f"ladd.{k}") for k in ("d_every", "g_every"))
-    # each schedule runs over the updates its part gets
-    tx_g, lr_g = optim.from_config(cfg.student.optim, max(steps // g_every, 1))
-    tx_d, lr_d = optim.from_config(cfg.discriminator.optim, max(steps // d_every, 1))
+    # each schedule runs over the updates its part gets: steps 0, every, 2 every, ... (ceil(steps / every))
+    tx_g, lr_g = optim.from_config(cfg.student.optim, -(-steps // g_every))
+    tx_d, lr_d = optim.from_config(cfg.discriminator.optim, -(-steps // d_every))
     fixed_table = isinstance(task.teacher.module, mmdit.SD3Transformer2DModel)  # SD3's position table is a buffer
     parts = {PART: engine_lib.Part(tx_g, lr_g, mmdit.trainable_mask if fixed_table else None),
              DISC: engine_lib.Part(tx_d, lr_d)}

@@ -54,7 +54,12 @@ def results_table(workdirs, *, compare: dict | None = None, num: int = 1000, out
             raise InvalidArgument(f"{r.workdir} was distilled from {teacher_of(r)}, not from {teacher_dir}: the "
                                   "table compares students of ONE teacher")
     teacher_run = runs.open_run(teacher_dir)
-    g = float(teacher_run.config.sample.guidance_scale if guidance_scale is None else guidance_scale)
+    # the teacher rows sample at the CFG scale of the data the students learnt (their synth section)
+    learnt = sorted({float(r.config.synth.guidance_scale) for r in ladd_runs})
+    if len(learnt) > 1:
+        raise InvalidArgument(f"the LADD runs learnt teacher samples at CFG scales {learnt}: one table compares "
+                              "students of one synthetic set")
+    g = float(learnt[0] if guidance_scale is None else guidance_scale)
     rows, timed, grids = [], [], {}
 
     def add(model, steps, sampler, mode, **extra):
@@ -71,9 +76,12 @@ def results_table(workdirs, *, compare: dict | None = None, num: int = 1000, out
     for n in teacher_steps:
         add("teacher", n, teacher_lib.make_sampler(teacher_run, steps=n, solver="euler", guidance_scale=g),
             f"euler+cfg g={g:g}")
+    seeds = [int(r.config.seed) for r in ladd_runs]
     for i, r in enumerate(ladd_runs):
+        # two runs of one seed (a run and its resumed twin) keep apart in the rows and the pictures
+        name = f"ladd seed {seeds[i]}" + (f" run {i}" if seeds.count(seeds[i]) > 1 else "")
         for n in student_steps:
-            add(f"ladd seed {int(r.config.seed)}", n, get_recipe("ladd").sampler(r, steps=n), "renoise, unguided",
+            add(name, n, get_recipe("ladd").sampler(r, steps=n), "renoise, unguided",
                 method="ladd", run=i)
     for name, r in others.items():
         for n in student_steps:
