@@ -94,6 +94,14 @@ def test_tau_is_numpys_percentile_and_mismatched_settings_are_refused(shipped):
         again.check(collab.calibration_settings(student, other_oracle, 40, 1))
     with pytest.raises(collab.CalibrationMismatch, match="set_size"):
         again.check(collab.calibration_settings(student, oracle, 41, 1))
+    # as the sweep reads it: the file's own size unless one is asked for, and never the evaluation's seed
+    assert collab_sweep._calibration(student, oracle, path, None, str(root), seed=0).settings == calib.settings
+    with pytest.raises(collab.CalibrationMismatch, match="set_size: calibrated with 40, used with 100"):
+        collab_sweep._calibration(student, oracle, path, 100, str(root), seed=0)
+    with pytest.raises(collab.CalibrationMismatch, match="drawn at seed 1, the evaluation's own"):
+        collab_sweep._calibration(student, oracle, path, None, str(root), seed=1)
+    with pytest.raises(collab.CalibrationMismatch, match="drawn at seed 1, the evaluation's own"):
+        collab_sweep._calibration(student, oracle, None, 40, str(root / "inline"), seed=collab.CALIBRATION_SEED)
 
 
 def test_a_sweep_budget_is_a_cap_every_strategy_fits():

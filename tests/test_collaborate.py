@@ -60,7 +60,7 @@ def test_img2img_start_and_noise_follow_diffusers(cls):
 
 def test_released_codes_step_count():
     """int(T / sigma + 1) nominal steps run about T: the paper's two recipes run exactly 12 and 4."""
-    for run, sigma in ((12, 0.7), (4, 0.3), (8, 0.5), (6, 0.6)):
+    for run, sigma in ((12, 0.7), (4, 0.3), (8, 0.5), (6, 0.6), (4, 1.0), (12, 1.0)):  # full strength: the grid
         n = collaborate.nominal_steps(run, sigma)
         assert n - collaborate.img2img_start(n, sigma) == run
     with pytest.raises(ValueError, match="runs no step"):
@@ -76,14 +76,16 @@ def test_paper_form_starts_at_alpha_bar_one_minus_sigma(schedule):
         assert_close(a2, 1.0 - sigma, 1e-5, f"alpha_bar at the first step, sigma {sigma}")
         assert grid.num_steps == 6 and np.all(np.diff(np.asarray(grid.t)) < 0)
         assert float(schedule.variances(grid.t_next[-1])[0]) > 0.999  # ends at the clean end
-    # sigma = 1: the whole unit grid, the paper's sample is the noise itself
-    full = collaborate.paper_grid(schedule, 1.0, 8)
-    if isinstance(schedule, schedules.CosineVP):
-        np.testing.assert_array_equal(np.asarray(full.t), np.asarray(make_grid(schedule, 8, "ddim").t))
-    else:
-        assert float(full.t[0]) == 999.0
+    # sigma = 1: the paper's sample is the noise itself, and the teacher runs its own grid
+    full, start = collaborate.teacher_grid(schedule, Refinement("paper", 1.0, 8))
+    own = make_grid(schedule, 8, "ddim")
+    assert start == 0
+    np.testing.assert_array_equal(np.asarray(full.t), np.asarray(own.t))
+    np.testing.assert_array_equal(np.asarray(full.t_next), np.asarray(own.t_next))
     x, z = jnp.ones((1, 2, 2, 1)), jnp.full((1, 2, 2, 1), 0.25)
     np.testing.assert_array_equal(collaborate.renoise(x, z, schedule, Refinement("paper", 1.0, 8), full, 0), z)
+    with pytest.raises(ValueError, match="at sigma = 1 the teacher runs its own grid"):
+        collaborate.paper_grid(schedule, 1.0, 8)
 
 
 # ------------------------------------------------------------------------------ counted teacher
@@ -102,10 +104,14 @@ class Counted(nn.Module):
 
 
 COSINE = schedules.CosineVP()
+DISCRETE = schedules.DiscreteVP.from_betas("scaled_linear", 1000, 0.00085, 0.012)
+FLOW = schedules.RectifiedFlow(shift=3.0)
 
 
-def teacher_den(tag="teacher"):
-    return Denoiser(params={}, schedule=COSINE, module=Counted(tag), prediction="v", null_cond=NullClass(10))
+def teacher_den(tag="teacher", schedule=COSINE):
+    return Denoiser(params={}, schedule=schedule, module=Counted(tag),
+                    prediction="flow" if isinstance(schedule, schedules.RectifiedFlow) else "v",
+                    null_cond=NullClass(10))
 
 
 @pytest.fixture(autouse=True)
@@ -146,6 +152,26 @@ def test_teacher_calls_equal_what_the_selection_implies(tau, selected, bucket):
         assert not np.allclose(np.asarray(out)[sel.selected], np.asarray(x)[sel.selected])
 
 
+@pytest.mark.parametrize("refinement,calls", [(Refinement("regenerate", 1.0, 4, "heun"), 7),
+                                               (Refinement("img2img", 0.5, 8, "heun"), 7),
+                                               (Refinement("paper", 0.6, 3, "heun"), 5)],
+                         ids=["regenerate", "img2img", "paper"])
+def test_a_heun_teacher_is_counted_two_calls_a_step_but_the_last(refinement, calls):
+    """Heun calls the network twice a step, once on the run's last (Euler to the clean end): the
+    counted calls, the plan's and the budget's per-sample evaluations agree."""
+    x, labels, scores = student_batch()
+    teacher = Teacher((teacher_den(),), (1.5,))
+    run_collab(teacher, refinement, float("inf"), x, labels, scores)
+    assert CALLS["teacher"] == [2 * 20] * calls  # every row refined, CFG doubles the batch
+    plan = teacher.plan(refinement)[2]
+    assert plan.calls() == [calls] and collaborate.teacher_calls(plan, teacher.passes) == 2 * calls
+    from jdistill.recipes import collab_sweep
+
+    # the budget rule counts the same: 2 passes x (2 n - 1) calls <= 12 - 1 gives n = 3 (5 calls, 10 evaluations)
+    assert collab_sweep.teacher_steps(12, 1, 1.0, 2, "heun") == 3 and collab_sweep.teacher_steps(12, 1, 1.0, 2) == 5
+    assert collab_sweep.teacher_steps(10, 1, 0.0, 2) == 1  # k = 0: nothing refined, no division by zero
+
+
 def test_a_sample_is_refined_the_same_whatever_else_is_selected():
     """Z is drawn for the whole batch: row 0's refinement alone or among 15 others (another bucket) agree."""
     x, labels, scores = student_batch()
@@ -159,18 +185,21 @@ def test_a_sample_is_refined_the_same_whatever_else_is_selected():
     assert_close(np.asarray(many)[0], np.asarray(alone)[0], 1e-6, "row 0 in two selections")
 
 
-def test_refine_all_at_sigma_one_is_regeneration_bit_for_bit():
-    """The paper form at sigma = 1 starts from Z on the teacher's whole grid: the same as regenerating
-    from Z, and as the teacher's own sampler run from Z."""
+@pytest.mark.parametrize("schedule,solver", [(COSINE, "ddim"), (DISCRETE, "ddim"), (FLOW, "euler")],
+                         ids=["cosine", "discrete", "flow-shift-3"])
+def test_refine_all_at_sigma_one_is_regeneration_bit_for_bit(schedule, solver):
+    """The paper form at sigma = 1 starts from Z on the teacher's own grid: the same as regenerating
+    from Z, and as the teacher's own sampler run from Z, on every schedule (an equal unit grid is the
+    teacher's own on the cosine schedule only)."""
     x, labels, scores = student_batch()
-    teacher = Teacher((teacher_den(),), (1.5,))
+    teacher = Teacher((teacher_den(schedule=schedule),), (1.5,))
     key = jax.random.key(11)
-    refined, _ = run_collab(teacher, Refinement("paper", 1.0, 6), float("inf"), x, labels, scores, key=key)
-    regen, _ = run_collab(teacher, Refinement("regenerate", 1.0, 6), float("inf"), x, labels, scores, key=key)
+    refined, _ = run_collab(teacher, Refinement("paper", 1.0, 6, solver), float("inf"), x, labels, scores, key=key)
+    regen, _ = run_collab(teacher, Refinement("regenerate", 1.0, 6, solver), float("inf"), x, labels, scores, key=key)
     np.testing.assert_array_equal(np.asarray(refined), np.asarray(regen))
     z = jax.random.normal(jax.random.fold_in(key, collaborate.RENOISE_STREAM), x.shape)
-    alone = samplers.sample_jit(teacher_den(), z, {"class_labels": jnp.asarray(labels)}, grid=make_grid(COSINE, 6),
-                                solver="ddim", guidance_scale=1.5)
+    alone = samplers.sample_jit(teacher_den(schedule=schedule), z, {"class_labels": jnp.asarray(labels)},
+                                grid=make_grid(schedule, 6, solver), solver=solver, guidance_scale=1.5)
     np.testing.assert_array_equal(np.asarray(regen), np.asarray(alone))
 
 

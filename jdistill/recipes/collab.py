@@ -6,7 +6,8 @@ budget accounting.
     jdistill collab-pick runs/collab/results.json --budget 10
 
 The student is any run whose recipe samples it (``Recipe.sampler``: a guided / progressive,
-consistency, CoDi or LADD student), sampled exactly as alone; the teacher is any run's
+consistency or LADD student; not a CoDi model, whose samples answer image conditions), sampled
+exactly as alone; the teacher is any run's
 :class:`~jdistill.recipes.members.Member` (``Recipe.member``), or several stitched small to large
 (a T-Stitch teacher). tau is the k-th percentile of the oracle's scores of the student's samples
 on a calibration set drawn with the *same* student settings (the reference calibrated at another
@@ -54,6 +55,9 @@ def load_student(workdir: str, *, steps: int, guidance_scale: float) -> Student:
     # the teacher's guidance scale, given to a student only if it reads one (a LADD student samples unguided)
     scale = float(guidance_scale) if recipe.guided_sampling else None
     sampler = recipe.sampler(run, steps=steps, **({} if scale is None else {"guidance_scale": scale}))
+    if sampler.conditions is not None:  # a CoDi model: its samples answer image conditions, not labels
+        raise InvalidArgument(f"{workdir}: a {run.recipe!r} run samples image conditions; a collaboration's "
+                              "student and teacher sample class- or text-conditional images")
     settings = {"run": os.path.abspath(workdir), "steps": int(steps), "guidance_scale": scale,
                 "sampler": sampler.description}
     return Student(sampler, settings, int(steps) * sampler.model_calls_per_step, int(steps))

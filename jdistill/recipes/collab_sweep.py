@@ -29,6 +29,7 @@ from jdistill.recipes import collab, collab_report, evaluation
 from jdistill.recipes import stitch as stitch_lib
 from jdistill.recipes.collab_report import best
 from jdistill.sampling.collaborate import Refinement, nominal_steps
+from jdistill.sampling.stitch import network_calls
 
 
 def refinement(form: str, sigma: float, run_steps: int, solver: str) -> Refinement:
@@ -38,23 +39,30 @@ def refinement(form: str, sigma: float, run_steps: int, solver: str) -> Refineme
     return Refinement(form, sigma, run_steps, solver)
 
 
-def teacher_steps(budget: float, spent: float, share: float, per_step: int) -> int:
-    """The most teacher steps whose evaluations (``per_step`` each, on ``share`` of the samples) fit
-    what the student's ``spent`` leaves of ``budget``; at least one."""
-    # the epsilon keeps an exact fit (e.g. (10 - 1) / (2 x 0.9) = 5) from flooring to one step less
-    return max(1, int(np.floor((budget - spent) / (per_step * share) + 1e-9)))
+def teacher_steps(budget: float, spent: float, share: float, per_step: int, solver: str = "ddim") -> int:
+    """The most teacher steps whose evaluations (``per_step`` a network call, 2 with CFG, on ``share``
+    of the samples) fit what the student's ``spent`` leaves of ``budget``; at least one (share 0: one,
+    run on no sample)."""
+    if share <= 0:
+        return 1
+    # the epsilon keeps an exact fit (e.g. (10 - 1) / (2 x 0.9) = 5) from falling one step short
+    fits = lambda n: network_calls(solver, n) * per_step * share <= budget - spent + 1e-9  # noqa: E731
+    steps = 1
+    while fits(steps + 1):
+        steps += 1
+    return steps
 
 
 def sweep(student_dir: str, teacher_dirs, *, student_steps: int = 1, guidance_scale: float = 1.5,
           teacher_fractions=None, oracle: str = "digits_confidence", budgets=(6, 8, 10, 12), ks=(30, 50, 70),
           sigmas=(0.4, 0.6, 0.8), form: str = "paper", solver: str = "ddim", reference_steps: int = 64,
-          num: int = 1000, calibration: str | None = None, calibration_num: int = 1000, out_dir: str,
+          num: int = 1000, calibration: str | None = None, calibration_num: int | None = None, out_dir: str,
           seed: int = 0, buckets: int = 8, repeats: int = evaluation.TIMING_REPEATS, progress: bool = True) -> dict:
     """All strategies at every budget, FD / class accuracy / wall time; table, plot and claims."""
     student = collab.load_student(student_dir, steps=student_steps, guidance_scale=guidance_scale)
     teacher, members = collab.load_teacher(teacher_dirs, guidance_scale=guidance_scale, fractions=teacher_fractions)
     scorer = oracles.get(oracle)
-    calib = _calibration(student, scorer, calibration, calibration_num, out_dir)
+    calib = _calibration(student, scorer, calibration, calibration_num, out_dir, seed)
     per_step = max(teacher.passes)
     rows, timed, grids = [], [], {}
 
@@ -95,11 +103,11 @@ def sweep(student_dir: str, teacher_dirs, *, student_steps: int = 1, guidance_sc
         if budget <= student.evaluations:
             raise InvalidArgument(f"budget {budget} leaves nothing for the teacher after the student's "
                                   f"{student.evaluations} evaluations")
-        teacher_row(teacher_steps(budget, 0, 1.0, per_step), budget)
+        teacher_row(teacher_steps(budget, 0, 1.0, per_step, solver), budget)
         for sigma in sigmas:
-            collab_row("refine_all", budget, 100, sigma, teacher_steps(budget, student.evaluations, 1.0, per_step))
+            collab_row("refine_all", budget, 100, sigma, teacher_steps(budget, student.evaluations, 1.0, per_step, solver))
         for k in ks:
-            steps = teacher_steps(budget, student.evaluations, k / 100, per_step)
+            steps = teacher_steps(budget, student.evaluations, k / 100, per_step, solver)
             for sigma in sigmas:
                 collab_row("adaptive_refine", budget, k, sigma, steps)
             collab_row("adaptive_regen", budget, k, None, steps)
@@ -118,13 +126,23 @@ def sweep(student_dir: str, teacher_dirs, *, student_steps: int = 1, guidance_sc
     return result
 
 
-def _calibration(student, scorer, path, num, out_dir) -> collab.Calibration:
+def _calibration(student, scorer, path, num, out_dir, seed) -> collab.Calibration:
+    """tau's calibration: the file at ``path`` (checked against the student, the oracle and ``num``
+    when given), else ``num`` (default 1000) samples drawn at ``collab.CALIBRATION_SEED``; either way
+    never the evaluation's own ``seed``, whose samples tau would then be fitted on."""
     if path:
         calib = collab.Calibration.load(path)
-        settings = collab.calibration_settings(student, scorer, len(calib.scores), calib.settings.get("seed"))
-        calib.check(settings)
+        made_at = calib.settings.get("seed")
+        calib.check(collab.calibration_settings(student, scorer, len(calib.scores) if num is None else num, made_at))
+    else:
+        made_at = collab.CALIBRATION_SEED
+    if made_at == seed:
+        raise collab.CalibrationMismatch(f"the calibration is drawn at seed {made_at}, the evaluation's own: tau "
+                                         "would be fitted on the samples it selects; evaluate at another --seed "
+                                         "(or calibrate at another with `jdistill collab-calibrate --seed`)")
+    if path:
         return calib
-    calib = collab.calibrate(student, scorer, num=num)
+    calib = collab.calibrate(student, scorer, num=num or 1000)
     calib.save(os.path.join(out_dir, "calibration.json"))
     return calib
 

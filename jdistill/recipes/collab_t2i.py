@@ -116,7 +116,8 @@ class TextCollab:
         path = self.cfg.calibration.get("file")
         if path and os.path.isfile(path):
             calib = Calibration.load(path)
-            calib.check(dict(self.settings(), set_size=calib.settings.get("set_size"), seed=calib.settings.get("seed")))
+            c = self.cfg.calibration  # the file must be the calibration these settings would make
+            calib.check(dict(self.settings(), set_size=len(c.prompts), seed=int(c.seed)))
             return calib
         calib = self.calibrate()
         if path:

@@ -56,7 +56,9 @@ class Sampler:
                                        guidance_scale=guidance_scale)
 
         return cls(fn=fn, image_shape=registry.image_shape(den.module), num_classes=num_classes,
-                   description=description, model_calls_per_step=2 if guidance_scale is not None else 1)
+                   description=description,
+                   # guided_output runs one pass at no scale or at the number 1
+                   model_calls_per_step=1 if guidance_scale is None or guidance_scale == 1 else 2)
 
     def labels(self, num: int):
         return None if not self.num_classes else (np.arange(num) % self.num_classes).astype(np.int32)

@@ -44,7 +44,7 @@ def stitched_sampler(members: list[members_lib.Member], fractions, *, steps: int
     ref = members[-1].denoiser
     grid = make_grid(ref.schedule, steps, solver)
     dens = [m.denoiser for m in members]
-    plan = stitch.plan(grid, ref.schedule, fractions, mode)
+    plan = stitch.plan(grid, ref.schedule, fractions, mode, solver=solver)
     k = registry.num_classes(ref.module)
 
     def fn(noise, cond, key):

@@ -5,8 +5,9 @@ are improved by the teacher, the rest kept. Three ways to improve one (:class:`R
 
 * ``"paper"``: the paper's re-noising O_sigma = sqrt(1 - sigma) O + sqrt(sigma) Z, then
   ``steps`` teacher steps from that noise level (the time whose alpha_bar is 1 - sigma) to the
-  clean end, equally spaced in unit time. At sigma = 1, O_sigma is Z and the grid is the
-  teacher's whole unit grid: refinement is then regeneration from Z, bit for bit.
+  clean end, equally spaced in unit time. At sigma = 1, O_sigma is Z and the teacher runs its own
+  grid (``make_grid``, or a pipeline's plan): refinement is then regeneration from Z, bit for bit,
+  on every schedule.
 * ``"img2img"``: diffusers' img2img ``strength`` (the released code's): the teacher's grid of
   ``steps`` (diffusers' ``num_inference_steps``), entered at step ``t_start = steps -
   min(int(steps * strength), steps)`` as ``get_timesteps`` picks it, the sample noised to that
@@ -50,8 +51,9 @@ def img2img_start(num_steps: int, strength: float) -> int:
 
 
 def nominal_steps(run_steps: int, strength: float) -> int:
-    """The released code's ``num_inference_steps = int(T / sigma + 1)`` for about T steps run."""
-    return int(run_steps / strength + 1)
+    """The released code's ``num_inference_steps = int(T / sigma + 1)`` for about T steps run; at
+    sigma = 1, where that would run T + 1, T (img2img at full strength runs its whole grid)."""
+    return int(run_steps) if strength >= 1.0 else int(run_steps / strength + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,20 +105,22 @@ def _to_unit(schedule, t) -> float:
 
 
 def paper_grid(schedule, sigma: float, steps: int) -> TimeGrid:
-    """``steps`` equal steps in unit time from the level alpha_bar = 1 - sigma to the clean end."""
+    """``steps`` equal steps in unit time from the level alpha_bar = 1 - sigma (sigma < 1) to the
+    clean end, the first exactly where the re-noised sample sits."""
+    if not 0.0 < sigma < 1.0:
+        raise ValueError(f"the paper form's own grid takes sigma in (0, 1), got {sigma}; at sigma = 1 the "
+                         "teacher runs its own grid (teacher_grid)")
     u = np.linspace(_to_unit(schedule, alpha_bar_time(schedule, 1.0 - sigma)), 0.0, steps + 1, dtype=np.float64)
-    if sigma < 1.0:  # the first time exactly where the re-noised sample sits
-        t = schedule.from_unit(jnp.asarray(u, jnp.float32)).at[0].set(alpha_bar_time(schedule, 1.0 - sigma))
-    else:
-        t = schedule.from_unit(jnp.asarray(u, jnp.float32))
+    t = schedule.from_unit(jnp.asarray(u, jnp.float32)).at[0].set(alpha_bar_time(schedule, 1.0 - sigma))
     return TimeGrid(t=t[:-1], t_next=t[1:])
 
 
 def teacher_grid(schedule, refinement: Refinement, grid_fn=None) -> tuple[TimeGrid, int]:
     """(grid, first step run) of a refinement on the teacher's ``schedule``. ``grid_fn(steps)``: the
-    teacher's own grid of a whole run (a pipeline's scheduler plan); default ``make_grid``."""
+    teacher's own grid of a whole run (a pipeline's scheduler plan); default ``make_grid``. The paper
+    form at sigma = 1 starts from the noise itself, so it runs the teacher's own grid: regeneration."""
     r = refinement
-    if r.form == "paper":
+    if r.form == "paper" and float(r.strength) < 1.0:
         return paper_grid(schedule, float(r.strength), r.steps), 0
     grid = grid_fn(r.steps) if grid_fn is not None else make_grid(schedule, r.steps, r.solver)
     return grid, (img2img_start(r.steps, r.strength) if r.form == "img2img" else 0)
@@ -229,7 +233,7 @@ class Teacher:
 
     def plan(self, refinement: Refinement) -> tuple[TimeGrid, int, stitch.StitchPlan]:
         grid, start = teacher_grid(self.schedule, refinement, self.grid_fn)
-        return grid, start, stitch.plan(grid, self.schedule, self.fractions, self.mode, start)
+        return grid, start, stitch.plan(grid, self.schedule, self.fractions, self.mode, start, refinement.solver)
 
     def run(self, z, conds, grid: TimeGrid, start: int, rng, solver: str, unconds=None, **options):
         """z at grid step ``start`` -> the clean end; ``conds`` (and ``unconds``, the CFG negatives

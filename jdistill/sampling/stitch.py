@@ -112,17 +112,34 @@ def on_grid_of(denoiser: Denoiser, ref_schedule) -> Denoiser:
     return denoiser.replace(schedule=RetimedSchedule(ref_schedule, denoiser.schedule))
 
 
+# solvers that call the network twice a step, but on a run's last step (to the clean end), where they
+# take the first-order step alone (``sampling.steps.heun``)
+TWO_CALL_SOLVERS = ("heun",)
+
+
+def network_calls(solver: str, steps: int) -> int:
+    """Network calls of a whole ``steps``-step run (CFG batches cond and uncond in one call)."""
+    return 2 * steps - 1 if solver in TWO_CALL_SOLVERS and steps else steps
+
+
 @dataclass(frozen=True)
 class StitchPlan:
     segments: tuple[tuple[int, int], ...]
+    solver: str = "ddim"
 
     def calls(self) -> list[int]:
-        """Model calls per denoiser (each step is one call; CFG batches cond and uncond in it)."""
-        return [b - a for a, b in self.segments]
+        """Model calls per denoiser: one a step (CFG batches cond and uncond in it); a two-call
+        solver's two, but one on the run's last step."""
+        steps = [b - a for a, b in self.segments]
+        if self.solver not in TWO_CALL_SOLVERS:
+            return steps
+        end = max(b for _, b in self.segments)
+        return [2 * n - (1 if n and b == end else 0) for n, (_, b) in zip(steps, self.segments)]
 
 
-def plan(grid: TimeGrid, schedule, fractions, mode: str = "timestep", start: int = 0) -> StitchPlan:
-    return StitchPlan(from_step(segments(grid, schedule, fractions, mode), start))
+def plan(grid: TimeGrid, schedule, fractions, mode: str = "timestep", start: int = 0,
+         solver: str = "ddim") -> StitchPlan:
+    return StitchPlan(from_step(segments(grid, schedule, fractions, mode), start), solver)
 
 
 def from_step(segs, start: int) -> tuple[tuple[int, int], ...]:
