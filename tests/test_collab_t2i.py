@@ -104,6 +104,12 @@ def test_refinement_is_diffusers_img2img(pipes, name, teacher, monkeypatch):
     strength, run = float(cfg.teacher.strength), int(cfg.teacher.steps)
     nominal = collaborate.nominal_steps(run, strength)
     assert collab.refinement.steps == nominal and collab.teacher_evaluations == 2 * run
+    # the student reads its guidance as an input (LCM's w embedding) or takes none (Turbo): a pass a step
+    assert collab.student_evaluations == int(cfg.student.steps)
+    if name == "collab_lcm_sdxl":  # the base UNet as the student, at CFG 5: two passes a step
+        cfg.student.pipeline, cfg.student.guidance_scale = cfg.teacher.pipeline, 5.0
+        assert collab_t2i.TextCollab(cfg).student_evaluations == 2 * int(cfg.student.steps)
+        cfg = config(name, pipes)
     latents = np.random.default_rng(3).standard_normal((len(PROMPTS), IMAGE // 2, IMAGE // 2, 4)).astype(np.float32)
     seed = 5
     refined, sel = collab.refine(latents, None, float("inf"), PROMPTS, seed)

@@ -377,6 +377,12 @@ class TextToImage:
 
     # ------------------------------------------------------------------ sampling
 
+    def passes(self, guidance_scale: float) -> int:
+        """Network passes a step: 2 under classifier-free guidance (a scale above 1 on a network
+        that does not read the scale as an input), else 1."""
+        reads = model_registry.guidance_input_kind(self.network) in ("guidance", "timestep_cond")
+        return 2 if guidance_scale > 1 and not reads else 1
+
     def generate(self, prompts: str | Sequence[str], negative_prompts=None, *, num_steps: int, guidance_scale: float,
                  solver: str | None = None, latents=None, seed: int = 0, height: int | None = None,
                  width: int | None = None, eta: float = 0.0, decode: bool = True, max_sequence_length: int = 256,
@@ -411,7 +417,7 @@ class TextToImage:
         reads_guidance = model_registry.guidance_input_kind(self.network)
         guidance_input = reads_guidance == "guidance"
         lcm = int(self.network.time_cond_proj_dim) if reads_guidance == "timestep_cond" else None
-        uncond = self._uncond_mode(guidance_scale > 1 and not guidance_input and lcm is None, negative_prompts)
+        uncond = self._uncond_mode(self.passes(guidance_scale) == 2, negative_prompts)
         enc, tokens, neg = self._tokens(prompts, negative_prompts, uncond, max_sequence_length)
         static = _Static(enc, self.vae if decode else None, plan.solver, plan.clip_x0, plan.ddpm_variance, uncond,
                          guidance_input, plan.options, plan.final_scale, lcm)

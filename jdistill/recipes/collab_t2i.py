@@ -26,6 +26,7 @@ from jdistill.paths import resolve_model
 from jdistill.recipes.collab_calibration import Calibration
 from jdistill.sampling import collaborate
 from jdistill.sampling.collaborate import Refinement, Teacher, nominal_steps
+from jdistill.sampling.stitch import network_calls
 
 # a small default calibration set (the paper used 5000 COCO captions: pass your own)
 CALIBRATION_PROMPTS = [
@@ -69,7 +70,9 @@ class TextCollab:
                                    grid_fn=lambda n: self.teacher.plan(n).grid)
         _, _, stitch_plan = self.teacher_net.plan(self.refinement)
         self.teacher_evaluations = collaborate.teacher_calls(stitch_plan, self.teacher_net.passes)
-        self.student_evaluations = int(cfg.student.steps)  # one pass a step: guidance is an input or absent
+        s = cfg.student  # a pass a call unless the student runs CFG itself (guidance as an input: one)
+        self.student_evaluations = (network_calls(self.student.plan(int(s.steps)).solver, int(s.steps))
+                                    * self.student.passes(float(s.guidance_scale)))
 
     def settings(self) -> dict:
         s = self.cfg.student
