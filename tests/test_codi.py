@@ -249,6 +249,11 @@ def test_distill_killed_resumes_bit_identical_then_samples_conditions(tiny_teach
         assert both["fd_per_seed"] == [a["fd"], b["fd"]] and both["fd"] == np.mean([a["fd"], b["fd"]])
         assert both["psnr"] == np.mean([a["psnr"], b["psnr"]]) and both["ssim"] == np.mean([a["ssim"], b["ssim"]])
     assert "metrics the mean over seeds 0, 1" in codi_table.format_results(two)
+    # a CoDi model answers image conditions: no collaboration teacher reads them, so it is refused by name
+    from jdistill.recipes import collab
+
+    with pytest.raises(InvalidArgument, match="samples image conditions"):
+        collab.load_student(str(tmp_path / "full" / "codi"), steps=2, guidance_scale=1.5)
 
 
 def test_the_config_names_the_consistency_samplers_spacing_and_other_solvers_refuse_one():
