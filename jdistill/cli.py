@@ -444,7 +444,8 @@ def build_parser():
     s.add_argument("--stitch", nargs="+", metavar="WORKDIR",
                    help="T-Stitch: smaller models' workdirs (small to large) that take the early steps")
     s.add_argument("--fractions", nargs="+", type=fraction, help="T-Stitch: fraction of the trajectory per --stitch model")
-    s.add_argument("--stitch-mode", default="timestep", choices=["timestep", "step"])
+    s.add_argument("--stitch-mode", choices=["timestep", "step"], help="with --stitch: split the trajectory by "
+                                                                        "time (default) or by step count")
     s.add_argument("--condition", metavar="FILE.npz",
                    help="conditional models (CoDi): the conditions, an .npz with 'condition' (see docs/consistency.md)")
     s.set_defaults(fn=cmd_sample)

@@ -83,6 +83,17 @@ def test_zero_fraction_on_a_continuous_grid_gives_the_small_model_nothing():
     assert stitch.plan(grid, cosine, [0.0, 1.0]).calls() == [0, 8]
     assert stitch.plan(grid, cosine, [0.25, 0.0, 0.75]).calls() == [3, 0, 5]  # t / T >= 0.75: 1, 0.875, 0.75
     assert stitch.plan(grid, cosine, [1.0, 0.0]).calls() == [8, 0]
+    # a boundary time float32 cannot hold (0.7 is 0.69999999) still counts as reached: t >= 1 - r
+    ten = timesteps.make_grid(cosine, 10, "ddim")  # 1.0, 0.9, ..., 0.1
+    assert [stitch.plan(ten, cosine, [r, 1.0 - r]).calls()[0] for r in (0.2, 0.3, 0.4, 0.6, 0.7)] == [3, 4, 5, 7, 8]
+
+
+def test_step_mode_counts_floor_r_n_small_steps_as_the_reference_does():
+    grid = timesteps.make_grid(DISCRETE, 10, "ddim")
+    assert [stitch.plan(grid, DISCRETE, [r, 1.0 - r], "step").calls()[0] for r in (0.15, 0.25, 0.35, 0.45, 0.29)] \
+        == [1, 2, 3, 4, 2]
+    hundred = timesteps.make_grid(DISCRETE, 100, "ddim")
+    assert stitch.plan(hundred, DISCRETE, [0.29, 0.71], "step").calls() == [29, 71]  # 0.29 x 100 = 28.999...
 
 
 def test_step_mode_splits_the_counter():

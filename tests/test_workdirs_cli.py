@@ -85,6 +85,25 @@ def test_a_spacing_or_timestep_list_is_refused_where_no_consistency_sampler_read
     assert "a teacher takes no timesteps option" in capsys.readouterr().err
 
 
+def test_a_progressive_round_is_refused_on_another_stitched_grid_and_as_a_collaboration_teacher(trained, tmp_path,
+                                                                                                capsys):
+    root, teacher, _ = trained
+    round2 = str(root / "guided" / "steps_002")
+    out = str(tmp_path / "s.npz")
+    assert cli.main(["sample", "--workdir", teacher, "--stitch", round2, "--fractions", "0.5", "--steps", "8",
+                     "--num", "4", "--out", out]) == 2
+    assert "(steps_002 student) was distilled for 2 steps; stitched sampling runs a grid of 8" in capsys.readouterr().err
+    assert not os.path.exists(out)
+    # on its own grid it stitches (the stage-1 student takes any count)
+    assert cli.main(["sample", "--workdir", teacher, "--stitch", round2, "--fractions", "0.5", "--steps", "2",
+                     "--num", "4", "--out", out]) == 0
+    from jdistill.errors import InvalidArgument
+    from jdistill.recipes import collab
+
+    with pytest.raises(InvalidArgument, match="distilled for 2 steps only"):
+        collab.load_teacher(round2, guidance_scale=1.5)
+
+
 def test_loading_never_trains_a_missing_teacher(trained, tmp_path, capsys):
     root, teacher, guided = trained
     copy = tmp_path / "guided"

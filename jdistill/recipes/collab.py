@@ -71,6 +71,10 @@ def load_teacher(workdirs, *, guidance_scale: float, fractions=None) -> tuple[co
         raise InvalidArgument(f"{len(workdirs)} teacher runs need {len(workdirs) - 1} fractions (the smaller "
                               f"models'), got {len(fractions)}")
     members = [members_lib.load(w, guidance_scale) for w in workdirs]
+    for m in members:  # a refinement's step count is the sweep's to choose
+        if m.steps is not None:
+            raise InvalidArgument(f"{m.name} was distilled for {m.steps} steps only; a collaboration's teacher "
+                                  "runs the step counts the budgets call for (use a teacher or a stage-1 student)")
     teacher = collaborate.Teacher(tuple(m.denoiser for m in members), tuple(m.guidance_scale for m in members),
                                   tuple(fractions) + (1.0 - sum(fractions),))
     return teacher, members

@@ -236,10 +236,12 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
 
 
 def member(run: runs.Run, guidance_scale: float) -> Member:
-    """The stage pointed at, or the stage-1 student (any step count); guidance is its input."""
+    """The stage pointed at, or the stage-1 student (any step count); guidance is its input. A
+    progressive round keeps its step count: composites refuse it on another grid."""
     name = run.stage or "stage1"
     den, _ = load_student(run.workdir, name)
-    return Member(den, None, {"guidance": guidance_scale}, f"{run_name(run)} ({name} student)")
+    return Member(den, None, {"guidance": guidance_scale}, f"{run_name(run)} ({name} student)",
+                  steps=student_steps(name))
 
 
 RECIPE = Recipe("guided", "Meng et al.'s guided distillation: stage 1, then progressive halvings", "distill",

@@ -24,6 +24,13 @@ class Member:
     guidance_scale: float | None  # CFG scale (two passes); None when guidance is an input or absent
     extra_cond: dict  # e.g. {"guidance": g} for a guidance-distilled student
     name: str
+    steps: int | None = None  # the one step count it was distilled for (a progressive round); None: any
+
+    def check_steps(self, steps: int, use: str) -> None:
+        """A network distilled for N steps walks an N-step grid only: each of its steps spans 1 / N."""
+        if self.steps is not None and int(steps) != self.steps:
+            raise InvalidArgument(f"{self.name} was distilled for {self.steps} steps; {use} runs a grid of {steps} "
+                                  f"(use a {steps}-step round, or the stage-1 student, which takes any count)")
 
     def cond(self, labels, n):
         c = {} if labels is None else {"class_labels": labels}

@@ -21,18 +21,20 @@ from jdistill.recipes.evaluation import Sampler
 DIGIT_CLASSES = 10
 
 
-def make_sampler(workdir: str, *, stitch=None, fractions=None, stitch_mode: str = "timestep", **options) -> Sampler:
+def make_sampler(workdir: str, *, stitch=None, fractions=None, stitch_mode: str | None = None, **options) -> Sampler:
     """The sampler of the run at ``workdir`` (or, with ``stitch``, smaller runs stitched before it)."""
     if stitch:
         from jdistill.recipes import stitch as stitch_lib
 
-        if options.get("stochastic") or options.get("spacing") or options.get("timesteps"):
-            raise InvalidArgument("--stochastic / --spacing / --timesteps are not available for stitched sampling")
+        given = [f"--{k}" for k in ("stochastic", "spacing", "timesteps", "condition") if options.get(k)]
+        if given:
+            raise InvalidArgument(f"{' / '.join(given)}: not available for stitched sampling")
+        g = options.get("guidance_scale")
         return stitch_lib.make_sampler(workdir, stitch, fractions or [], steps=int(options.get("steps") or 64),
-                                       solver=options.get("solver") or "ddim",
-                                       guidance_scale=options.get("guidance_scale") or 1.5, mode=stitch_mode)
-    if fractions:
-        raise InvalidArgument("--fractions goes with --stitch")
+                                       solver=options.get("solver") or "ddim", guidance_scale=1.5 if g is None else g,
+                                       mode=stitch_mode or "timestep")
+    if fractions or stitch_mode:
+        raise InvalidArgument(f"{'--fractions' if fractions else '--stitch-mode'} goes with --stitch")
     run = runs.open_run(workdir)
     recipe = get_recipe(run.recipe)
     if recipe.sampler is None:

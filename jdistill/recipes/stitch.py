@@ -41,6 +41,8 @@ def check_fractions(fractions) -> list[float]:
 def stitched_sampler(members: list[members_lib.Member], fractions, *, steps: int, solver: str = "ddim",
                      mode: str = "timestep") -> Sampler:
     """A Sampler running ``members`` (small to large) with ``fractions`` of the trajectory each."""
+    for m in members:
+        m.check_steps(steps, "stitched sampling")
     ref = members[-1].denoiser
     grid = make_grid(ref.schedule, steps, solver)
     dens = [m.denoiser for m in members]

@@ -63,10 +63,13 @@ def segments(grid: TimeGrid, schedule, fractions, mode: str = "timestep") -> lis
         lower = 1.0 - cum
         # a model with nothing before it in the order serves nothing, even at u = 1 exactly
         # (continuous grids start at t = 1, where "u >= 1 - 0" would hand it the first step)
-        counts = [int(np.sum(u >= lo - 1e-9)) if c > 1e-12 else 0 for lo, c in zip(lower[:-1], cum[:-1])]
+        # the tolerance is float32's: grid times are float32 (0.7 is stored as 0.69999999), the bounds float64
+        counts = [int(np.sum(u >= lo - 1e-6)) if c > 1e-12 else 0 for lo, c in zip(lower[:-1], cum[:-1])]
         bounds = [0] + counts + [n]
     elif mode == "step":
-        bounds = [0] + [int(round(c * n)) for c in np.cumsum(r)[:-1]] + [n]
+        # the reference's rule (NVlabs' TStitchSD: step i is the small model's while (i + 1) / n <= r):
+        # floor(r n) steps, not Python's round (half to even)
+        bounds = [0] + [int(np.floor(c * n + 1e-9)) for c in np.cumsum(r)[:-1]] + [n]
     else:
         raise ValueError(f"unknown stitch mode {mode!r}; expected one of {MODES}")
     bounds = np.maximum.accumulate(bounds)
