@@ -13,6 +13,7 @@ from jdistill import cli
 from jdistill import config as config_lib
 from jdistill.recipes import runs, teacher
 from jdistill.train import mesh as mesh_lib
+from jdistill.train.loop import read_metrics
 
 CONFIG = os.path.join(REPO, "configs", "digits_teacher.py")
 TINY = ["--config.model.hidden_size=64", "--config.model.depth=2", "--config.model.num_heads=2",
@@ -24,12 +25,13 @@ def tiny_cfg(*extra):
     return config_lib.load_config(CONFIG, TINY + list(extra))
 
 
-def final_params(workdir):
-    return jax.device_get(runs.read_params(str(workdir), part="model", average=None))
+def final_params(workdir, average=None):
+    return jax.device_get(runs.read_params(str(workdir), part="model", average=average))
 
 
 def assert_trees_equal(a, b, exact=True, rtol=1e-5):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         if exact:
             np.testing.assert_array_equal(x, y)
         else:
@@ -84,6 +86,11 @@ def test_sigkill_after_checkpoint_then_resume_is_bit_identical(tmp_path):
         out, _ = p.communicate(timeout=300)
         assert p.returncode == 0, out[-3000:]
     assert_trees_equal(final_params(killed_dir), final_params(tmp_path / "full"), exact=True)
+    # the average the run samples with too, and one metrics row a logged step, the resumed run's
+    assert_trees_equal(final_params(killed_dir, "ema"), final_params(tmp_path / "full", "ema"), exact=True)
+    rows = {name: read_metrics(str(tmp_path / name / "metrics.jsonl")) for name in ("full", "killed")}
+    assert [r["step"] for r in rows["killed"]] == [r["step"] for r in rows["full"]] == [4, 8, 12, 16]
+    assert [r["loss"] for r in rows["killed"]] == [r["loss"] for r in rows["full"]]
 
 
 def test_bad_input_gives_clear_errors(tmp_path, capsys):

@@ -370,3 +370,19 @@ def test_trainable_mask_freezes_leaves_bit_for_bit_and_keeps_no_moments():
     assert np.abs(np.asarray(state.params()["adapter"]["w"]) - 1.0).max() > 1e-3
     full_ema = engine.average_params(state, "ema")
     np.testing.assert_array_equal(full_ema["backbone"]["w"], backbone)
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """Rows a killed session logged after its last checkpoint are dropped when the run resumes from
+    that checkpoint: the resumed run logs those steps again."""
+    from jdistill.train.loop import MetricWriter, read_metrics
+
+    first = MetricWriter(str(tmp_path))
+    for step in (4, 8, 12):
+        first.write(step, {"loss": float(step)})
+    resumed = MetricWriter(str(tmp_path), resume_from=8)  # the checkpoint at step 8
+    resumed.write(12, {"loss": -12.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == \
+        [(4, 4.0), (8, 8.0), (12, -12.0)]
+    MetricWriter(str(tmp_path), resume_from=12)  # nothing after 12: the file stays as it is
+    assert len(read_metrics(str(tmp_path / "metrics.jsonl"))) == 3

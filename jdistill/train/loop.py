@@ -28,18 +28,31 @@ from jdistill.train import mesh as mesh_lib
 class MetricWriter:
     """JSONL always; TensorBoard as well when tensorboardX is importable. Only process 0 writes."""
 
-    def __init__(self, workdir: str, filename: str = "metrics.jsonl"):
+    def __init__(self, workdir: str, filename: str = "metrics.jsonl", resume_from: int | None = None):
         self.active = jax.process_index() == 0
         self.path = os.path.join(workdir, filename)
         self._tb = None
         if self.active:
             os.makedirs(workdir, exist_ok=True)
+            if resume_from is not None and os.path.isfile(self.path):
+                self._drop_after(resume_from)
             try:
                 from tensorboardX import SummaryWriter  # optional
 
                 self._tb = SummaryWriter(os.path.join(workdir, "tb"))
             except ImportError:
                 pass
+
+    def _drop_after(self, step: int):
+        """Rows logged after the checkpoint a run resumes from (a killed session's last steps) are
+        about to be logged again: keep one row per step, the resumed run's."""
+        rows = read_metrics(self.path)
+        kept = [r for r in rows if int(r.get("step", 0)) <= step]
+        if len(kept) < len(rows):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict, **extra):
         if not self.active:
@@ -107,7 +120,7 @@ def run(*, step_fn: Callable, state, frozen, batches: Callable[[int], Iterator[d
     if nonfinite not in NONFINITE_POLICIES:
         raise UserError(f"train.nonfinite={nonfinite!r}; expected one of {NONFINITE_POLICIES}")
     start = int(jax.device_get(state.step))
-    writer = MetricWriter(workdir)
+    writer = MetricWriter(workdir, resume_from=start)
     it = batches(start)
     bar = tqdm(total=num_steps, initial=start, desc=desc, disable=not progress or jax.process_index() != 0,
                dynamic_ncols=True)
