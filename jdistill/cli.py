@@ -197,6 +197,11 @@ def _sampling_options(args) -> dict:
                 spacing=args.spacing, timesteps=args.timesteps)
 
 
+def _given(options: dict) -> list[str]:
+    """The options given (a value, 0 included, or a set flag)."""
+    return [k for k, v in options.items() if v is not None and v is not False]
+
+
 def _given_sampling_options(args) -> dict:
     return {"--steps": args.steps, "--solver": args.solver, "--guidance": args.guidance,
             "--stochastic": args.stochastic, "--spacing": args.spacing, "--timesteps": args.timesteps}
@@ -223,10 +228,11 @@ def cmd_sample(args, overrides):
             given = ", ".join(k for k, v in text_only.items() if v)
             raise UserError(f"text-to-image{f' ({given})' if given else ''} takes --pretrained (a preset, or a "
                             "pipeline folder), not --workdir or a config file")
-        other = {"--stitch": args.stitch, "--fractions": args.fractions, "--stochastic": args.stochastic,
-                 "--spacing": args.spacing, "--timesteps": args.timesteps, "--condition": args.condition}
-        if any(other.values()):
-            raise UserError(f"{', '.join(k for k, v in other.items() if v)}: not for text-to-image")
+        other = _given({"--stitch": args.stitch, "--fractions": args.fractions, "--stitch-mode": args.stitch_mode,
+                        "--stochastic": args.stochastic, "--spacing": args.spacing, "--timesteps": args.timesteps,
+                        "--condition": args.condition})
+        if other:
+            raise UserError(f"{', '.join(other)}: not for text-to-image")
         if not args.prompt:
             raise UserError(f"sampling {source} needs --prompt")
         out = sample_lib.text_to_image_to_file(source, args.prompt, args.out or "samples.png",
@@ -243,14 +249,14 @@ def cmd_sample(args, overrides):
             raise config_lib.ConfigError("give --workdir (a trained run) or --config (a pretrained-pair config), not both")
         cfg = config_lib.load_config(args.config, overrides)
         recipe = get_recipe(cfg)
-        given = [k for k, v in {**_given_sampling_options(args), "--stitch": args.stitch, "--fractions": args.fractions,
-                                "--condition": args.condition}.items() if v]
-        if given:  # the pair config's sample section is the sampler; its options come as overrides
-            raise config_lib.ConfigError(f"{', '.join(given)}: `sample --config` samples as the config's sample "
-                                         "section says; override it there (e.g. --config.sample.steps=8)")
         if recipe.sample_config is None:
             raise config_lib.ConfigError(f"{args.config}: a {recipe.name!r} config is trained, then sampled with "
                                          "--workdir; `sample --config` takes pretrained-pair configs (configs/stitch_*.py)")
+        given = _given({**_given_sampling_options(args), "--stitch": args.stitch, "--fractions": args.fractions,
+                        "--stitch-mode": args.stitch_mode, "--condition": args.condition})
+        if given:  # the pair config's sample section is the sampler; its options come as overrides
+            raise config_lib.ConfigError(f"{', '.join(given)}: `sample --config` samples as the config's sample "
+                                         "section says; override it there (e.g. --config.sample.steps=8)")
         out = recipe.sample_config(cfg, args.out or "samples.npz", num=args.num, seed=args.seed)
         print(f"{out['description']}: wrote {out['npz']} ({out['num']} samples, {out['seconds']:.1f} s) and {out['png']}")
         return

@@ -152,11 +152,11 @@ def test_teacher_calls_equal_what_the_selection_implies(tau, selected, bucket):
         assert not np.allclose(np.asarray(out)[sel.selected], np.asarray(x)[sel.selected])
 
 
-@pytest.mark.parametrize("refinement,calls", [(Refinement("regenerate", 1.0, 4, "heun"), 7),
-                                               (Refinement("img2img", 0.5, 8, "heun"), 7),
-                                               (Refinement("paper", 0.6, 3, "heun"), 5)],
+@pytest.mark.parametrize("refinement,steps,calls", [(Refinement("regenerate", 1.0, 4, "heun"), 4, 7),
+                                                     (Refinement("img2img", 0.5, 8, "heun"), 4, 7),
+                                                     (Refinement("paper", 0.6, 3, "heun"), 3, 5)],
                          ids=["regenerate", "img2img", "paper"])
-def test_a_heun_teacher_is_counted_two_calls_a_step_but_the_last(refinement, calls):
+def test_a_heun_teacher_is_counted_two_calls_a_step_but_the_last(refinement, steps, calls):
     """Heun calls the network twice a step, once on the run's last (Euler to the clean end): the
     counted calls, the plan's and the budget's per-sample evaluations agree."""
     x, labels, scores = student_batch()
@@ -165,6 +165,7 @@ def test_a_heun_teacher_is_counted_two_calls_a_step_but_the_last(refinement, cal
     assert CALLS["teacher"] == [2 * 20] * calls  # every row refined, CFG doubles the batch
     plan = teacher.plan(refinement)[2]
     assert plan.calls() == [calls] and collaborate.teacher_calls(plan, teacher.passes) == 2 * calls
+    assert plan.steps() == [steps]  # what the budget reports as steps
     from jdistill.recipes import collab_sweep
 
     # the budget rule counts the same: 2 passes x (2 n - 1) calls <= 12 - 1 gives n = 3 (5 calls, 10 evaluations)

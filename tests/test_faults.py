@@ -84,6 +84,10 @@ ARGUMENTS = [
      r"--spacing: not for text-to-image"),
     (["sample", "--config", os.path.join(REPO, "configs", "stitch_dit_s_xl.py"), "--steps", "8", "--solver", "euler"],
      r"--steps, --solver: `sample --config` samples as the config's sample section says"),
+    (["sample", "--config", os.path.join(REPO, "configs", "stitch_dit_s_xl.py"), "--guidance", "0",
+      "--stitch-mode", "step"], r"--guidance, --stitch-mode: `sample --config` samples as the config's"),
+    (["sample", "--pretrained", "sdxl-turbo", "--prompt", "a", "--stitch-mode", "step"],
+     r"--stitch-mode: not for text-to-image"),
     (["codi-table", "--workdir", "W", "--spacing", "quadratc"], r"--spacing 'quadratc': expected one of lcm, quadratic"),
     (["codi-table", "--workdir", "W", "--solver", "ddim"], r"--solver 'ddim': the consistency rows sample with"),
 ]

@@ -386,3 +386,7 @@ def test_a_resumed_run_logs_each_step_once(tmp_path):
         [(4, 4.0), (8, 8.0), (12, -12.0)]
     MetricWriter(str(tmp_path), resume_from=12)  # nothing after 12: the file stays as it is
     assert len(read_metrics(str(tmp_path / "metrics.jsonl"))) == 3
+    with open(tmp_path / "metrics.jsonl", "a") as f:  # a kill mid-write leaves half a row
+        f.write('{"step": 16, "lo')
+    MetricWriter(str(tmp_path), resume_from=12)
+    assert [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == [4, 8, 12]

@@ -33,6 +33,7 @@ from jdistill.recipes import members as members_lib
 from jdistill.recipes.evaluation import Sampler
 from jdistill.sampling import collaborate
 from jdistill.sampling.generate import generate
+from jdistill.sampling.stitch import network_calls
 
 CALIBRATION_SEED = 1  # calibration samples are drawn apart from the evaluation seed (0)
 
@@ -60,7 +61,8 @@ def load_student(workdir: str, *, steps: int, guidance_scale: float) -> Student:
                               "student and teacher sample class- or text-conditional images")
     settings = {"run": os.path.abspath(workdir), "steps": int(steps), "guidance_scale": scale,
                 "sampler": sampler.description}
-    return Student(sampler, settings, int(steps) * sampler.model_calls_per_step, int(steps))
+    calls = network_calls(sampler.solver or "ddim", int(steps))
+    return Student(sampler, settings, calls * sampler.model_calls_per_step, int(steps))
 
 
 def load_teacher(workdirs, *, guidance_scale: float, fractions=None) -> tuple[collaborate.Teacher, list]:
@@ -128,7 +130,7 @@ def collab_sampler(student: Student, oracle: oracles.Oracle, teacher: collaborat
     """The student, then the teacher on the samples the oracle scores below ``tau``."""
     grid, start, plan = teacher.plan(refinement)
     budget = CollabPlan(student.evaluations, student.steps, collaborate.teacher_calls(plan, teacher.passes),
-                        sum(plan.calls()))
+                        sum(plan.steps()))
 
     def fn(noise, cond, key):
         x = student.sampler.fn(noise, cond, key)

@@ -39,6 +39,7 @@ class Sampler:
     num_classes: int | None
     description: str
     model_calls_per_step: int = 1
+    solver: str | None = None  # the sampler's solver where it is one of the library's (a two-call one counts twice)
     plan: object = None  # stitched samplers: which model serves which steps
     conditions: dict | None = None  # conditional models: per-sample condition arrays (cycled to ``num``)
     targets: np.ndarray | None = None  # paired tasks: the ground truth of each condition (uint8, cycled)
@@ -56,9 +57,9 @@ class Sampler:
                                        guidance_scale=guidance_scale)
 
         return cls(fn=fn, image_shape=registry.image_shape(den.module), num_classes=num_classes,
-                   description=description,
-                   # guided_output runs one pass at no scale or at the number 1
-                   model_calls_per_step=1 if guidance_scale is None or guidance_scale == 1 else 2)
+                   description=description, solver=solver,
+                   # the scale reaches guided_output traced (sample_jit): any scale, 1 too, runs two passes
+                   model_calls_per_step=1 if guidance_scale is None else 2)
 
     def labels(self, num: int):
         return None if not self.num_classes else (np.arange(num) % self.num_classes).astype(np.int32)

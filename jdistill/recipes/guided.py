@@ -237,7 +237,8 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
 
 def member(run: runs.Run, guidance_scale: float) -> Member:
     """The stage pointed at, or the stage-1 student (any step count); guidance is its input. A
-    progressive round keeps its step count: composites refuse it on another grid."""
+    progressive round keeps its step count: stitched sampling refuses it on another grid, and a
+    collaboration (whose budgets choose the teacher's steps) as a teacher at all."""
     name = run.stage or "stage1"
     den, _ = load_student(run.workdir, name)
     return Member(den, None, {"guidance": guidance_scale}, f"{run_name(run)} ({name} student)",

@@ -56,9 +56,9 @@ def results_table(workdirs, *, compare: dict | None = None, num: int = 1000, out
     teacher_run = runs.open_run(teacher_dir)
     # the teacher rows sample at the CFG scale of the data the students learnt (their synth section)
     learnt = sorted({float(r.config.synth.guidance_scale) for r in ladd_runs})
-    if len(learnt) > 1:
+    if len(learnt) > 1 and guidance_scale is None:
         raise InvalidArgument(f"the LADD runs learnt teacher samples at CFG scales {learnt}: one table compares "
-                              "students of one synthetic set")
+                              "students of one synthetic set (or name the teacher's with --guidance)")
     g = float(learnt[0] if guidance_scale is None else guidance_scale)
     rows, timed, grids = [], [], {}
 

@@ -229,7 +229,8 @@ class Teacher:
 
     @property
     def passes(self) -> tuple[int, ...]:
-        return tuple(1 if g is None or g == 1 else 2 for g in self.guidance_scales)
+        # the scales reach the jitted sampler traced: any scale, 1 too, runs the CFG pair
+        return tuple(1 if g is None else 2 for g in self.guidance_scales)
 
     def plan(self, refinement: Refinement) -> tuple[TimeGrid, int, stitch.StitchPlan]:
         grid, start = teacher_grid(self.schedule, refinement, self.grid_fn)

@@ -130,10 +130,14 @@ class StitchPlan:
     segments: tuple[tuple[int, int], ...]
     solver: str = "ddim"
 
+    def steps(self) -> list[int]:
+        """Grid steps per denoiser."""
+        return [b - a for a, b in self.segments]
+
     def calls(self) -> list[int]:
         """Model calls per denoiser: one a step (CFG batches cond and uncond in it); a two-call
         solver's two, but one on the run's last step."""
-        steps = [b - a for a, b in self.segments]
+        steps = self.steps()
         if self.solver not in TWO_CALL_SOLVERS:
             return steps
         end = max(b for _, b in self.segments)

@@ -46,9 +46,9 @@ class MetricWriter:
     def _drop_after(self, step: int):
         """Rows logged after the checkpoint a run resumes from (a killed session's last steps) are
         about to be logged again: keep one row per step, the resumed run's."""
-        rows = read_metrics(self.path)
+        rows = read_metrics(self.path, partial_ok=True)
         kept = [r for r in rows if int(r.get("step", 0)) <= step]
-        if len(kept) < len(rows):
+        if len(kept) < len(rows) or not _complete(self.path):
             tmp = self.path + ".tmp"
             with open(tmp, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in kept)
@@ -69,9 +69,27 @@ class MetricWriter:
             self._tb.close()
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str, partial_ok: bool = False) -> list[dict]:
+    """The rows of a metrics file; ``partial_ok``: skip a last row a kill cut off mid-write."""
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if not (partial_ok and i == len(lines) - 1):
+                raise
+    return rows
+
+
+def _complete(path: str) -> bool:
+    """Whether the file's last row parses (a kill can cut the last write short)."""
+    try:
+        read_metrics(path)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 class _Preemption:
