@@ -203,8 +203,8 @@ def _given(options: dict) -> list[str]:
 
 
 def _given_sampling_options(args) -> dict:
-    return {"--steps": args.steps, "--solver": args.solver, "--guidance": args.guidance,
-            "--stochastic": args.stochastic, "--spacing": args.spacing, "--timesteps": args.timesteps}
+    """``_sampling_options`` keyed by their command-line flags."""
+    return {"--guidance" if k == "guidance_scale" else f"--{k}": v for k, v in _sampling_options(args).items()}
 
 
 def _pretrained_source(args) -> str | None:

@@ -28,7 +28,7 @@ from jdistill.metrics import oracles
 from jdistill.recipes import collab, collab_report, evaluation
 from jdistill.recipes import stitch as stitch_lib
 from jdistill.recipes.collab_report import best
-from jdistill.sampling.collaborate import Refinement, nominal_steps
+from jdistill.sampling.collaborate import Refinement, nominal_steps, teacher_calls
 from jdistill.sampling.stitch import network_calls
 
 
@@ -92,7 +92,7 @@ def sweep(student_dir: str, teacher_dirs, *, student_steps: int = 1, guidance_sc
         sampler = stitch_lib.stitched_sampler(members, teacher.fractions, steps=steps, solver=solver)
         sampler.description = f"teacher {solver} {steps} steps, CFG g={guidance_scale:g}" + (
             f" (stitched {'/'.join(f'{f:g}' for f in teacher.fractions)})" if len(members) > 1 else "")
-        calls = sum(c * p for c, p in zip(sampler.plan.calls(), teacher.passes))
+        calls = teacher_calls(sampler.plan, teacher.passes)
         return add("teacher", sampler, budget, teacher_steps=steps,
                    spent={"refined_share": 1.0, "avg_steps": steps, "avg_evals": calls, "padded_evals": calls})
 
