@@ -3,6 +3,7 @@ against its formula with the target read as it is now, PE-CoDi leaving every bac
 bit-identical, 8 devices == 1 device, and `jdistill distill` killed by SIGKILL resuming bit-identically
 (then `jdistill sample --condition` and `jdistill eval` on its workdir)."""
 
+import dataclasses
 import os
 
 import jax
@@ -249,11 +250,6 @@ def test_distill_killed_resumes_bit_identical_then_samples_conditions(tiny_teach
         assert both["fd_per_seed"] == [a["fd"], b["fd"]] and both["fd"] == np.mean([a["fd"], b["fd"]])
         assert both["psnr"] == np.mean([a["psnr"], b["psnr"]]) and both["ssim"] == np.mean([a["ssim"], b["ssim"]])
     assert "metrics the mean over seeds 0, 1" in codi_table.format_results(two)
-    # a CoDi model answers image conditions: no collaboration teacher reads them, so it is refused by name
-    from jdistill.recipes import collab
-
-    with pytest.raises(InvalidArgument, match="samples image conditions"):
-        collab.load_student(str(tmp_path / "full" / "codi"), steps=2, guidance_scale=1.5)
 
 
 def test_the_config_names_the_consistency_samplers_spacing_and_other_solvers_refuse_one():
@@ -328,3 +324,93 @@ def test_fd_ratio_claims_carry_the_standard_error_of_the_per_seed_ratios():
     # one seed: no spread to report, and the table reads as before
     single = codi_table.claims([{**r, "fd_per_seed": None} for r in (ft50, codi4)])
     assert all("se" not in c for c in single) and "±" not in evaluation.claims_table(single)
+
+
+# --------------------------------------------------------------------------- CoDi in a collaboration
+
+
+@pytest.fixture(scope="module")
+def codi_run(tiny_teacher, tmp_path_factory):
+    """A tiny inpainting CoDi run with its fine-tuned conditional model (the collaboration's teacher)."""
+    workdir = str(tmp_path_factory.mktemp("codi_collab") / "inpaint")
+    codi.train(codi_cfg(tiny_teacher, "--config.condition.kind=inpaint", "--config.methods=('finetune','codi')"),
+               workdir, progress=False)
+    return workdir
+
+
+def test_a_codi_student_collaborates_with_its_runs_conditional_model(codi_run, tiny_teacher):
+    """The student samples for condition images; the teacher (the run's fine-tuned model) refines each
+    selected sample for its own condition: k = 0 is the student alone bit for bit, the refined rows are
+    what the teacher's own sampler gives from the re-noised Z with those rows' conditions, the rest are
+    the student's; tau's calibration draws the train split's conditions; mismatched pairs are refused."""
+    from jdistill.metrics import oracles
+    from jdistill.recipes import collab, collab_sweep
+    from jdistill.diffusion.timesteps import make_grid
+    from jdistill.sampling import collaborate
+
+    student = collab.load_student(os.path.join(codi_run, "codi"), steps=1, guidance_scale=1.5)
+    assert student.condition_kind == "inpaint" and student.evaluations == 1
+    assert student.settings["guidance_scale"] is None  # the teacher's CFG scale is not a CoDi model's input
+    calib_conds = student.calibration_sampler.conditions["condition"]
+    assert calib_conds.shape[1:] == student.sampler.conditions["condition"].shape[1:]
+    assert len(calib_conds) != len(student.sampler.conditions["condition"])  # the train split, not the test one
+    teacher, members = collab.load_teacher(os.path.join(codi_run, "finetune"), guidance_scale=1.5)
+    assert teacher.passes == (1,) and members[0].condition_kind == "inpaint"
+    oracle = oracles.get("digits_confidence")
+
+    n = 16
+    cond = {"condition": jnp.asarray(student.sampler.conditions["condition"][:n])}
+    noise = jax.random.normal(jax.random.key(3), (n, *student.sampler.image_shape))
+    key = jax.random.key(4)
+    alone = student.sampler.fn(noise, cond, key)
+    r = collaborate.Refinement("paper", 1.0, 3, "ddim")
+    none = collab.collab_sampler(student, oracle, teacher, members, r, float("-inf"), buckets=4)
+    np.testing.assert_array_equal(np.asarray(none.fn(noise, cond, key)), np.asarray(alone))
+
+    scores = oracle.score(alone)  # the oracle sees the sample alone, never the condition's ground truth
+    tau = float(np.median(scores))
+    chosen = scores < tau
+    # two training steps leave the zero-initialised adapter all but silent: perturbed, the teacher's
+    # output depends on the condition, so a row refined with another row's condition would show
+    member = dataclasses.replace(members[0], denoiser=members[0].denoiser.replace(
+        params=perturbed(members[0].denoiser.params, 0.3)))
+    loud = collaborate.Teacher((member.denoiser,), (None,))
+    some = collab.collab_sampler(student, oracle, loud, [member], r, tau, buckets=4)
+    got = np.asarray(some.fn(noise, cond, key))
+    assert 0 < chosen.sum() < n and some.plan.budget()["refined_share"] == chosen.mean()
+    np.testing.assert_array_equal(got[~chosen], np.asarray(alone)[~chosen])
+    # the run's own conditional sampler (DDIM, 3 steps) on the whole batch, from the same Z and teacher key
+    task = conditional.make_task(runs.open_run(os.path.join(codi_run, "finetune")).stage_config("finetune"),
+                                 with_data=False)
+    own = codi.conditional_fn(task, member.denoiser, make_grid(member.denoiser.schedule, 3, "ddim"), "ddim")
+    z = jax.random.normal(jax.random.fold_in(key, collaborate.RENOISE_STREAM), noise.shape)
+    rng = jax.random.fold_in(key, collaborate.TEACHER_STREAM)
+    want = np.asarray(own(z, cond, rng))
+    np.testing.assert_allclose(got[chosen], want[chosen], atol=1e-5)  # a sub-batch: GEMMs block differently
+    swapped = np.asarray(own(z, {"condition": cond["condition"][::-1]}, rng))
+    assert np.abs(swapped[chosen] - want[chosen]).max() > 1e-2
+
+    calib = collab.calibrate(student, oracle, num=20, batch_size=10)
+    assert calib.settings["student"]["calibration_conditions"] == "train split" and len(calib.scores) == 20
+
+    # pairs that do not read the same conditions are refused by name
+    tchr, class_members = collab.load_teacher(tiny_teacher, guidance_scale=1.5)
+    with pytest.raises(InvalidArgument, match="inpaint condition images.*class labels"):
+        collab.collab_sampler(student, oracle, tchr, class_members, r, tau)
+    class_student = collab.load_student(tiny_teacher, steps=1, guidance_scale=1.5)
+    with pytest.raises(InvalidArgument, match="class labels.*inpaint condition images"):
+        collab.collab_sampler(class_student, oracle, teacher, members, r, tau)
+    with pytest.raises(InvalidArgument, match="few-step model.*'finetune' stage"):
+        collab.load_teacher(os.path.join(codi_run, "codi"), guidance_scale=1.5)
+
+    # the sweep: PSNR beside FD, the teacher without CFG (one evaluation a step)
+    result = collab_sweep.sweep(os.path.join(codi_run, "codi"), os.path.join(codi_run, "finetune"), budgets=(3,),
+                                ks=(50,), sigmas=(0.6,), num=70, reference_steps=4, repeats=1, progress=False,
+                                out_dir=os.path.join(codi_run, "..", "sweep"))
+    assert not result["teacher_cfg"] and result["condition_kind"] == "inpaint"
+    teacher_row = next(r for r in result["rows"] if r["strategy"] == "teacher" and r["budget"] == 3)
+    assert teacher_row["teacher_steps"] == 3 and teacher_row["avg_evals"] == 3
+    assert all(r["psnr"] is not None and 0 <= r["class_acc"] <= 1 for r in result["rows"])
+    with open(os.path.join(codi_run, "..", "sweep", "results.md")) as f:
+        table = f.read()
+    assert "teacher alone (DDIM) |" in table and "| PSNR |" in table and "digits (inpaint)" in table

@@ -27,8 +27,9 @@ from jdistill.models import adapters, registry
 from jdistill.objectives.codi import codi_loss
 from jdistill.objectives.consistency import with_guidance_input
 from jdistill.objectives.denoising import denoising_loss
-from jdistill.recipes import Recipe, common, conditional, consistency, runs, stages
+from jdistill.recipes import Recipe, common, conditional, consistency, members, runs, stages
 from jdistill.recipes.evaluation import Sampler
+from jdistill.recipes.members import Member
 from jdistill.sampling import samplers
 from jdistill.train import engine as engine_lib
 from jdistill.train import optim
@@ -36,6 +37,7 @@ from jdistill.train import optim
 PART = consistency.PART
 METHODS = ("finetune", "two_stage", "codi", "pe_codi")
 CONSISTENCY_STAGES = ("two_stage", "codi", "pe_codi")
+SPLIT_SEEDS = {"test": 0, "train": 1}  # the seed of each split's inpainting masks
 IDENTITY_SECTIONS = ("teacher", "condition", "adapter", "codi", "stage")
 
 
@@ -158,9 +160,10 @@ def grid_sampler(cfg, task: conditional.ConditionalTask, stage: str, num: int = 
 
 
 def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None, stochastic=False, use_ema=True,
-                 condition=None, spacing=None, timesteps=None, **unused) -> Sampler:
-    """The stage pointed at (default ``codi``) on the evaluation set's conditions, or on ``condition``
-    (a ``.npz``: ``data.conditions.read_condition_file``)."""
+                 condition=None, spacing=None, timesteps=None, split="test", **unused) -> Sampler:
+    """The stage pointed at (default ``codi``) on the conditions of the dataset's ``split`` (``test``:
+    the evaluation set; ``train``: a collaboration's calibration set, its masks drawn apart), or on
+    ``condition`` (a ``.npz``: ``data.conditions.read_condition_file``)."""
     from jdistill.data.conditions import read_condition_file
 
     common.refuse_options(dict(unused, stochastic=stochastic), "a conditional model")
@@ -185,14 +188,41 @@ def make_sampler(run: runs.Run, *, steps=None, solver=None, guidance_scale=None,
         cond_shape = (int(cfg.data.resolution),) * 2 + (3,) if text else shape
         conds, targets, labels = read_condition_file(condition, task.spec, cond_shape), None, None
     else:
-        evals = conditional.evaluation_set(cfg, task.spec)
+        if split not in SPLIT_SEEDS:
+            raise InvalidArgument(f"conditions come from the {tuple(SPLIT_SEEDS)} split, not {split!r}")
+        evals = conditional.evaluation_set(cfg, task.spec, split, SPLIT_SEEDS[split])
         conds, targets, labels = evals.conditions, evals.images, evals.labels
     sampler = Sampler(fn=conditional_fn(task, den, grid, solver, guidance_scale), image_shape=shape, num_classes=None,
                       description=f"{stage} {solver} {steps} steps{consistency.grid_text(spacing, timesteps)} "
                                   f"({task.spec.name})",
-                      conditions={"condition": conds}, targets=targets, source_labels=labels)
+                      conditions={"condition": conds}, targets=targets, source_labels=labels,
+                      condition_kind=task.spec.name)
     return sampler
 
 
+def member(run: runs.Run, guidance_scale: float) -> Member:
+    """The fine-tuned conditional model (stage ``finetune``, the run's many-step sampler) as a
+    collaboration's teacher of a CoDi student: it reads the condition images of the student's samples
+    and the prior's null class; no CFG (it was trained without condition dropout), so
+    ``guidance_scale`` does not apply."""
+    stage = run.stage or "finetune"
+    if stage != "finetune":
+        raise InvalidArgument(f"{run.workdir}: the {stage!r} stage is a few-step model; a CoDi run's teacher for "
+                              "composite samplers is its many-step conditional model, the 'finetune' stage")
+    if stage not in run.stages:
+        raise InvalidArgument(f"{run.workdir} has no 'finetune' stage (it has {list(run.stages)}); train it with "
+                              "--config.methods including 'finetune'")
+    cfg = run.stage_config(stage)
+    task = conditional.make_task(cfg, with_data=False)
+    if task.prior_uncond_fn is not None:
+        raise InvalidArgument(f"{run.workdir}: a text-to-image CoDi run composes through the text-to-image "
+                              "collaboration configs, not as a member of trained runs")
+    den = task.model.replace(params=runs.read_params(run.workdir, stage, part=PART))
+    shape = registry.image_shape(den.module)
+    return Member(den, None, {}, members.run_name(run), condition_kind=task.spec.name,
+                  fixed_cond=lambda n: task.prior_cond_fn({"image": jnp.zeros((n, *shape), jnp.float32)}))
+
+
+# a CoDi model reads a guidance scale only if trained with one (``codi.scale_range``), at its config's scale
 RECIPE = Recipe("codi", "CoDi / PE-CoDi and their baselines: few-step conditional samplers from a prior", "distill",
-                train=train, sampler=make_sampler, plan=plan_steps)
+                train=train, sampler=make_sampler, member=member, plan=plan_steps, guided_sampling=False)

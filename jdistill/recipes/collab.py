@@ -6,10 +6,11 @@ budget accounting.
     jdistill collab-pick runs/collab/results.json --budget 10
 
 The student is any run whose recipe samples it (``Recipe.sampler``: a guided / progressive,
-consistency or LADD student; not a CoDi model, whose samples answer image conditions), sampled
-exactly as alone; the teacher is any run's
+consistency, LADD or CoDi student), sampled exactly as alone; the teacher is any run's
 :class:`~jdistill.recipes.members.Member` (``Recipe.member``), or several stitched small to large
-(a T-Stitch teacher). tau is the k-th percentile of the oracle's scores of the student's samples
+(a T-Stitch teacher). A CoDi student samples for condition images (inpainting, super-resolution);
+its teacher is its run's fine-tuned conditional model (``runs/X/finetune``), which refines each
+selected sample for that sample's own condition. tau is the k-th percentile of the oracle's scores of the student's samples
 on a calibration set drawn with the *same* student settings (the reference calibrated at another
 guidance scale); a :class:`Calibration` file records them and refuses other settings.
 Text-to-image pairs (LCM-SDXL -> SDXL, SDXL-Turbo -> refiner) are configs:
@@ -46,6 +47,13 @@ class Student:
     settings: dict  # run, steps, guidance scale (None: unguided), sampler description
     evaluations: int  # network evaluations per sample
     steps: int
+    # what calibration samples: the same sampler, or for a conditional student (CoDi) the same model on
+    # the train split's conditions, so tau is not fitted on the conditions it is evaluated on
+    calibration_sampler: Sampler | None = None
+
+    @property
+    def condition_kind(self) -> str | None:
+        return self.sampler.condition_kind
 
 
 def load_student(workdir: str, *, steps: int, guidance_scale: float) -> Student:
@@ -55,14 +63,28 @@ def load_student(workdir: str, *, steps: int, guidance_scale: float) -> Student:
         raise InvalidArgument(f"{workdir}: a {run.recipe!r} run has nothing to sample as a student")
     # the teacher's guidance scale, given to a student only if it reads one (a LADD student samples unguided)
     scale = float(guidance_scale) if recipe.guided_sampling else None
-    sampler = recipe.sampler(run, steps=steps, **({} if scale is None else {"guidance_scale": scale}))
-    if sampler.conditions is not None:  # a CoDi model: its samples answer image conditions, not labels
-        raise InvalidArgument(f"{workdir}: a {run.recipe!r} run samples image conditions; a collaboration's "
-                              "student and teacher sample class- or text-conditional images")
+    options = {} if scale is None else {"guidance_scale": scale}
+    sampler = recipe.sampler(run, steps=steps, **options)
     settings = {"run": os.path.abspath(workdir), "steps": int(steps), "guidance_scale": scale,
                 "sampler": sampler.description}
+    calibration_sampler = sampler
+    if sampler.conditions is not None:  # a CoDi model: it samples for condition images
+        calibration_sampler = recipe.sampler(run, steps=steps, split="train", **options)
+        settings["calibration_conditions"] = "train split"
     calls = network_calls(sampler.solver or "ddim", int(steps))
-    return Student(sampler, settings, calls * sampler.model_calls_per_step, int(steps))
+    return Student(sampler, settings, calls * sampler.model_calls_per_step, int(steps), calibration_sampler)
+
+
+def check_pair(student: Student, members) -> None:
+    """A teacher refines what the student drew: class-conditional with class-conditional, a conditional
+    (CoDi) student with a model that reads the same kind of condition images (its run's fine-tuned model)."""
+    kind = members_lib.condition_kind(members, "a collaboration's teacher")
+    if kind != student.condition_kind:
+        said = lambda k: f"{k} condition images" if k else "class labels (no condition images)"  # noqa: E731
+        raise InvalidArgument(f"the student samples for {said(student.condition_kind)}, the teacher "
+                              f"({', '.join(m.name for m in members)}) reads {said(kind)}"
+                              + ("; a CoDi student's teacher is its run's 'finetune' stage" if student.condition_kind
+                                 else ""))
 
 
 def load_teacher(workdirs, *, guidance_scale: float, fractions=None) -> tuple[collaborate.Teacher, list]:
@@ -91,10 +113,12 @@ def calibration_settings(student: Student, oracle: oracles.Oracle, num: int, see
 
 def calibrate(student: Student, oracle: oracles.Oracle, *, num: int = 1000, seed: int = CALIBRATION_SEED,
               batch_size: int = 500) -> Calibration:
-    """Score ``num`` student samples (class-balanced labels, seed ``seed``) exactly as inference does."""
-    labels = student.sampler.labels(num)
-    images, _ = generate(student.sampler.fn, student.sampler.image_shape, labels, num=num,
-                         batch_size=min(batch_size, num), seed=seed)
+    """Score ``num`` student samples (class-balanced labels, or the calibration split's conditions; seed
+    ``seed``) exactly as inference does."""
+    sampler = student.calibration_sampler or student.sampler
+    labels = sampler.labels(num)
+    images, _ = generate(sampler.fn, sampler.image_shape, labels, num=num, batch_size=min(batch_size, num), seed=seed,
+                         conditions=sampler.cycled(num))
     scores = oracle.score(images, labels)
     return Calibration(np.sort(scores), calibration_settings(student, oracle, num, seed))
 
@@ -127,26 +151,31 @@ class CollabPlan:
 def collab_sampler(student: Student, oracle: oracles.Oracle, teacher: collaborate.Teacher, members,
                    refinement: collaborate.Refinement, tau: float, *, buckets: int = 8,
                    description: str = "") -> Sampler:
-    """The student, then the teacher on the samples the oracle scores below ``tau``."""
+    """The student, then the teacher on the samples the oracle scores below ``tau`` (with their own
+    labels or condition images)."""
+    check_pair(student, members)
     grid, start, plan = teacher.plan(refinement)
     budget = CollabPlan(student.evaluations, student.steps, collaborate.teacher_calls(plan, teacher.passes),
                         sum(plan.steps()))
 
     def fn(noise, cond, key):
         x = student.sampler.fn(noise, cond, key)
-        labels = None if cond is None else np.asarray(cond["class_labels"])
+        # the oracle scores what the samples were drawn for: their labels, else (a conditional student)
+        # the class it sees in them; it is never shown the conditions' ground truth
+        labels = None if cond is None or "class_labels" not in cond else np.asarray(cond["class_labels"])
         scores = oracle.score(x, labels) if collaborate.needs_scores(tau) else None
 
         def conds_for(rows):
-            return [m.cond(None if labels is None else labels[rows], len(rows)) for m in members]
+            return [m.cond(collaborate.take(cond, rows), len(rows)) for m in members]
 
         x, selection = collaborate.improve(x, scores, tau, collaborate.refine_rows(teacher, refinement, x, key, conds_for),
                                            buckets=buckets)
         budget.selections[bytes(np.asarray(jax.random.key_data(key)).tobytes())] = selection
         return x
 
-    return Sampler(fn=fn, image_shape=student.sampler.image_shape, num_classes=student.sampler.num_classes,
-                   description=description or f"collab {refinement.describe()}", plan=budget)
+    return Sampler(fn=fn, image_shape=student.sampler.image_shape, num_classes=None,
+                   description=description or f"collab {refinement.describe()}",
+                   plan=budget).with_conditions_of(student.sampler)
 
 
 def _no_training(cfg, workdir, **kw):

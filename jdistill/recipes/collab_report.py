@@ -14,7 +14,8 @@ SOLVER_NAMES = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++ 2M", "dpmpp_sde": "DPM
 def name(strategy: str, result) -> str:
     """A strategy's name in tables and plots; the teacher's names the sweep's solver (every strategy's)."""
     if strategy == "teacher":
-        return f"teacher alone ({SOLVER_NAMES.get(result['solver'], result['solver'])} + CFG)"
+        cfg = " + CFG" if result.get("teacher_cfg", True) else ""
+        return f"teacher alone ({SOLVER_NAMES.get(result['solver'], result['solver'])}{cfg})"
     return NAMES[strategy]
 
 
@@ -46,35 +47,49 @@ def summary_table(result) -> str:
     """At each budget, the best setting of every strategy (lowest FD over k and sigma)."""
     rows = result["rows"]
     student = next(r for r in rows if r["strategy"] == "student")
-    lines = ["| budget | strategy | setting | avg steps | avg evals | FD | class acc | s / 1000 |",
-             "|---|---|---|---|---|---|---|---|"]
+    paired = _paired(result)
+    lines = ["| budget | strategy | setting | avg steps | avg evals | FD | class acc | " + ("PSNR | " if paired else "")
+             + "s / 1000 |", "|---|---|---|---|---|---|---|---|" + ("---|" if paired else "")]
     for b in result["budgets"]:
         for strategy in STRATEGIES[1:]:
             r = best(rows, strategy, b)
             if r is None:
-                lines.append(f"| ~{b} | {name(strategy, result)} | nothing fits | - | - | - | - | - |")
+                lines.append(f"| ~{b} | {name(strategy, result)} | nothing fits | - | - | - | - | "
+                             + ("- | " if paired else "") + "- |")
                 continue
             lines.append(f"| ~{b} | {name(strategy, result)} | {_setting(r)} | {r['avg_steps']:.2f} | {r['avg_evals']:.2f} | "
-                         f"{r['fd']:.2f} | {r['class_acc']:.3f} | {r['s_per_1000']:.2f} |")
+                         f"{r['fd']:.2f} | {r['class_acc']:.3f} | {_psnr(r, paired)}{r['s_per_1000']:.2f} |")
         lines.append(f"| ~{b} | {NAMES['student']} | {result['student']['steps']} steps | {student['avg_steps']:.2f} | "
                      f"{student['avg_evals']:.2f} | {student['fd']:.2f} | {student['class_acc']:.3f} | "
-                     f"{student['s_per_1000']:.2f} |")
+                     f"{_psnr(student, paired)}{student['s_per_1000']:.2f} |")
     return "\n".join(lines)
 
 
+def _paired(result) -> bool:
+    """Whether the samples have a ground truth (a conditional student's): PSNR joins the tables."""
+    return any(r.get("psnr") is not None for r in result["rows"])
+
+
+def _psnr(r, paired: bool) -> str:
+    return f"{r['psnr']:.2f} | " if paired else ""
+
+
 def full_table(result) -> str:
-    lines = ["| strategy | budget | setting | refined | avg evals | padded evals | FD | class acc | s / 1000 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    paired = _paired(result)
+    lines = ["| strategy | budget | setting | refined | avg evals | padded evals | FD | class acc | "
+             + ("PSNR | " if paired else "") + "s / 1000 |", "|---|---|---|---|---|---|---|---|---|"
+             + ("---|" if paired else "")]
     for r in result["rows"]:
         lines.append(f"| {name(r['strategy'], result)} | {r['budget'] or '-'} | {_setting(r)} | {r['refined_share']:.3f} | "
                      f"{r['avg_evals']:.2f} | {r['padded_evals']:.2f} | {r['fd']:.2f} | {r['class_acc']:.3f} | "
-                     f"{r['s_per_1000']:.2f} |")
+                     f"{_psnr(r, paired)}{r['s_per_1000']:.2f} |")
     return "\n".join(lines)
 
 
 def format_results(result) -> str:
     s = result["student"]
-    title = (f"Adaptive teacher-student collaboration on digits: student {s['sampler']}; teacher "
+    task = f" ({result['condition_kind']})" if result.get("condition_kind") else ""
+    title = (f"Adaptive teacher-student collaboration on digits{task}: student {s['sampler']}; teacher "
              f"{', '.join(result['teacher'])}; oracle {result['oracle']['oracle']}; refinement form "
              f"{result['form']} ({result['solver']}); {result['num']} samples per row ({result['device']}; wall time: "
              "the best of the timed runs taken round-robin over all rows, compilation excluded)")

@@ -61,6 +61,7 @@ def sweep(student_dir: str, teacher_dirs, *, student_steps: int = 1, guidance_sc
     """All strategies at every budget, FD / class accuracy / wall time; table, plot and claims."""
     student = collab.load_student(student_dir, steps=student_steps, guidance_scale=guidance_scale)
     teacher, members = collab.load_teacher(teacher_dirs, guidance_scale=guidance_scale, fractions=teacher_fractions)
+    collab.check_pair(student, members)
     scorer = oracles.get(oracle)
     calib = _calibration(student, scorer, calibration, calibration_num, out_dir, seed)
     per_step = max(teacher.passes)
@@ -69,7 +70,7 @@ def sweep(student_dir: str, teacher_dirs, *, student_steps: int = 1, guidance_sc
     def add(strategy, sampler, budget=None, **fields):
         images, labels, seconds = sampler.run(num, seed=seed)
         spent = sampler.plan.budget() if isinstance(sampler.plan, collab.CollabPlan) else fields.pop("spent")
-        row = {"strategy": strategy, "budget": budget, **fields, **spent, **evaluation.evaluate(images, labels),
+        row = {"strategy": strategy, "budget": budget, **fields, **spent, **sampler.evaluate(images, labels),
                "s_per_1000": seconds * 1000.0 / num, "sampler": sampler.description}
         rows.append(row)
         timed.append((row, sampler))
@@ -89,8 +90,10 @@ def sweep(student_dir: str, teacher_dirs, *, student_steps: int = 1, guidance_sc
                    teacher_steps=steps)
 
     def teacher_row(steps, budget):
-        sampler = stitch_lib.stitched_sampler(members, teacher.fractions, steps=steps, solver=solver)
-        sampler.description = f"teacher {solver} {steps} steps, CFG g={guidance_scale:g}" + (
+        sampler = stitch_lib.stitched_sampler(members, teacher.fractions, steps=steps,
+                                              solver=solver).with_conditions_of(student.sampler)
+        guided = f", CFG g={guidance_scale:g}" if per_step > 1 else ""
+        sampler.description = f"teacher {solver} {steps} steps{guided}" + (
             f" (stitched {'/'.join(f'{f:g}' for f in teacher.fractions)})" if len(members) > 1 else "")
         calls = teacher_calls(sampler.plan, teacher.passes)
         return add("teacher", sampler, budget, teacher_steps=steps,
@@ -118,7 +121,7 @@ def sweep(student_dir: str, teacher_dirs, *, student_steps: int = 1, guidance_sc
     evaluation.retime_round_robin(timed, num, repeats=repeats, seed=seed)
     result = {"student": student.settings, "teacher": [os.path.abspath(w) for w in np.atleast_1d(teacher_dirs)],
               "teacher_fractions": list(teacher.fractions), "oracle": scorer.provenance, "form": form,
-              "solver": solver, "num": num, "budgets": list(budgets), "reference_steps": reference_steps,
+              "solver": solver, "teacher_cfg": per_step > 1, "condition_kind": student.condition_kind, "num": num, "budgets": list(budgets), "reference_steps": reference_steps,
               "calibration": calib.settings, "device": evaluation.device_name(), "rows": rows}
     result["checks"] = claims(result, reference, pair)
     evaluation.write_report(out_dir, result, collab_report.format_results(result), grids)

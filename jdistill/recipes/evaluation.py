@@ -44,6 +44,7 @@ class Sampler:
     conditions: dict | None = None  # conditional models: per-sample condition arrays (cycled to ``num``)
     targets: np.ndarray | None = None  # paired tasks: the ground truth of each condition (uint8, cycled)
     source_labels: np.ndarray | None = None  # digits tasks: the class of each ground truth (cycled)
+    condition_kind: str | None = None  # conditional models: what the conditions are ("inpaint", "sr2", ...)
 
     @classmethod
     def for_denoiser(cls, den, *, steps: int, solver: str, guidance_scale=None, num_classes=None, grid: TimeGrid = None,
@@ -76,6 +77,23 @@ class Sampler:
         if not self.conditions:
             return None
         return {k: np.asarray(v)[np.arange(num) % len(v)] for k, v in self.conditions.items()}
+
+    def with_conditions_of(self, other: "Sampler") -> "Sampler":
+        """This sampler drawing the samples ``other`` draws: its labels, or its conditions and their
+        ground truth (a collaboration's teacher sampling for a conditional student)."""
+        return dataclasses.replace(self, num_classes=other.num_classes, conditions=other.conditions,
+                                   targets=other.targets, source_labels=other.source_labels,
+                                   condition_kind=other.condition_kind)
+
+    def evaluators(self, base=("digits",)) -> tuple[str, ...]:
+        """``base`` (FD), plus PSNR / SSIM where the samples have a ground truth."""
+        return tuple(base) + (("paired",) if self.targets is not None else ())
+
+    def evaluate(self, images, labels, base=("digits",)) -> dict:
+        """Every evaluator that applies to ``images`` drawn by :meth:`run` (labels: as it returned them;
+        a conditional model's class share is against its conditions' ground-truth classes)."""
+        targets, source = self.cycled_targets(len(images))
+        return evaluate(images, labels if source is None else source, targets, self.evaluators(base))
 
     def cycled_targets(self, num: int):
         """(ground truth, its labels) of ``num`` samples of a paired task, or Nones."""

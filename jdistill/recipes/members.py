@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Callable
 
 import jax.numpy as jnp
 
@@ -25,6 +26,10 @@ class Member:
     extra_cond: dict  # e.g. {"guidance": g} for a guidance-distilled student
     name: str
     steps: int | None = None  # the one step count it was distilled for (a progressive round); None: any
+    # a conditional network (a CoDi run's fine-tuned model) reads the condition images its partner samples
+    # for ("condition"), of this kind ("inpaint", "sr2", ...), beside fixed inputs for n rows (the prior's null class)
+    condition_kind: str | None = None
+    fixed_cond: Callable[[int], dict] | None = None
 
     def check_steps(self, steps: int, use: str) -> None:
         """A network distilled for N steps walks an N-step grid only: each of its steps spans 1 / N."""
@@ -32,10 +37,30 @@ class Member:
             raise InvalidArgument(f"{self.name} was distilled for {self.steps} steps; {use} runs a grid of {steps} "
                                   f"(use a {steps}-step round, or the stage-1 student, which takes any count)")
 
-    def cond(self, labels, n):
-        c = {} if labels is None else {"class_labels": labels}
+    def cond(self, given: dict | None, n: int):
+        """Its input for ``n`` rows whose sampler conditions are ``given`` (``class_labels`` and / or the
+        ``condition`` images, as :func:`jdistill.sampling.generate.generate` passes them; None: none)."""
+        given = given or {}
+        if self.condition_kind is not None:
+            if given.get("condition") is None:
+                raise InvalidArgument(f"{self.name} is a conditional model ({self.condition_kind}): it needs the "
+                                      "condition images of the samples it draws")
+            c = {**(self.fixed_cond(n) if self.fixed_cond else {}), "condition": jnp.asarray(given["condition"])}
+        else:
+            if given.get("condition") is not None:
+                raise InvalidArgument(f"{self.name} reads no condition images; the samples it was given answer some")
+            c = {} if given.get("class_labels") is None else {"class_labels": given["class_labels"]}
         c.update({k: jnp.full((n,), v, jnp.float32) for k, v in self.extra_cond.items()})
         return c or None
+
+
+def condition_kind(members, use: str) -> str | None:
+    """The condition images ``members`` all read (None: class labels or nothing); a mix is refused."""
+    kinds = {m.condition_kind for m in members}
+    if len(kinds) > 1:
+        said = ", ".join(f"{m.name}: {m.condition_kind or 'no condition images'}" for m in members)
+        raise InvalidArgument(f"{use} mixes networks that read different conditions ({said})")
+    return kinds.pop()
 
 
 def load(workdir: str, guidance_scale: float) -> Member:

@@ -47,17 +47,24 @@ def stitched_sampler(members: list[members_lib.Member], fractions, *, steps: int
     grid = make_grid(ref.schedule, steps, solver)
     dens = [m.denoiser for m in members]
     plan = stitch.plan(grid, ref.schedule, fractions, mode, solver=solver)
-    k = registry.num_classes(ref.module)
+    # conditional members sample the conditions of their partner's samples (a collaboration's), not labels
+    k = None if members_lib.condition_kind(members, "stitched sampling") else registry.num_classes(ref.module)
 
     def fn(noise, cond, key):
-        labels = None if cond is None else cond["class_labels"]
-        conds = [m.cond(labels, noise.shape[0]) for m in members]
+        conds = [m.cond(cond, noise.shape[0]) for m in members]
         return stitch.sample(dens, list(fractions), noise, conds, grid=grid, solver=solver, rng=key, mode=mode,
                              guidance_scales=[m.guidance_scale for m in members])
 
     frac = "/".join(f"{f:g}" for f in fractions)
     desc = f"stitch {'+'.join(m.name for m in members)} r={frac} {solver} {steps} steps"
     return Sampler(fn=fn, image_shape=registry.image_shape(ref.module), num_classes=k, description=desc, plan=plan)
+
+
+def _unconditional(members):
+    if members_lib.condition_kind(members, "stitched sampling"):
+        raise InvalidArgument(f"{members[0].name} samples for condition images; stitched sampling draws class-"
+                              "conditional images (a conditional model is a collaboration's teacher: collab-sweep)")
+    return members
 
 
 def make_sampler(large_workdir: str, small_workdirs, fractions, *, steps: int, solver: str = "ddim",
@@ -70,7 +77,7 @@ def make_sampler(large_workdir: str, small_workdirs, fractions, *, steps: int, s
         raise InvalidArgument(f"the fractions {fractions} add up to {sum(fractions):g}; the small models can take "
                               "at most the whole trajectory (1)")
     check_sampling(steps, solver, guidance_scale)
-    nets = [members_lib.load(w, guidance_scale) for w in list(small_workdirs) + [large_workdir]]
+    nets = _unconditional([members_lib.load(w, guidance_scale) for w in list(small_workdirs) + [large_workdir]])
     return stitched_sampler(nets, fractions + [1.0 - sum(fractions)], steps=steps, solver=solver, mode=mode)
 
 
@@ -86,7 +93,7 @@ def sweep(small: str, large: str, *, steps_list=(16, 64), fractions=None, num: i
     check_positive_int("--num", num)
     check_seed(seed, "--seed")
     check_output_dir(out_dir)
-    nets = [members_lib.load(w, guidance_scale) for w in (small, large)]
+    nets = _unconditional([members_lib.load(w, guidance_scale) for w in (small, large)])
     rows, timed, grids = [], [], {}
     for steps in steps_list:
         for r in fractions:
