@@ -18,7 +18,7 @@ import pytest
 
 from jdistill import config as config_lib
 from jdistill.metrics import oracles
-from jdistill.recipes import assets, collab, collab_report, collab_sweep, guided
+from jdistill.recipes import assets, collab, collab_report, collab_sweep, collab_t2i, guided
 from jdistill.sampling.generate import generate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -192,3 +192,12 @@ def test_realism_oracle_is_kynkaanniemis_score_and_ranks_real_digits_of_their_cl
     assert np.median(own) > 3 * max(np.median(other), np.median(noise))
     assert (own > other).mean() > 0.95
     assert oracle.provenance["oracle"] == "digits_realism" and oracle.provenance["k"] == 3
+
+
+def test_calibration_noise_is_no_evaluation_batchs():
+    """Text-to-image collaboration: evaluation batch b at seed s draws from key(s + b); calibration batches from a stream of their own."""
+    drawn = {tuple(np.asarray(jax.random.key_data(jax.random.key(s))).tolist()) for s in range(64)}
+    for seed in (0, 1, 2):
+        for b in range(8):
+            key = collab_t2i.calibration_key(seed, b)
+            assert tuple(np.asarray(jax.random.key_data(key)).tolist()) not in drawn

@@ -410,7 +410,8 @@ class TextToImage:
         if latents is not None and latents.shape != shape:
             raise ValueError(f"latents {latents.shape} do not fit height {height} x width {width}: expected {shape}")
 
-        key_noise, key_steps = jax.random.split(jax.random.key(seed))
+        key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)  # a key: a caller's own stream
+        key_noise, key_steps = jax.random.split(key)
         noise = latents if latents is not None else jax.random.normal(key_noise, shape, jnp.float32)
         noise = noise * plan.noise_scale
 
@@ -436,8 +437,8 @@ class TextToImage:
         ``num_steps`` sampling steps with ``solver`` (default: the folder scheduler's own, see
         :mod:`jdistill.pipelines.scheduling`), classifier-free guidance at ``guidance_scale``
         (diffusers' convention; off at <= 1). ``latents``: the initial unit noise, NHWC
-        (B, height / f, width / f, C); else drawn from ``seed``, which also seeds stochastic
-        solvers. ``height`` / ``width`` in pixels (default: the latents', else the network's
+        (B, height / f, width / f, C); else drawn from ``seed`` (an int, or a JAX PRNG key), which
+        also seeds stochastic solvers. ``height`` / ``width`` in pixels (default: the latents', else the network's
         training size). ``output_type``: "uint8" (numpy NHWC), "float" ([-1, 1]) or "latent"
         (the final latents, diffusers' ``output_type="latent"``). ``options``: ``eta`` (DDIM, TCD),
         ``max_sequence_length`` (SD3's T5 tokens, default 256), SDXL's ``original_size`` /

@@ -118,7 +118,8 @@ def plot(result, path: str) -> str:
     ref = next(r for r in rows if r["strategy"] == "teacher" and r["budget"] is None)
     ax.axhline(ref["fd"], color="k", ls=":", label=f"teacher, {ref['teacher_steps']} steps ({ref['avg_evals']:g} evals)")
     ax.set(xlabel="average network evaluations per sample (a CFG step is two)", ylabel="FD (held-out digits)",
-           title="adaptive collaboration on digits")
+           title="adaptive collaboration on digits" + (f" ({result['condition_kind']})" if result.get("condition_kind")
+                                                       else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -28,6 +28,8 @@ from jdistill.sampling import collaborate
 from jdistill.sampling.collaborate import Refinement, Teacher, nominal_steps
 from jdistill.sampling.stitch import network_calls
 
+CALIBRATION_STREAM = 2**30 + 3  # fold_in(key(calibration seed), .): the calibration batches' noise
+
 # a small default calibration set (the paper used 5000 COCO captions: pass your own)
 CALIBRATION_PROMPTS = [
     "a photo of a cat sitting on a windowsill", "an astronaut riding a horse on the moon",
@@ -81,8 +83,9 @@ class TextCollab:
                             "size": [self.height, self.width], "negative_prompt": self.cfg.sample.get("negative_prompt")},
                 "oracle": self.oracle.provenance}
 
-    def student_batch(self, prompts, seed: int):
-        """(final latents, decoded float images) of the student alone for ``prompts``."""
+    def student_batch(self, prompts, seed):
+        """(final latents, decoded float images) of the student alone for ``prompts`` (``seed``: an int
+        or a PRNG key)."""
         s = self.cfg.student
         out = self.student.generate(prompts, self._negative(prompts), num_steps=int(s.steps),
                                     guidance_scale=float(s.guidance_scale), seed=seed, height=self.height,
@@ -111,7 +114,7 @@ class TextCollab:
     def calibrate(self) -> Calibration:
         c = self.cfg.calibration
         prompts = list(c.prompts)
-        scores = np.concatenate([self.scores(self.student_batch(p, int(c.seed) + b)[1], p)
+        scores = np.concatenate([self.scores(self.student_batch(p, calibration_key(int(c.seed), b))[1], p)
                                  for b, p in enumerate(_batches(prompts, int(self.cfg.sample.batch_size)))])
         return Calibration(np.sort(scores), dict(self.settings(), set_size=len(prompts), seed=int(c.seed)))
 
@@ -126,6 +129,13 @@ class TextCollab:
         if path:
             calib.save(path)
         return calib
+
+
+def calibration_key(seed: int, batch: int):
+    """Calibration batch ``batch``'s key: a stream of the calibration seed of its own, never a key an
+    evaluation batch draws (those take ``key(seed + b)``: calibration seed 1 gave evaluation batch 1's
+    noise at seed 0)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), CALIBRATION_STREAM), batch)
 
 
 def _batches(items, size):
