@@ -173,3 +173,19 @@ def test_rounds_halve_to_one():
     assert guided.rounds(cfg) == [32, 16, 8, 4, 2, 1]
     assert [name for name, _ in guided.stage_steps(cfg)][:2] == ["stage1", "steps_032"]
     assert guided.round_steps(cfg, 8) == 2
+
+
+def test_the_table_claims_read_distilled_rounds_only():
+    """A step count without its distilled round is sampled with the stage-1 student and named so; the
+    claims on that round are not met (nan), never judged on the stage-1 student."""
+    from jdistill.recipes import guided_table
+
+    def row(model, steps, fd, mode="ddim"):
+        return {"model": model, "steps": steps, "guidance_scale": 1.5, "mode": mode, "fd": fd, "s_per_1000": 1.0}
+
+    teacher = [row("teacher", n, 10.0 + 64 / n, "ddim+cfg") for n in (64, 8, 4)]
+    full = guided_table.claims(teacher + [row("student", 4, 11.0), row("student", 1, 20.0)])
+    assert [c["ok"] for c in full] == [True, True, True, False]  # 1.0 s vs 1.0 s: not 25x faster
+    partial = guided_table.claims(teacher + [row("student (stage1)", 4, 11.0), row("student", 1, 20.0)])
+    assert [c["claim"][:7] for c in partial] == ["1-step ", "the 4-s"]
+    assert not partial[1]["ok"] and np.isnan(partial[1]["value"]) and "steps_004" in partial[1]["claim"]
