@@ -212,15 +212,15 @@ def test_sampling_refuses_non_finite_output():
 # -- training: a tiny engine through stages.run -------------------------------------------
 
 
-def _stage(steps, *, lr=0.1, ema=0.0, config_steps=6):
+def _stage(steps, *, lr=0.1, ema=0.0, config_steps=6, seed=0):
     """w pulled toward 0 by clipped Adam on sum(w^2) * batch["scale"] (an optimizer state of tuples, as
     the recipes' chains have); config as a recipe would store it."""
     def loss(p, inputs, batch, rng):
         return jnp.sum(p["w"] ** 2) * batch["scale"][0] + 1e-3 * jax.random.normal(rng), {}
 
     engine = engine_lib.single(loss, optax.chain(optax.clip_by_global_norm(1.0), optax.adam(lr)), ema_decay=ema or None)
-    config = {"seed": 0, "optim": {"lr": lr}, "train": {"steps": config_steps, "ema_decay": ema}, "model": {"w": 4}}
-    return stages.Stage("", steps, engine, lambda: {"student": {"w": jnp.arange(1.0, 5.0)}}, 1, config)
+    config = {"seed": seed, "optim": {"lr": lr}, "train": {"steps": config_steps, "ema_decay": ema}, "model": {"w": 4}}
+    return stages.Stage("", steps, engine, lambda: {"student": {"w": jnp.arange(1.0, 5.0)}}, 1 + seed, config)
 
 
 def _cfg(nonfinite="stop", ckpt_every=2):
@@ -348,6 +348,35 @@ def test_resume_that_changes_the_run_is_refused_or_recorded(interrupted_and_full
         meta = json.load(f)
     record = meta["inexact_resumes"][0]
     assert record["step"] == 4 and "averages.ema" in record["fresh"] and len(record["changes"]) == 2
+
+
+def test_an_inexact_resume_takes_the_new_seeds_stream_and_a_fallback_is_recorded_too(interrupted_and_full, tmp_path):
+    """A seed changed with --allow-inexact-resume gives the run the new seed's random stream (the old
+    one was restored and the change had no effect); a resume that falls back past a damaged step to
+    one made with another config is announced and recorded, as any inexact resume."""
+    from jdistill.train.state import raw_key
+
+    interrupted, _, scales = interrupted_and_full
+    workdir = str(tmp_path / "seed")
+    shutil.copytree(interrupted, workdir)
+    state = _run(_stage(6, seed=5), workdir, _cfg(), scales, allow_inexact=True)
+    np.testing.assert_array_equal(np.asarray(state.rng), np.asarray(raw_key(jax.random.key(6))))
+    with open(os.path.join(workdir, "checkpoints", "6", "meta", "metadata")) as f:
+        record = json.load(f)["inexact_resumes"][0]
+    assert record["changes"] == ["seed: checkpoint 0 vs config 5"] and "rng" in record["fresh"]
+
+    # step 4 made with lr 0.05, step 2 with 0.1; step 4 damaged: the resume falls back to step 2
+    workdir = str(tmp_path / "fallback")
+    _run(_stage(2), workdir, _cfg(), scales)
+    _run(_stage(4, lr=0.05), workdir, _cfg(), scales, allow_inexact=True)
+    step4 = os.path.join(workdir, "checkpoints", "4")
+    _damage(os.path.join(step4, _largest_data_file(step4)), "truncate")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        _run(_stage(6, lr=0.05), workdir, _cfg(), scales, allow_inexact=True)
+    with open(os.path.join(workdir, "checkpoints", "6", "meta", "metadata")) as f:
+        records = json.load(f)["inexact_resumes"]
+    assert [(r["step"], r["changes"]) for r in records] == [(2, ["optim.lr: checkpoint 0.1 vs config 0.05"])]
 
 
 # -- the digits teacher through the CLI --------------------------------------------------

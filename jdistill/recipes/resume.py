@@ -101,6 +101,11 @@ def check(stored: dict, current: dict, directory: str, identity, exact, allow_in
     return changes
 
 
+def seed_changed(changes) -> bool:
+    """Whether the changes :func:`check` found include the run's seed."""
+    return any(c.startswith("seed:") for c in changes)
+
+
 def fill_fresh(restored, fresh):
     """``restored`` with its None leaves (not in the checkpoint) taken from ``fresh``."""
     flat, treedef = jax.tree_util.tree_flatten(restored, is_leaf=lambda x: x is None)

@@ -63,18 +63,23 @@ def start_or_resume(stage: Stage, checkpointer: ckpt_lib.Checkpointer | None, me
     target = partitioning.abstract_like(abstract, shardings)
     stored = checkpointer.read_config()  # of the newest step whose structure is intact
     changes = resume.check(stored, stage.config, checkpointer.directory, stage.identity, stage.exact, allow_inexact)
+    new = jax.jit(lambda p: stage.engine.init(p, jax.random.key(int(stage.seed))), out_shardings=shardings)
     if changes:
         restored, fresh, dropped, meta = checkpointer.restore_matching(target, checkpointer.newest_intact_step())
-        params = {name: restored.parts[name].params for name in stage.engine.parts}
-        new = jax.jit(lambda p: stage.engine.init(p, jax.random.key(int(stage.seed))), out_shardings=shardings)
-        state = resume.fill_fresh(restored, new(params))
-        record = resume.announce(checkpointer.directory, checkpointer.restored_step, changes,
-                                 resume.groups(fresh), resume.groups(dropped))
+        state = resume.fill_fresh(restored, new(_params(stage, restored)))
     else:
         state, config, meta = checkpointer.restore(target)
+        fresh, dropped = [], []
         if checkpointer.restored_step != checkpointer.newest_intact_step():  # fell back: check that step's config
-            resume.check(config, stage.config, checkpointer.directory, stage.identity, stage.exact, allow_inexact)
-        record = None
+            changes = resume.check(config, stage.config, checkpointer.directory, stage.identity, stage.exact,
+                                   allow_inexact)
+    record = None
+    if changes:  # only with allow_inexact (check refuses them otherwise): said loudly and recorded
+        if resume.seed_changed(changes):  # the new seed's random stream from here on, as announced
+            state = state.replace(rng=new(_params(stage, state)).rng)
+            fresh = list(fresh) + ["rng"]
+        record = resume.announce(checkpointer.directory, checkpointer.restored_step, changes,
+                                 resume.groups(fresh), resume.groups(dropped))
     newer = [s for s in checkpointer.all_steps() if s > checkpointer.restored_step]
     if newer:
         moved = checkpointer.set_aside(newer)
@@ -82,6 +87,10 @@ def start_or_resume(stage: Stage, checkpointer: ckpt_lib.Checkpointer | None, me
                       f"step(s) aside: {', '.join(moved)} (kept for inspection, nothing deleted)",
                       DamagedCheckpointWarning, stacklevel=2)
     return state, list(meta.get(resume.RECORD_KEY, [])) + ([record] if record else [])
+
+
+def _params(stage: Stage, state) -> dict:
+    return {name: state.parts[name].params for name in stage.engine.parts}
 
 
 @dataclasses.dataclass
