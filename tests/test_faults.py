@@ -377,6 +377,19 @@ def test_an_inexact_resume_takes_the_new_seeds_stream_and_a_fallback_is_recorded
     with open(os.path.join(workdir, "checkpoints", "6", "meta", "metadata")) as f:
         records = json.load(f)["inexact_resumes"]
     assert [(r["step"], r["changes"]) for r in records] == [(2, ["optim.lr: checkpoint 0.1 vs config 0.05"])]
+    # the same fallback under a config that differs from the damaged step's too: the record names what
+    # the restored step (2) had, not the damaged one
+    again = str(tmp_path / "fallback_changed")
+    _run(_stage(2), again, _cfg(), scales)
+    _run(_stage(4, lr=0.05), again, _cfg(), scales, allow_inexact=True)
+    step4 = os.path.join(again, "checkpoints", "4")
+    _damage(os.path.join(step4, _largest_data_file(step4)), "truncate")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        _run(_stage(6, lr=0.2), again, _cfg(), scales, allow_inexact=True)
+    with open(os.path.join(again, "checkpoints", "6", "meta", "metadata")) as f:
+        records = json.load(f)["inexact_resumes"]
+    assert [(r["step"], r["changes"]) for r in records] == [(2, ["optim.lr: checkpoint 0.1 vs config 0.2"])]
 
 
 # -- the digits teacher through the CLI --------------------------------------------------

@@ -65,8 +65,12 @@ def start_or_resume(stage: Stage, checkpointer: ckpt_lib.Checkpointer | None, me
     changes = resume.check(stored, stage.config, checkpointer.directory, stage.identity, stage.exact, allow_inexact)
     new = jax.jit(lambda p: stage.engine.init(p, jax.random.key(int(stage.seed))), out_shardings=shardings)
     if changes:
-        restored, fresh, dropped, meta = checkpointer.restore_matching(target, checkpointer.newest_intact_step())
+        newest = checkpointer.newest_intact_step()
+        restored, fresh, dropped, meta = checkpointer.restore_matching(target, newest)
         state = resume.fill_fresh(restored, new(_params(stage, restored)))
+        if checkpointer.restored_step != newest:  # fell back past damaged data: the changes are that step's
+            changes = resume.check(checkpointer.read_config(checkpointer.restored_step), stage.config,
+                                   checkpointer.directory, stage.identity, stage.exact, allow_inexact)
     else:
         state, config, meta = checkpointer.restore(target)
         fresh, dropped = [], []
