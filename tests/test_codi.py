@@ -345,8 +345,8 @@ def test_a_codi_student_collaborates_with_its_runs_conditional_model(codi_run, t
     the student's; tau's calibration draws the train split's conditions; mismatched pairs are refused."""
     from jdistill.metrics import oracles
     from jdistill.recipes import collab, collab_sweep
-    from jdistill.diffusion.timesteps import make_grid
     from jdistill.sampling import collaborate
+    from jdistill.sampling.generate import generate
 
     student = collab.load_student(os.path.join(codi_run, "codi"), steps=1, guidance_scale=1.5)
     assert student.condition_kind == "inpaint" and student.evaluations == 1
@@ -363,7 +363,7 @@ def test_a_codi_student_collaborates_with_its_runs_conditional_model(codi_run, t
     noise = jax.random.normal(jax.random.key(3), (n, *student.sampler.image_shape))
     key = jax.random.key(4)
     alone = student.sampler.fn(noise, cond, key)
-    r = collaborate.Refinement("paper", 1.0, 3, "ddim")
+    r = collaborate.Refinement("paper", 0.6, 3, "ddim")  # the student's own sample enters the refinement
     none = collab.collab_sampler(student, oracle, teacher, members, r, float("-inf"), buckets=4)
     np.testing.assert_array_equal(np.asarray(none.fn(noise, cond, key)), np.asarray(alone))
 
@@ -379,11 +379,14 @@ def test_a_codi_student_collaborates_with_its_runs_conditional_model(codi_run, t
     got = np.asarray(some.fn(noise, cond, key))
     assert 0 < chosen.sum() < n and some.plan.budget()["refined_share"] == chosen.mean()
     np.testing.assert_array_equal(got[~chosen], np.asarray(alone)[~chosen])
-    # the run's own conditional sampler (DDIM, 3 steps) on the whole batch, from the same Z and teacher key
+    # the run's own conditional sampler on the paper's grid from sigma 0.6 (3 DDIM steps), on the whole
+    # batch re-noised with the same Z, and the same teacher key
     task = conditional.make_task(runs.open_run(os.path.join(codi_run, "finetune")).stage_config("finetune"),
                                  with_data=False)
-    own = codi.conditional_fn(task, member.denoiser, make_grid(member.denoiser.schedule, 3, "ddim"), "ddim")
-    z = jax.random.normal(jax.random.fold_in(key, collaborate.RENOISE_STREAM), noise.shape)
+    schedule = member.denoiser.schedule
+    own = codi.conditional_fn(task, member.denoiser, collaborate.paper_grid(schedule, 0.6, 3), "ddim")
+    z = np.sqrt(0.4) * alone + np.sqrt(0.6) * jax.random.normal(
+        jax.random.fold_in(key, collaborate.RENOISE_STREAM), noise.shape)
     rng = jax.random.fold_in(key, collaborate.TEACHER_STREAM)
     want = np.asarray(own(z, cond, rng))
     np.testing.assert_allclose(got[chosen], want[chosen], atol=1e-5)  # a sub-batch: GEMMs block differently
@@ -392,6 +395,14 @@ def test_a_codi_student_collaborates_with_its_runs_conditional_model(codi_run, t
 
     calib = collab.calibrate(student, oracle, num=20, batch_size=10)
     assert calib.settings["student"]["calibration_conditions"] == "train split" and len(calib.scores) == 20
+
+    def scores_on(sampler):  # what calibration draws, by hand, from a sampler's conditions
+        images, _ = generate(sampler.fn, sampler.image_shape, None, num=20, batch_size=10, seed=calib.settings["seed"],
+                             conditions=sampler.cycled(20))
+        return np.sort(oracle.score(images))
+
+    np.testing.assert_array_equal(calib.scores, scores_on(student.calibration_sampler))
+    assert not np.array_equal(calib.scores, scores_on(student.sampler))  # not the evaluation's conditions
 
     # pairs that do not read the same conditions are refused by name
     tchr, class_members = collab.load_teacher(tiny_teacher, guidance_scale=1.5)

@@ -410,7 +410,9 @@ class TextToImage:
         if latents is not None and latents.shape != shape:
             raise ValueError(f"latents {latents.shape} do not fit height {height} x width {width}: expected {shape}")
 
-        key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)  # a key: a caller's own stream
+        # a typed PRNG key: a caller's own stream; anything else is an integer seed
+        is_key = isinstance(seed, jax.Array) and jnp.issubdtype(seed.dtype, jax.dtypes.prng_key)
+        key = seed if is_key else jax.random.key(seed)
         key_noise, key_steps = jax.random.split(key)
         noise = latents if latents is not None else jax.random.normal(key_noise, shape, jnp.float32)
         noise = noise * plan.noise_scale

@@ -6,11 +6,12 @@ best setting within a budget.
         --teacher runs/digits_teacher --budgets 6 8 10 12 --out runs/collab
     jdistill collab-pick runs/collab/results.json --budget 10
 
-At a budget B (average evaluations per sample; a CFG step is two), each strategy spends at most what
-the student leaves: the teacher alone takes floor(B / 2) CFG steps of the sweep's solver (``--solver``,
-DDIM by default: every teacher run of the sweep uses it); refine-everything refines all samples with
-floor((B - s) / 2) steps; adaptive refinement and regeneration improve the k% the oracle scores
-lowest with floor((B - s) / (2 k / 100)) steps (s: the student's evaluations). A budget is a cap, as
+At a budget B (average evaluations per sample; a CFG step is two, c below: 2 with CFG, 1 for a
+teacher without it, such as a CoDi run's conditional model), each strategy spends at most what the
+student leaves: the teacher alone takes floor(B / c) steps of the sweep's solver (``--solver``, DDIM
+by default: every teacher run of the sweep uses it); refine-everything refines all samples with
+floor((B - s) / c) steps; adaptive refinement and regeneration improve the k% the oracle scores
+lowest with floor((B - s) / (c k / 100)) steps (s: the student's evaluations). A budget is a cap, as
 in ``pick``: a strategy rounded up would spend more than the strategies it is compared with (Python's
 ``round`` gave refine-everything 9 evaluations at B = 8 and 13 at B = 12). The evaluations reported
 are the ones the run spent (its selections), not the target; the table and the claims take, at each

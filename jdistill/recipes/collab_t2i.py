@@ -116,14 +116,19 @@ class TextCollab:
         prompts = list(c.prompts)
         scores = np.concatenate([self.scores(self.student_batch(p, calibration_key(int(c.seed), b))[1], p)
                                  for b, p in enumerate(_batches(prompts, int(self.cfg.sample.batch_size)))])
-        return Calibration(np.sort(scores), dict(self.settings(), set_size=len(prompts), seed=int(c.seed)))
+        return Calibration(np.sort(scores), self.calibration_settings())
+
+    def calibration_settings(self) -> dict:
+        """What a calibration file must record to be used: the student and oracle, the calibration set
+        and its seed, and the noise stream (files from before the stream drew evaluation seeds' noise)."""
+        c = self.cfg.calibration
+        return dict(self.settings(), set_size=len(c.prompts), seed=int(c.seed), noise="calibration_key")
 
     def calibration(self) -> Calibration:
         path = self.cfg.calibration.get("file")
         if path and os.path.isfile(path):
             calib = Calibration.load(path)
-            c = self.cfg.calibration  # the file must be the calibration these settings would make
-            calib.check(dict(self.settings(), set_size=len(c.prompts), seed=int(c.seed)))
+            calib.check(self.calibration_settings())  # the calibration these settings would make
             return calib
         calib = self.calibrate()
         if path:

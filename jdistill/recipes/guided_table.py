@@ -6,6 +6,8 @@ FD / class accuracy / wall time, with Meng et al.'s claims checked on the number
 
 from __future__ import annotations
 
+import re
+
 from jdistill.errors import InvalidArgument, check_finite, check_positive_int
 from jdistill.files import check_output_dir
 from jdistill.recipes import evaluation, guided, runs
@@ -33,7 +35,7 @@ class TableRows:
             print(f"{kind:8s} {mode:10s} {steps:3d} steps g={g:g}: FD {row['fd']:.2f} acc {row['class_acc']:.3f} "
                   f"{row['s_per_1000']:.3f} s/1000", flush=True)
         if steps in GRID_STEPS:
-            self.grids[f"{kind}_{mode}_{steps}steps_g{g:g}"] = images
+            self.grids[f"{re.sub(r'[^0-9A-Za-z]+', '_', kind).strip('_')}_{mode}_{steps}steps_g{g:g}"] = images
 
     def add_teacher(self, teacher_run, steps, g):
         self.add("teacher", steps, g, teacher_lib.make_sampler(teacher_run, steps=steps, solver="ddim",
@@ -105,7 +107,8 @@ def claims(rows) -> list[dict]:
             {"g": g, "claim": "4-step student at least 25x faster than the teacher's 64-step CFG sampling",
              "value": t64["s_per_1000"] / s4["s_per_1000"], "target": ">= 25",
              "ok": t64["s_per_1000"] >= 25 * s4["s_per_1000"]}]
-        missing = [{"g": g, "claim": f"the {n}-step student's claims: the run has no {n}-step round (steps_{n:03d})",
+        missing = [{"g": g, "claim": f"the {n}-step student's claims: no row of a distilled {n}-step round "
+                                     f"(steps_{n:03d})",
                     "value": float("nan"), "target": "a distilled round", "ok": False}
                    for n, r in ((4, s4), (1, s1)) if r is None]
         out += four + one + speed + missing
